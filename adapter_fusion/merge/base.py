@@ -1,0 +1,62 @@
+"""What a merge method is: the types every method file shares.
+
+A method combines one module's source deltas at a time. It returns either a `LowRankDelta`
+(exact methods; the merge then truncates it without ever forming ΔW) or a dense (out, in)
+tensor (elementwise methods; re-factored to the requested rank).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+from adapter_fusion.delta import LowRankDelta
+
+
+class Params(BaseModel):
+    """Base of every method's parameters: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+@dataclass(frozen=True)
+class ModuleSources:
+    """One module across the sources; `deltas[i]` is None where source i lacks the module."""
+
+    path: str
+    shape: tuple[int, int]  # (out, in)
+    deltas: list[LowRankDelta | None]
+    weights: list[float]
+    seed: int
+
+    def dense_stack(self) -> Tensor:
+        """(n_sources, out, in), zeros for missing sources."""
+        return torch.stack([d.dense() if d is not None else torch.zeros(self.shape) for d in self.deltas])
+
+    def present(self) -> list[tuple[LowRankDelta, float]]:
+        return [(d, w) for d, w in zip(self.deltas, self.weights) if d is not None]
+
+    def generator(self, source: int) -> torch.Generator:
+        """A generator that depends only on (seed, module, source): reproducible in any order."""
+        return torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{self.path}/{source}".encode()))
+
+
+Combine = Callable[[ModuleSources, Params], "LowRankDelta | Tensor"]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    combine: Combine
+    params: type[Params]
+    summary: str
+    # What an omitted rank means: "exact" = the exact numerical rank, "max" = the largest source
+    # rank (PEFT's svd default), "keep" = no re-factoring at all (cat, factor_linear).
+    default_rank: Literal["exact", "max", "keep"] = "max"
+    sources: int | None = None  # exact number of sources required, None = any

@@ -1,0 +1,49 @@
+"""The one explicit table of merge methods, and parameter validation against it."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from adapter_fusion.errors import RecipeError
+from adapter_fusion.merge import factor, linear, slerp, sparse
+from adapter_fusion.merge.base import MergeMethod, Params
+
+METHODS: dict[str, MergeMethod] = {
+    m.name: m
+    for m in [
+        linear.LINEAR,
+        linear.TASK_ARITHMETIC,
+        linear.CAT,
+        linear.SVD,
+        sparse.TIES,
+        sparse.DARE_LINEAR,
+        sparse.DARE_TIES,
+        sparse.MAGNITUDE_PRUNE,
+        sparse.BREADCRUMBS,
+        sparse.DELLA,
+        slerp.SLERP,
+        factor.FACTOR_LINEAR,
+    ]
+}
+
+
+def get_method(name: str) -> MergeMethod:
+    if name not in METHODS:
+        raise RecipeError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def parse_parameters(method: MergeMethod, parameters: dict | Params | None) -> Params:
+    """Validate raw parameters against the method's model; errors name the key and the valid ones."""
+    if isinstance(parameters, method.params):
+        return parameters
+    try:
+        return method.params.model_validate(dict(parameters or {}))
+    except ValidationError as error:
+        valid = ", ".join(method.params.model_fields) or "(none)"
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'parameters'}: "
+            + ("unknown parameter" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, "))
+            for e in error.errors()
+        )
+        raise RecipeError(f"bad parameters for method {method.name!r}: {problems} (valid parameters: {valid})") from None

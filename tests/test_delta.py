@@ -1,0 +1,83 @@
+"""Properties of the low-rank algebra against dense references (hypothesis)."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adapter_fusion.delta import LowRankDelta, inner
+
+
+def random_delta(seed: int, out: int, inp: int, rank: int) -> LowRankDelta:
+    g = torch.Generator().manual_seed(seed)
+    return LowRankDelta(torch.randn(out, rank, generator=g), torch.randn(rank, inp, generator=g))
+
+
+shapes = st.tuples(st.integers(1, 40), st.integers(1, 40), st.integers(1, 12), st.integers(0, 2**16))
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes, st.integers(1, 4))
+def test_concat_is_the_sum(shape: tuple[int, int, int, int], n: int) -> None:
+    out, inp, rank, seed = shape
+    deltas = [random_delta(seed + i, out, inp, rank) for i in range(n)]
+    total = LowRankDelta.concat(deltas)
+    assert total.rank == n * rank
+    torch.testing.assert_close(total.dense(), sum(d.dense() for d in deltas), rtol=1e-5, atol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes, st.integers(0, 30))
+def test_truncate_at_or_above_full_rank_is_exact(shape: tuple[int, int, int, int], extra: int) -> None:
+    out, inp, rank, seed = shape
+    delta = random_delta(seed, out, inp, rank)
+    kept, report = delta.truncate(rank + extra)
+    assert kept.rank == min(rank, out, inp)
+    torch.testing.assert_close(kept.dense(), delta.dense(), rtol=1e-5, atol=1e-4)
+    assert report.relative_error < 1e-6 and abs(report.energy_kept - 1.0) < 1e-9
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes, st.integers(1, 12))
+def test_truncation_error_equals_the_tail_singular_values(shape: tuple[int, int, int, int], target: int) -> None:
+    out, inp, rank, seed = shape
+    delta = random_delta(seed, out, inp, 2 * rank)
+    kept, report = delta.truncate(target)
+    W = delta.dense().double()
+    S = torch.linalg.svdvals(W)
+    tail = S[target:].square().sum().sqrt() / S.square().sum().sqrt()
+    assert kept.rank == min(target, 2 * rank, out, inp)
+    assert abs(report.relative_error - float(tail)) < 1e-5
+    actual = torch.linalg.norm(W - kept.dense().double()) / torch.linalg.norm(W)
+    assert abs(float(actual) - float(tail)) < 1e-4  # Eckart–Young: the optimum is reached
+
+
+def test_cancelling_sources_give_rank_zero() -> None:
+    delta = random_delta(0, 30, 20, 6)
+    kept, report = LowRankDelta.concat([delta, delta.scaled(-1.0)]).truncate()
+    assert kept.rank == 0 and kept.shape == (30, 20)
+    assert report.relative_error == 0.0
+
+
+def test_inner_and_norm_match_dense() -> None:
+    x, y = random_delta(1, 50, 30, 5), random_delta(2, 50, 30, 3)
+    assert abs(inner(x, y) - float((x.dense() * y.dense()).sum())) < 1e-3
+    assert abs(x.frobenius_norm() - float(torch.linalg.norm(x.dense()))) < 1e-3
+
+
+def test_from_dense_randomized_is_near_exact() -> None:
+    delta = LowRankDelta.concat([random_delta(i, 300, 200, 8) for i in range(4)])
+    W = delta.dense() + 0.01 * torch.randn(300, 200, generator=torch.Generator().manual_seed(9))
+    fast, fast_report = LowRankDelta.from_dense(W, 16)
+    exact, exact_report = LowRankDelta.from_dense(W, 16, exact=True)
+    # the reported error is the true error of what is returned
+    true_error = float(torch.linalg.norm(W - fast.dense()) / torch.linalg.norm(W))
+    assert abs(fast_report.relative_error - true_error) < 1e-4
+    assert fast_report.relative_error <= exact_report.relative_error * 1.01 + 1e-6
+    assert fast.rank == exact.rank == 16
+
+
+def test_from_dense_of_zero_is_rank_zero() -> None:
+    delta, report = LowRankDelta.from_dense(torch.zeros(8, 4), 3)
+    assert delta.rank == 0 and report.energy_kept == 1.0

@@ -1,0 +1,62 @@
+"""The pure merge primitives, tested directly: hand-made cases and PEFT's own functions."""
+
+from __future__ import annotations
+
+import torch
+from peft.utils import merge_utils
+
+from adapter_fusion.merge import _ops
+
+
+def test_prune_magnitude_keeps_the_largest() -> None:
+    t = torch.tensor([[0.1, -3.0], [2.0, -0.5]])
+    assert torch.equal(_ops.prune_magnitude(t, 0.5), torch.tensor([[0.0, -3.0], [2.0, 0.0]]))
+    assert torch.equal(_ops.prune_magnitude(t, 1.0), t)
+    assert torch.equal(_ops.prune_magnitude(t, 0.1), torch.zeros(2, 2))
+
+
+def test_prune_random_is_seeded_and_rescales() -> None:
+    t = torch.ones(200, 200)
+    a = _ops.prune_random(t, 0.3, torch.Generator().manual_seed(1))
+    b = _ops.prune_random(t, 0.3, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert torch.equal(a.unique(), torch.tensor([0.0, 1 / 0.3]))
+    assert abs(float(a.mean()) - 1.0) < 0.05  # expectation preserved
+
+
+def test_prune_breadcrumbs_drops_outliers_and_small() -> None:
+    t = torch.tensor([10.0, -5.0, 4.0, 3.0, -2.0, 1.0, 0.5, 0.1, 0.05, 0.01])
+    out = _ops.prune_breadcrumbs(t, density=0.3, gamma=0.1)
+    assert out.tolist() == [0.0, -5.0, 4.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_magnitude_ranked_drop_keeps_large_entries_more_often() -> None:
+    t = torch.linspace(0.01, 1.0, 10000)
+    out = _ops.prune_magnitude_ranked(t, density=0.5, epsilon=0.4, generator=torch.Generator().manual_seed(0))
+    kept = out != 0
+    assert kept[:1000].float().mean() < 0.4 < 0.6 < kept[-1000:].float().mean()
+    assert abs(float(out.sum() / t.sum()) - 1.0) < 0.05  # rescaling keeps the expectation
+
+
+def test_sign_election_and_disjoint_merge_match_peft() -> None:
+    g = torch.Generator().manual_seed(0)
+    stacked = torch.randn(4, 30, 20, generator=g) * (torch.rand(4, 30, 20, generator=g) > 0.4)
+    weights = torch.tensor([0.5, -1.0, 2.0, 0.3])
+    for rule in ("total", "frequency"):
+        agree = _ops.majority_sign_mask(stacked, rule)
+        assert torch.equal(agree, merge_utils.calculate_majority_sign_mask(stacked, method=rule))
+        ours = _ops.disjoint_merge(stacked, weights, agree)
+        theirs = merge_utils.disjoint_merge(stacked * weights.view(-1, 1, 1), agree)
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_disjoint_merge_by_weights_is_a_weighted_mean() -> None:
+    stacked = torch.tensor([[1.0, -1.0], [3.0, 2.0]])
+    agree = torch.tensor([[True, False], [True, True]])
+    out = _ops.disjoint_merge(stacked, torch.tensor([1.0, 3.0]), agree, divide_by="weights")
+    torch.testing.assert_close(out, torch.tensor([(1 + 9) / 4, 6 / 3]))
+
+
+def test_weighted_sum() -> None:
+    stacked = torch.arange(12.0).view(3, 2, 2)
+    torch.testing.assert_close(_ops.weighted_sum(stacked, torch.tensor([1.0, 0.0, -1.0])), stacked[0] - stacked[2])
