@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -14,11 +15,12 @@ from adapter_fusion.errors import AdapterFusionError
 
 app = typer.Typer(help="Compose PEFT LoRA adapters exactly and fast.", no_args_is_help=True, add_completion=False)
 console = Console()
+errors = Console(stderr=True, soft_wrap=True)  # error text unwrapped: paths stay copyable
 DEFAULT_RECIPE = Path(__file__).parent / "default_recipe.yaml"
 
 
 def _fail(error: Exception) -> None:
-    console.print(f"[bold red]error:[/] {error}")
+    errors.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
     raise typer.Exit(code=2)
 
 
@@ -45,8 +47,8 @@ def merge(
 
     try:
         parsed = load_recipe(recipe or DEFAULT_RECIPE)
-        if recipe is None and output is None:
-            output, overwrite = Path("out") / "demo_merge", True
+        if recipe is None:
+            overwrite = True  # the demo's output is ours to replace
             console.print(f"no recipe given: running the built-in demo recipe {DEFAULT_RECIPE}")
         with _progress() as progress:
             task = progress.add_task(f"{parsed.method}", total=None, module="")
