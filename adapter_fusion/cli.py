@@ -99,6 +99,41 @@ def inspect(adapter: Annotated[Path, typer.Argument(help="PEFT adapter dir")]) -
     console.print(table)
 
 
+@app.command()
+def bake(
+    output: Annotated[Path, typer.Option(help="model dir to write")],
+    adapter: Annotated[Path | None, typer.Option(help="PEFT adapter dir to bake in")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="compose this recipe, then bake the result")] = None,
+    base: Annotated[Path | None, typer.Option(help="base model dir; default: SmolLM2-135M-Instruct")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16; default: as stored")] = None,
+    max_shard_size: Annotated[str, typer.Option(help="shard size cap, e.g. 500MB, 5GB")] = "50GB",
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+) -> None:
+    """Write base + adapter as a full model directory (streamed, bounded memory)."""
+    from adapter_fusion.adapters import load_adapter
+    from adapter_fusion.bake import bake as bake_model
+    from adapter_fusion.models import default_base
+    from adapter_fusion.recipe import load_recipe, run_recipe
+
+    if (adapter is None) == (recipe is None):
+        _fail(typer.BadParameter("give exactly one of --adapter or --recipe"))
+    try:
+        source = load_adapter(adapter) if adapter else run_recipe(load_recipe(recipe)).adapter
+        with _progress() as progress:
+            task = progress.add_task("bake", total=None, module="")
+
+            def tick(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total, module=f"{done / 1e6:.0f}/{total / 1e6:.0f} MB")
+
+            manifest = bake_model(base or default_base(), source, output, dtype, max_shard_size, overwrite, tick)
+    except (AdapterFusionError, ValueError) as error:
+        _fail(error)
+    console.print(
+        f"baked {manifest.merged_modules} modules into {output} "
+        f"({len(manifest.shards)} shard(s), {manifest.total_bytes / 1e6:.1f} MB, manifest {output}/adapter_fusion_bake.json)"
+    )
+
+
 def main() -> None:
     app()
 

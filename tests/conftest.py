@@ -28,6 +28,7 @@ def write_peft_adapter(
     r: int = 4,
     alpha: float = 8,
     targets: list[str] | None = None,
+    b_scale: float = 50.0,
     **config,
 ) -> Path:
     """Write a real PEFT adapter with random (non-zero) A and B for the model in `base_dir`."""
@@ -45,10 +46,10 @@ def write_peft_adapter(
         **config,
     )
     peft_model = get_peft_model(model, lora)
-    with torch.no_grad():  # peft's random B is tiny; make deltas comparable to the weights
+    with torch.no_grad():  # peft's random B is tiny; `b_scale` makes deltas comparable to the weights
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
-                p.mul_(50.0)
+                p.mul_(b_scale)
     peft_model.save_pretrained(out)
     return out
 

@@ -1,0 +1,264 @@
+"""Bake an adapter into the base model's weights: a standard sharded safetensors model directory.
+
+Streamed tensor by tensor: every output shard's header is planned from the base's headers alone
+(names, shapes, dtypes), then each tensor is read (`safe_open`), ΔW added in float32 if it is a
+target, cast, and its bytes written straight to the open shard. Peak memory is therefore one
+tensor plus its ΔW plus the adapter's factors, whatever the model's or the shards' size (mergekit's
+TensorWriter, by contrast, holds a whole shard). Written into a temp dir and renamed when the
+output is complete and verified, with a sha256 per shard in a manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import struct
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from adapter_fusion.adapters import DTYPES, Adapter
+from adapter_fusion.atomic import atomic_directory
+from adapter_fusion.errors import AdapterFusionError, IncompatibleAdaptersError
+
+INDEX_NAME = "model.safetensors.index.json"
+MANIFEST_NAME = "adapter_fusion_bake.json"
+WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|gguf)$|.*\.index\.json$")
+_ST_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+_FROM_ST = {v: k for k, v in _ST_DTYPES.items()}
+ProgressCallback = Callable[[int, int], None]  # (bytes written, bytes total)
+
+
+class BakeError(AdapterFusionError):
+    """The base model directory cannot be baked (no safetensors weights, broken index)."""
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    name: str
+    source: Path  # base shard it is read from
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # as written
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class BakeManifest:
+    """What was written and from what: enough to verify and reproduce the output."""
+
+    base: str
+    adapter: str
+    dtype: str
+    merged_modules: int
+    tensors: int
+    total_bytes: int
+    shards: dict[str, dict] = field(default_factory=dict)  # file -> {"sha256", "bytes", "tensors"}
+    untied: list[str] = field(default_factory=list)
+    recipe: dict | None = None
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from 5000000, "500MB", "5GB" (10^n) or "2GiB" (2^n), as transformers reads them."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", size.upper())
+    if not match:
+        raise ValueError(f"cannot read a size from {size!r}; use e.g. 500MB, 5GB or 2GiB")
+    number, unit, binary = match.groups()
+    return int(float(number) * (1024 if binary else 1000) ** "_KMGT".index(unit or "_"))
+
+
+def _base_tensors(base_dir: Path) -> list[_Tensor]:
+    index = base_dir / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as error:
+            raise BakeError(f"{index}: broken index ({error})") from None
+        files = list(dict.fromkeys(weight_map.values()))
+    elif (base_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise BakeError(f"{base_dir}: no model.safetensors or {INDEX_NAME}; bake reads safetensors weights only")
+    tensors = []
+    for file in files:
+        path = base_dir / file
+        if not path.is_file():
+            raise BakeError(f"{path}: listed in the index but missing")
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                tensors.append(_Tensor(name, path, tuple(piece.get_shape()), _FROM_ST[piece.get_dtype()]))
+    return tensors
+
+
+def _plan_shards(tensors: list[_Tensor], cap: int) -> list[list[_Tensor]]:
+    """Fill shards in order, starting a new one when the next tensor would overflow the cap."""
+    shards: list[list[_Tensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > cap:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def _header(shard: list[_Tensor]) -> bytes:
+    entries: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in shard:
+        entries[t.name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    return struct.pack("<Q", len(text)) + text
+
+
+def _targets(adapter: Adapter, tensors: dict[str, _Tensor], tied: bool) -> tuple[dict[str, str], list[str]]:
+    """Map tensor name -> adapter module; refuse anything that does not fit, before writing."""
+    targets: dict[str, str] = {}
+    untied: list[str] = []
+    for path, delta in adapter.modules.items():
+        name = f"{path}.weight"
+        if name not in tensors and path == "lm_head" and tied:
+            untied.append(name)  # tied to the embeddings: write it as its own tensor
+            continue
+        if name not in tensors:
+            raise IncompatibleAdaptersError(f"adapter {adapter.name!r} targets {path!r}, which the base model does not have")
+        expected = delta.shape[::-1] if adapter.fan_in_fan_out else delta.shape
+        if tensors[name].shape != expected:
+            raise IncompatibleAdaptersError(
+                f"adapter {adapter.name!r} module {path!r} is {delta.shape[0]}x{delta.shape[1]} but the base weight "
+                f"{name} is {'x'.join(map(str, tensors[name].shape))}: the adapter is for another base model"
+            )
+        targets[name] = path
+    return targets, untied
+
+
+def bake(
+    base_dir: str | Path,
+    adapter: Adapter,
+    output_dir: str | Path,
+    dtype: str | None = None,
+    max_shard_size: int | str = "50GB",
+    overwrite: bool = False,
+    on_progress: ProgressCallback | None = None,
+) -> BakeManifest:
+    """Write base + ΔW as a model directory that `AutoModelForCausalLM.from_pretrained` loads.
+
+    `dtype` (float32/bfloat16/float16) casts floating tensors; None keeps each stored dtype.
+    """
+    base_dir, output_dir = Path(base_dir), Path(output_dir)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    cap = parse_size(max_shard_size)
+    if cap <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
+    config_path = base_dir / "config.json"
+    if not config_path.is_file():
+        raise BakeError(f"{base_dir}: no config.json; give a transformers model directory")
+    config = json.loads(config_path.read_text())
+    out_dtype = DTYPES[dtype] if dtype else None
+
+    def written(dt: torch.dtype) -> torch.dtype:
+        return out_dtype if out_dtype is not None and dt.is_floating_point else dt
+
+    base = _base_tensors(base_dir)
+    by_name = {t.name: t for t in base}
+    tied = bool(config.get("tie_word_embeddings", False))
+    targets, untied = _targets(adapter, by_name, tied)
+    plan = [_Tensor(t.name, t.source, t.shape, written(t.dtype)) for t in base]
+    embed = next((t for t in plan if t.name.endswith("embed_tokens.weight")), None)
+    for name in untied:
+        if embed is None:
+            raise IncompatibleAdaptersError("adapter targets the tied lm_head but no embed_tokens weight was found")
+        plan.append(_Tensor(name, embed.source, embed.shape, embed.dtype))
+        targets[name] = "lm_head"
+    shards = _plan_shards(plan, cap)
+    total = sum(t.nbytes for t in plan)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    manifest = BakeManifest(
+        base=str(base_dir),
+        adapter=adapter.source or adapter.name,
+        dtype=dtype or "as stored",
+        merged_modules=len(targets),
+        tensors=len(plan),
+        total_bytes=total,
+        untied=untied,
+        recipe=adapter.extra.get("recipe"),
+    )
+    done = 0
+    handles: dict[Path, object] = {}
+    with atomic_directory(output_dir, overwrite=overwrite) as tmp:
+        try:
+            for file, shard in zip(names, shards):
+                digest = hashlib.sha256()
+                with open(tmp / file, "wb") as out:
+                    header = _header(shard)
+                    out.write(header)
+                    digest.update(header)
+                    for t in shard:
+                        source = t.source
+                        if source not in handles:
+                            handles[source] = safe_open(source, framework="pt").__enter__()
+                        read_name = embed.name if t.name in untied and embed is not None else t.name
+                        tensor = handles[source].get_tensor(read_name)
+                        if t.name in targets:
+                            delta = adapter.modules[targets[t.name]].dense()  # (out, in) float32
+                            tensor = tensor.float() + (delta.T if adapter.fan_in_fan_out else delta)
+                        data = tensor.to(t.dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
+                        out.write(memoryview(data))
+                        digest.update(memoryview(data))
+                        done += t.nbytes
+                        if on_progress is not None:
+                            on_progress(done, total)
+                manifest.shards[file] = {"sha256": digest.hexdigest(), "bytes": (tmp / file).stat().st_size, "tensors": len(shard)}
+        finally:
+            for handle in handles.values():
+                handle.__exit__(None, None, None)
+        _verify(tmp, names, shards)
+        if len(shards) > 1:
+            weight_map = {t.name: file for file, shard in zip(names, shards) for t in shard}
+            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        for extra in base_dir.iterdir():  # config, generation config, tokenizer files, chat template
+            if extra.is_file() and not WEIGHT_FILES.match(extra.name):
+                shutil.copy2(extra, tmp / extra.name)
+        if dtype or untied:
+            if dtype:
+                config["dtype"] = dtype
+                config.pop("torch_dtype", None)
+            if untied:
+                config["tie_word_embeddings"] = False
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / MANIFEST_NAME).write_text(json.dumps(asdict(manifest), indent=2, default=str))
+    return manifest
+
+
+def _verify(directory: Path, names: list[str], shards: list[list[_Tensor]]) -> None:
+    """Every planned tensor is in its shard with its shape and dtype (headers only, cheap)."""
+    for file, shard in zip(names, shards):
+        with safe_open(directory / file, framework="pt") as f:
+            found = {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()}
+        expected = {t.name: (t.shape, _ST_DTYPES[t.dtype]) for t in shard}
+        if found != expected:
+            raise BakeError(f"{file}: written tensors do not match the plan; nothing was published")
