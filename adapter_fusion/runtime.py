@@ -1,0 +1,227 @@
+"""One base model with resident adapter slots: scoring and step-wise mixed-adapter decoding.
+
+Used synchronously by evaluation and LoraHub, and by the serving engine's thread. `Decoder` is
+continuous batching on a plain transformers model: requests join at step boundaries (their
+prompts are prefilled, their KV caches left-padded and concatenated to the running batch) and
+leave when they finish (their rows are dropped from the cache), each row routed to its own slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.cache_utils import DynamicCache
+
+from adapter_fusion.adapters import Adapter
+from adapter_fusion.errors import IncompatibleAdaptersError
+from adapter_fusion.lora_layers import inject, route
+from adapter_fusion.models import LLAMA_TARGETS
+
+
+class Runtime:
+    """A causal LM loaded once, every target Linear wrapped for per-row adapter slots."""
+
+    def __init__(self, base_dir: str | Path, targets: Sequence[str] = LLAMA_TARGETS) -> None:
+        self.base_dir = Path(base_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=torch.float32).eval()
+        self.layers = inject(self.model, list(targets))
+        self.shapes = {path: layer.shape for path, layer in self.layers.items()}
+        eos = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+        self.stop_ids = {i for i in eos if isinstance(i, int) and i >= 0}
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def check(self, adapter: Adapter) -> None:
+        """Refuse an adapter whose modules this model lacks or whose shapes differ."""
+        for path, delta in adapter.modules.items():
+            if path not in self.shapes:
+                raise IncompatibleAdaptersError(f"adapter {adapter.name!r} targets {path!r}, which is not a LoRA target of this base model")
+            if self.shapes[path] != delta.shape:
+                raise IncompatibleAdaptersError(
+                    f"adapter {adapter.name!r} module {path!r} is {delta.shape[0]}x{delta.shape[1]}, the base model's is "
+                    f"{self.shapes[path][0]}x{self.shapes[path][1]}: it was made for another base model"
+                )
+
+    def set_slots(self, slots: Sequence[Sequence[Adapter]]) -> None:
+        """Install slots 1..n (slot i+1 = slots[i], its sources concatenated); slot 0 is the base."""
+        for sources in slots:
+            for adapter in sources:
+                self.check(adapter)
+        for path, layer in self.layers.items():
+            layer.set_slots([[a.modules.get(path) for a in sources] for sources in slots])
+
+    def chat_ids(self, message: str | list[dict]) -> list[int]:
+        messages = [{"role": "user", "content": message}] if isinstance(message, str) else message
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @torch.no_grad()
+    def target_nll(
+        self, prompts: Sequence[list[int]], targets: Sequence[list[int]], rows: Sequence[int], source_weights: Tensor | None = None
+    ) -> Tensor:
+        """Per example, the summed negative log-likelihood of `targets` after `prompts`: (batch,)."""
+        seqs = [p + t for p, t in zip(prompts, targets)]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), self.pad_id)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        labels = torch.full((len(seqs), width), -100)
+        for b, (p, t) in enumerate(zip(prompts, targets)):
+            ids[b, : len(p) + len(t)] = torch.tensor(p + t)
+            mask[b, : len(p) + len(t)] = 1
+            labels[b, len(p) : len(p) + len(t)] = torch.tensor(t)
+        with route(self.layers, torch.tensor(list(rows)), source_weights):
+            logits = self.model(input_ids=ids, attention_mask=mask).logits  # (batch, width, vocab)
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        gold = labels[:, 1:]
+        picked = logp.gather(2, gold.clamp(min=0)[..., None])[..., 0]  # (batch, width-1)
+        return -(picked * (gold != -100)).sum(dim=1)
+
+    @torch.no_grad()
+    def greedy(self, prompts: Sequence[list[int]], rows: Sequence[int], max_new_tokens: int) -> list[list[int]]:
+        """Batched greedy completion (stops at end-of-turn); a convenience over `Decoder`."""
+        decoder = Decoder(self)
+        requests = [Request(prompt_ids=list(p), slot=s, max_new_tokens=max_new_tokens) for p, s in zip(prompts, rows)]
+        decoder.admit(requests)
+        while decoder.active:
+            decoder.step()
+        return [r.output_ids for r in requests]
+
+
+@dataclass
+class Request:
+    """One generation: its prompt, slot, sampling settings, and what it has produced."""
+
+    prompt_ids: list[int]
+    slot: int = 0
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""  # decoded so far (stop strings trimmed)
+    finish_reason: str | None = None  # "stop", "length", "cancelled"
+    cancelled: bool = False
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature > 0:
+            self.generator = torch.Generator().manual_seed(self.seed)
+
+
+def _sample(logits: Tensor, request: Request) -> int:  # logits (vocab,)
+    if request.temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / request.temperature
+    if request.top_k > 0:
+        kth = torch.topk(logits, min(request.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if request.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(0) - sorted_probs > request.top_p  # keep the smallest set reaching top_p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+    return int(torch.multinomial(probs, 1, generator=request.generator))
+
+
+def _left_pad(t: Tensor, length: int, dim: int) -> Tensor:
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([torch.zeros(shape, dtype=t.dtype), t], dim=dim)
+
+
+class Decoder:
+    """A running batch: admit requests at step boundaries, `step()` emits one token per row."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.active: list[Request] = []
+        self.cache: list[tuple[Tensor, Tensor]] = []  # per layer (keys, values): (batch, heads, L, dim)
+        self.mask = torch.zeros(0, 0, dtype=torch.long)  # (batch, L), 0 on left padding
+        self.logits = torch.zeros(0, 0)  # (batch, vocab): next-token logits per row
+
+    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, slots: Tensor, cache: list) -> tuple[Tensor, list]:
+        past = DynamicCache(ddp_cache_data=cache) if cache else DynamicCache()
+        with route(self.runtime.layers, slots):
+            out = self.runtime.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return out.logits[:, -1], kv
+
+    @torch.no_grad()
+    def admit(self, requests: Sequence[Request]) -> None:
+        """Prefill new requests together and join them to the running batch."""
+        if not requests:
+            return
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.full((len(requests), width), self.runtime.pad_id)
+        mask = torch.zeros(len(requests), width, dtype=torch.long)
+        for b, r in enumerate(requests):  # left padding: every prompt ends at the last column
+            ids[b, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[b, width - len(r.prompt_ids) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        slots = torch.tensor([r.slot for r in requests])
+        logits, kv = self._forward(ids, mask, positions, slots, [])
+        if self.active:
+            length = max(width, self.mask.shape[1])
+            kv = [
+                (torch.cat([_left_pad(k0, length, 2), _left_pad(k1, length, 2)]), torch.cat([_left_pad(v0, length, 2), _left_pad(v1, length, 2)]))
+                for (k0, v0), (k1, v1) in zip(self.cache, kv)
+            ]
+            mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(mask, length, 1)])
+            logits = torch.cat([self.logits, logits])
+        self.active = self.active + list(requests)
+        self.cache, self.mask, self.logits = kv, mask, logits
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[Request, int]]:
+        """Choose one token per active row, retire finished rows, run the next forward.
+
+        Returns (request, token) for every row this step, finished ones included."""
+        emitted: list[tuple[Request, int]] = []
+        keep: list[int] = []
+        tokenizer = self.runtime.tokenizer
+        for b, request in enumerate(self.active):
+            if request.cancelled:
+                request.finish_reason = "cancelled"
+                continue
+            token = _sample(self.logits[b], request)
+            emitted.append((request, token))
+            if token in self.runtime.stop_ids:
+                request.finish_reason = "stop"
+                continue
+            request.output_ids.append(token)
+            request.text = tokenizer.decode(request.output_ids, skip_special_tokens=True)
+            hit = next((s for s in request.stop if s and s in request.text), None)
+            if hit is not None:
+                request.text = request.text[: request.text.index(hit)]
+                request.finish_reason = "stop"
+            elif len(request.output_ids) >= request.max_new_tokens:
+                request.finish_reason = "length"
+            else:
+                keep.append(b)
+        if len(keep) < len(self.active):
+            index = torch.tensor(keep, dtype=torch.long)
+            self.cache = [(k[index], v[index]) for k, v in self.cache]
+            self.mask = self.mask[index]
+            self.active = [self.active[b] for b in keep]
+        if self.active:
+            ids = torch.tensor([[r.output_ids[-1]] for r in self.active])
+            self.mask = torch.cat([self.mask, torch.ones(len(self.active), 1, dtype=torch.long)], dim=1)
+            positions = self.mask.sum(-1, keepdim=True) - 1
+            slots = torch.tensor([r.slot for r in self.active])
+            self.logits, self.cache = self._forward(ids, self.mask, positions, slots, self.cache)
+        else:
+            self.cache, self.mask, self.logits = [], torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0)
+        return emitted
