@@ -29,3 +29,23 @@ class RecipeError(AdapterFusionError, ValueError):
 
 class OutputExistsError(AdapterFusionError):
     """The output path exists and overwriting was not asked for."""
+
+
+class InvalidRequestError(AdapterFusionError, ValueError):
+    """A request whose values are out of range or malformed (sampling settings, empty prompt)."""
+
+
+class NotFoundError(AdapterFusionError, LookupError):
+    """A named adapter that is not registered."""
+
+
+class AlreadyExistsError(AdapterFusionError):
+    """A name already registered for something else."""
+
+
+class LimitExceededError(AdapterFusionError):
+    """A request over a configured cap (tokens, prompt length, queue, memory budget)."""
+
+
+class PathNotAllowedError(AdapterFusionError, PermissionError):
+    """A path outside the configured roots (after resolving `..` and symlinks)."""

@@ -1,0 +1,92 @@
+"""A small typed client over the generated stub (synchronous; one channel per client)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from adapter_fusion.v1 import adapter_fusion_pb2 as pb
+from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
+
+
+def make_recipe(method: str, sources: dict[str, float], rank: int | None = None, seed: int = 0, **parameters) -> pb.Recipe:
+    """A Recipe message from {adapter name: weight}; numeric parameters and string options split."""
+    numbers = {k: float(v) for k, v in parameters.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    options = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in parameters.items() if k not in numbers}
+    recipe = pb.Recipe(
+        method=method,
+        sources=[pb.Source(adapter=name, weight=weight) for name, weight in sources.items()],
+        parameters=numbers,
+        options=options,
+        seed=seed,
+    )
+    if rank is not None:
+        recipe.rank = rank
+    return recipe
+
+
+class Client:
+    def __init__(self, address: str = "127.0.0.1:50051", token: str | None = None, root_certificate: Path | None = None) -> None:
+        if root_certificate is not None:
+            self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(Path(root_certificate).read_bytes()))
+        else:
+            self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.AdapterFusionStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def load_adapter(self, name: str, path: str | Path, pin: bool = False) -> pb.AdapterInfo:
+        return self.stub.LoadAdapter(pb.LoadAdapterRequest(name=name, path=str(path), pin=pin), metadata=self.metadata)
+
+    def unload_adapter(self, name: str) -> None:
+        self.stub.UnloadAdapter(pb.UnloadAdapterRequest(name=name), metadata=self.metadata)
+
+    def list_adapters(self) -> list[pb.AdapterInfo]:
+        return list(self.stub.ListAdapters(pb.ListAdaptersRequest(), metadata=self.metadata).adapters)
+
+    def compose(self, name: str, recipe: pb.Recipe, pin: bool = False) -> pb.ComposeAdapterResponse:
+        return self.stub.ComposeAdapter(pb.ComposeAdapterRequest(name=name, recipe=recipe, pin=pin), metadata=self.metadata)
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        messages: list[dict] | None = None,
+        adapter: str | None = None,
+        recipe: pb.Recipe | None = None,
+        timeout: float | None = None,
+        **sampling,
+    ) -> Iterator[pb.GenerateResponse]:
+        """Stream responses; give `prompt` (raw text) or `messages` (chat), and an adapter, a recipe or neither."""
+        request = pb.GenerateRequest(adapter=adapter, recipe=recipe, **sampling)
+        if messages is not None:
+            request.messages.CopyFrom(pb.Messages(messages=[pb.ChatMessage(**m) for m in messages]))
+        else:
+            request.prompt = prompt or ""
+        return self.stub.Generate(request, metadata=self.metadata, timeout=timeout)
+
+    def chat(self, message: str, adapter: str | None = None, recipe: pb.Recipe | None = None, **sampling) -> str:
+        """The whole reply to one user message."""
+        stream = self.generate(messages=[{"role": "user", "content": message}], adapter=adapter, recipe=recipe, **sampling)
+        return "".join(r.text for r in stream)
+
+    def score(self, examples: list[tuple[str, str]], adapter: str | None = None, recipe: pb.Recipe | None = None, raw: bool = False) -> pb.ScoreResponse:
+        request = pb.ScoreRequest(adapter=adapter, recipe=recipe, raw=raw, examples=[pb.Example(input=i, target=t) for i, t in examples])
+        return self.stub.Score(request, metadata=self.metadata)
+
+    def export_adapter(self, name: str, path: str | Path, dtype: str = "float32", overwrite: bool = False) -> pb.ExportAdapterResponse:
+        request = pb.ExportAdapterRequest(name=name, path=str(path), dtype=dtype, overwrite=overwrite)
+        return self.stub.ExportAdapter(request, metadata=self.metadata)
+
+    def bake_model(self, adapter: str, output_path: str | Path, dtype: str = "", max_shard_bytes: int = 0, overwrite: bool = False) -> Iterator[pb.BakeModelProgress]:
+        request = pb.BakeModelRequest(adapter=adapter, output_path=str(output_path), dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+        return self.stub.BakeModel(request, metadata=self.metadata)

@@ -1,0 +1,41 @@
+"""Prometheus metrics on an optional HTTP port: RPCs, latency, time to first token, and the
+engine's own counters (tokens, queue depth, batch size, adapter loads and evictions)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from adapter_fusion.engine import Engine
+from server.service import Observer
+
+
+class _EngineCollector:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        stats = self.engine.stats
+        yield CounterMetricFamily("adapter_fusion_generated_tokens", "Tokens generated", value=stats["tokens"])
+        yield CounterMetricFamily("adapter_fusion_adapter_loads", "Adapter factors loaded into memory", value=stats["loads"])
+        yield CounterMetricFamily("adapter_fusion_adapter_evictions", "Adapters evicted under the memory budget", value=stats["evictions"])
+        yield GaugeMetricFamily("adapter_fusion_batch_size", "Rows in the running batch", value=stats["batch_size"])
+        yield GaugeMetricFamily("adapter_fusion_queue_depth", "Requests waiting to join the batch", value=self.engine.queue_depth)
+        resident = sum(1 for _, r in self.engine.adapters(include_hidden=True) if r)
+        yield GaugeMetricFamily("adapter_fusion_resident_adapters", "Adapters with factors in memory", value=resident)
+
+
+def start_metrics(engine: Engine, port: int, host: str = "127.0.0.1") -> Observer:
+    """Serve /metrics on `port` and return the observer the service reports RPCs to."""
+    registry = CollectorRegistry()
+    registry.register(_EngineCollector(engine))
+    rpcs = Counter("adapter_fusion_rpcs", "RPCs by method and status code", ["method", "code"], registry=registry)
+    latency = Histogram("adapter_fusion_rpc_seconds", "RPC duration", ["method"], registry=registry)
+    ttft = Histogram("adapter_fusion_time_to_first_token_seconds", "Generate: time to first token", registry=registry)
+    start_http_server(port, addr=host, registry=registry)
+
+    def rpc_done(method: str, code: str, seconds: float) -> None:
+        rpcs.labels(method, code).inc()
+        latency.labels(method).observe(seconds)
+
+    return Observer(rpc_done=rpc_done, first_token=ttft.observe)
