@@ -1,0 +1,315 @@
+"""The real server on 127.0.0.1:0 with SmolLM2, called through the generated stub: every RPC,
+every error code on the wire, mixed batches equal sequential runs, restart keeps the store."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from adapter_fusion.client import Client, make_recipe
+from adapter_fusion.engine import Limits
+from adapter_fusion.v1 import adapter_fusion_pb2 as pb
+from server.app import BackgroundServer, ServerConfig
+from server.service import ServiceLimits
+from tests.conftest import write_peft_adapter
+
+DEMO = Path(__file__).parent.parent / "examples" / "adapters"
+UPPER = "Rewrite the text in uppercase letters.\nguitar river orange"
+REVERSE = "Write the words in reverse order.\nrabbit wagon friend candle"
+
+
+def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        result = call()
+        if hasattr(result, "__iter__") and not isinstance(result, (str, bytes)):
+            list(result)
+    return info.value.code(), info.value.details()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("root")
+
+
+@pytest.fixture(scope="module")
+def config(smollm2: Path, root: Path, tmp_path_factory: pytest.TempPathFactory) -> ServerConfig:
+    return ServerConfig(
+        base_dir=smollm2,
+        store_dir=tmp_path_factory.mktemp("store"),
+        adapter_roots=[DEMO, root],
+        port=0,
+        limits=Limits(max_new_tokens=64, max_prompt_tokens=200, memory_budget_bytes=64 << 20),
+        max_request_bytes=64 << 10,
+    )
+
+
+@pytest.fixture(scope="module")
+def server(config: ServerConfig):
+    running = BackgroundServer(config)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: BackgroundServer):
+    with Client(server.address) as c:
+        c.load_adapter("upper", DEMO / "uppercase")
+        c.load_adapter("reverse", "reverse_words")  # relative to the first root
+        yield c
+
+
+def test_health_and_reflection(server: BackgroundServer) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.address) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="adapter_fusion.v1.AdapterFusion"))
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        assert "adapter_fusion.v1.AdapterFusion" in {s.name for s in reply.list_services_response.service}
+
+
+def test_load_list_unload(client: Client) -> None:
+    info = client.load_adapter("upper", DEMO / "uppercase")  # idempotent for the same path
+    assert info.rank == 8 and list(info.target_modules) == ["q_proj", "v_proj"] and info.size_bytes > 0
+    assert {"upper", "reverse"} <= {a.name for a in client.list_adapters()}
+    code, details = code_of(lambda: client.load_adapter("upper", DEMO / "reverse_words"))
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "already loaded from" in details
+    client.load_adapter("tmp", DEMO / "uppercase")
+    client.unload_adapter("tmp")
+    assert "tmp" not in {a.name for a in client.list_adapters()}
+    code, details = code_of(lambda: client.unload_adapter("tmp"))
+    assert code == grpc.StatusCode.NOT_FOUND and "no adapter named 'tmp'" in details
+
+
+def test_generate_with_adapters_and_base(client: Client) -> None:
+    assert client.chat(UPPER, adapter="upper", max_new_tokens=12) == "GUITAR RIVER ORANGE"
+    assert client.chat(REVERSE, adapter="reverse", max_new_tokens=12) == "candle friend wagon rabbit"
+    responses = list(client.generate(prompt="The capital of France is", max_new_tokens=5))
+    last = responses[-1]
+    assert last.finish_reason == "length" and last.usage.completion_tokens == 5
+    assert sum(len(r.token_ids) for r in responses) == 5
+
+
+def test_mixed_concurrent_requests_equal_sequential(client: Client) -> None:
+    jobs = [(UPPER, "upper"), (REVERSE, "reverse"), ("Name a colour.", None), (REVERSE, "upper"), (UPPER, "reverse")] * 2
+    sequential = [client.chat(m, adapter=a, max_new_tokens=16) for m, a in jobs]
+    results: list[str | None] = [None] * len(jobs)
+
+    def run(i: int) -> None:
+        results[i] = client.chat(jobs[i][0], adapter=jobs[i][1], max_new_tokens=16)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == sequential
+
+
+def test_sampling_is_seeded(client: Client) -> None:
+    def sample(seed):
+        return client.chat("Tell me a word.", temperature=0.9, top_p=0.9, top_k=50, seed=seed, max_new_tokens=10)
+
+    assert sample(1) == sample(1)
+
+
+def test_stop_strings(client: Client) -> None:
+    text = client.chat(UPPER, adapter="upper", max_new_tokens=12, stop=[" RIVER"])
+    assert text == "GUITAR"
+
+
+def test_compose_and_inline_recipes(client: Client) -> None:
+    reply = client.compose("upper-reverse", make_recipe("svd", {"upper": 1.0, "reverse": 1.0}, rank=8))
+    assert reply.adapter.rank == 8 and reply.adapter.source.startswith("composed: svd")
+    assert len(reply.report) == 60 and all(m.rank == 8 for m in reply.report)
+    recipe = make_recipe("linear", {"upper": 1.0, "reverse": 0.0})
+    assert client.chat(UPPER, recipe=recipe, max_new_tokens=12) == "GUITAR RIVER ORANGE"
+    assert client.chat(UPPER, recipe=recipe, max_new_tokens=12) == "GUITAR RIVER ORANGE"  # cached
+    hidden = [a for a in client.list_adapters() if a.name.startswith("inline-")]
+    assert hidden == []  # inline compositions are not listed
+    code, details = code_of(lambda: client.compose("upper-reverse", make_recipe("svd", {"upper": 1.0})))
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_score(client: Client) -> None:
+    examples = [(UPPER, "GUITAR RIVER ORANGE"), ("Rewrite the text in uppercase letters.\nstone cloud", "STONE CLOUD")]
+    tuned, base = client.score(examples, adapter="upper"), client.score(examples)
+    assert len(tuned.log_likelihood) == 2 and tuned.mean_loss < base.mean_loss / 2
+    assert list(tuned.target_tokens) == list(base.target_tokens)
+
+
+def test_export_adapter(client: Client, root: Path) -> None:
+    reply = client.export_adapter("upper", root / "exported")
+    assert reply.size_bytes > 0 and (root / "exported" / "adapter_model.safetensors").is_file()
+    code, _ = code_of(lambda: client.export_adapter("upper", root / "exported"))
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+    code, details = code_of(lambda: client.export_adapter("upper", "/tmp/outside-roots"))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "outside the allowed roots" in details
+
+
+def test_bake_model_streams_progress(client: Client, root: Path) -> None:
+    messages = list(client.bake_model("upper", root / "baked", dtype="bfloat16"))
+    assert messages[-1].bytes_done == messages[-1].bytes_total > 0
+    manifest = json.loads(messages[-1].manifest_json)
+    assert manifest["merged_modules"] == 60 and (root / "baked" / "config.json").is_file()
+
+
+def test_invalid_arguments(client: Client, root: Path) -> None:
+    cases = [
+        (lambda: client.load_adapter("bad name!", DEMO / "uppercase"), "invalid adapter name"),
+        (lambda: client.load_adapter("x", DEMO), "adapter_config.json: missing"),
+        (lambda: client.compose("c", make_recipe("tiez", {"upper": 1.0})), "unknown method 'tiez'"),
+        (lambda: client.compose("c", make_recipe("ties", {"upper": 1.0}, dens=0.2)), "dens: unknown parameter"),
+        (lambda: client.generate(prompt="", max_new_tokens=4), "the prompt is empty"),
+        (lambda: client.generate(prompt="hi", temperature=-1), "temperature must be in"),
+        (lambda: client.generate(prompt="hi", top_p=1.5), "top_p must be in"),
+        (lambda: client.generate(messages=[{"role": "robot", "content": "hi"}]), "roles must be"),
+        (lambda: client.score([]), "at least one example"),
+    ]
+    for call, message in cases:
+        code, details = code_of(call)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+        assert message in details
+
+
+def test_not_found(client: Client) -> None:
+    for call in (
+        lambda: client.generate(prompt="hi", adapter="ghost"),
+        lambda: client.compose("c2", make_recipe("linear", {"ghost": 1.0})),
+        lambda: client.score([("a", "b")], adapter="ghost"),
+        lambda: client.export_adapter("ghost", "x"),
+    ):
+        code, details = code_of(call)
+        assert code == grpc.StatusCode.NOT_FOUND and "ghost" in details
+
+
+def test_failed_precondition_for_another_base(client: Client, root: Path, tiny_adapters: list[Path]) -> None:
+    import shutil
+
+    shutil.copytree(tiny_adapters[0], root / "tiny")
+    code, details = code_of(lambda: client.load_adapter("tiny", root / "tiny"))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "another base model" in details
+
+
+def test_permission_denied(client: Client, root: Path, tiny_adapters: list[Path]) -> None:
+    os.symlink(tiny_adapters[1], root / "link-out")  # inside a root, pointing outside every root
+    for path in ("/etc", "../../..", "uppercase/../../../tests", str(root / "link-out"), str(root / ".." / "x")):
+        code, details = code_of(lambda: client.load_adapter("p", path))
+        assert code == grpc.StatusCode.PERMISSION_DENIED, path
+        assert "outside the allowed roots" in details
+
+
+def test_resource_exhausted(client: Client) -> None:
+    cases = [
+        (lambda: client.generate(prompt="hi", max_new_tokens=65), "over the limit of 64"),
+        (lambda: client.generate(prompt="word " * 300), "the limit is 200"),
+        (lambda: client.generate(prompt="x" * (70 << 10)), ""),  # over max_request_bytes: refused by grpc
+    ]
+    for call, message in cases:
+        code, details = code_of(call)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+        assert message in details
+    assert client.chat(UPPER, adapter="upper", max_new_tokens=12) == "GUITAR RIVER ORANGE"  # still healthy
+
+
+def test_hot_load_and_unload_during_generation(client: Client, server: BackgroundServer) -> None:
+    client.load_adapter("upper2", DEMO / "uppercase")
+    alone = client.chat(UPPER + " stone cloud paper", adapter="upper2", max_new_tokens=40)
+    stream = client.generate(messages=[{"role": "user", "content": UPPER + " stone cloud paper"}], adapter="upper2", max_new_tokens=40)
+    first = next(stream)
+    client.unload_adapter("upper2")  # the request keeps its adapter until it ends
+    client.load_adapter("number", DEMO / "number_to_words") if (DEMO / "number_to_words").is_dir() else None
+    assert first.text + "".join(r.text for r in stream) == alone
+    code, _ = code_of(lambda: client.generate(prompt="hi", adapter="upper2"))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_cancellation_and_deadline_free_the_batch(client: Client, server: BackgroundServer) -> None:
+    stream = client.generate(prompt="Count to one hundred:", max_new_tokens=64)
+    next(stream)
+    stream.cancel()
+    code, _ = code_of(lambda: client.generate(prompt="Count to one hundred:", max_new_tokens=64, timeout=0.3))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    engine = server.running.engine
+    deadline = time.monotonic() + 10
+    while engine.busy and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not engine.busy and engine.decoder.active == []
+
+
+def test_restart_keeps_the_store(config: ServerConfig, server: BackgroundServer, client: Client) -> None:
+    client.load_adapter("kept", DEMO / "reverse_words")
+    client.compose("kept-mix", make_recipe("linear", {"upper": 0.5, "kept": 0.5}))
+    second = BackgroundServer(config)  # a new process would see the same store directory
+    try:
+        with Client(second.address) as other:
+            names = {a.name for a in other.list_adapters()}
+            assert {"upper", "reverse", "kept", "kept-mix"} <= names
+            assert not next(a for a in other.list_adapters() if a.name == "kept").resident  # loaded on first use
+            assert other.chat(REVERSE, adapter="kept", max_new_tokens=12) == "candle friend wagon rabbit"
+    finally:
+        second.stop()
+
+
+def test_budget_evicts_and_reloads(config: ServerConfig, tmp_path: Path) -> None:
+    small = ServerConfig(**{**config.__dict__, "store_dir": tmp_path / "store", "limits": Limits(memory_budget_bytes=2_500_000), "port": 0})
+    running = BackgroundServer(small)
+    try:
+        with Client(running.address) as c:
+            c.load_adapter("upper", DEMO / "uppercase")
+            c.load_adapter("reverse", DEMO / "reverse_words")  # 1.8 MB each: only one fits
+            resident = {a.name: a.resident for a in c.list_adapters()}
+            assert resident == {"upper": False, "reverse": True}
+            assert c.chat(UPPER, adapter="upper", max_new_tokens=12) == "GUITAR RIVER ORANGE"  # reloaded
+            assert running.running.engine.stats["evictions"] >= 2
+            c.load_adapter("pinned", DEMO / "uppercase", pin=True)
+            code, details = code_of(lambda: c.load_adapter("pinned2", DEMO / "reverse_words", pin=True))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "memory budget" in details
+    finally:
+        running.stop()
+
+
+def test_queue_cap(config: ServerConfig, tmp_path: Path) -> None:
+    tight = ServerConfig(**{**config.__dict__, "store_dir": tmp_path / "s", "limits": Limits(max_queue=1, max_batch=1), "port": 0})
+    running = BackgroundServer(tight)
+    try:
+        with Client(running.address) as c:
+            streams = [c.generate(prompt="Count to one hundred:", max_new_tokens=40) for _ in range(4)]
+            codes = []
+            for s in streams:
+                try:
+                    list(s)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as error:
+                    codes.append(error.code())
+            assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
+    finally:
+        running.stop()
+
+
+def test_bearer_token(config: ServerConfig, tmp_path: Path) -> None:
+    secured = ServerConfig(**{**config.__dict__, "store_dir": tmp_path / "s", "token": "s3cret", "port": 0})
+    running = BackgroundServer(secured)
+    try:
+        with Client(running.address) as anonymous:
+            code, details = code_of(anonymous.list_adapters)
+            assert code == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in details
+            code, _ = code_of(lambda: anonymous.generate(prompt="hi"))
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+        with Client(running.address, token="wrong") as wrong:
+            assert code_of(wrong.list_adapters)[0] == grpc.StatusCode.UNAUTHENTICATED
+        with Client(running.address, token="s3cret") as good:
+            assert good.list_adapters() == []
+        with grpc.insecure_channel(running.address) as channel:  # probes need no token
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        running.stop()
