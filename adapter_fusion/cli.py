@@ -134,6 +134,99 @@ def bake(
     )
 
 
+@app.command(name="eval")
+def evaluate_command(
+    task: Annotated[list[str], typer.Option(help="task name (repeat); see adapter_fusion.tasks.TASKS")],
+    adapter: Annotated[list[Path] | None, typer.Option(help="PEFT adapter dir (repeat); none = the base model")] = None,
+    base: Annotated[Path | None, typer.Option(help="base model dir; default: SmolLM2-135M-Instruct")] = None,
+    split: Annotated[str, typer.Option(help="train, validation or test")] = "test",
+    limit: Annotated[int, typer.Option(help="examples per task")] = 50,
+    output_json: Annotated[Path | None, typer.Option("--json", help="also write the scores here as JSON")] = None,
+) -> None:
+    """Exact-match accuracy and target loss of adapters (or the base model) on tasks."""
+    import json
+    from dataclasses import asdict
+
+    from adapter_fusion.adapters import load_adapter
+    from adapter_fusion.evaluate import evaluate
+    from adapter_fusion.models import default_base
+    from adapter_fusion.runtime import Runtime
+    from adapter_fusion.tasks import TASKS
+
+    unknown = [t for t in task if t not in TASKS]
+    if unknown:
+        _fail(typer.BadParameter(f"unknown task(s) {', '.join(unknown)}; tasks: {', '.join(TASKS)}"))
+    try:
+        adapters = {str(p): load_adapter(p) for p in adapter} if adapter else {"base": None}
+        runtime = Runtime(base or default_base())
+        with _progress() as progress:
+            bar = progress.add_task("eval", total=None, module="")
+            scores = evaluate(runtime, adapters, task, split, limit, on_batch=lambda d, t: progress.update(bar, completed=d, total=t, module="rows"))
+    except (AdapterFusionError, KeyError) as error:
+        _fail(error)
+    table = Table(title=f"{split} split, {limit} examples per task")
+    for column in ("adapter", "task", "accuracy", "loss/token"):
+        table.add_column(column)
+    for s in scores:
+        table.add_row(s.adapter, s.task, f"{s.accuracy:.3f}", f"{s.mean_loss:.3f}")
+    console.print(table)
+    if output_json:
+        output_json.write_text(json.dumps([{k: v for k, v in asdict(s).items() if k != "outputs"} for s in scores], indent=2))
+
+
+@app.command()
+def serve(
+    base: Annotated[Path | None, typer.Option(envvar="ADAPTER_FUSION_BASE", help="base model dir; default: SmolLM2-135M-Instruct")] = None,
+    host: Annotated[str, typer.Option(envvar="ADAPTER_FUSION_HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="ADAPTER_FUSION_PORT")] = 50051,
+    store: Annotated[Path | None, typer.Option(envvar="ADAPTER_FUSION_STORE", help="persistent adapter store; default: <cache>/store")] = None,
+    adapter_root: Annotated[list[Path] | None, typer.Option(help="directory clients may load from / write to (repeat); default: the demo adapters and the current dir")] = None,
+    preload: Annotated[list[Path] | None, typer.Option(help="adapter dir registered (pinned) at start (repeat); default: the demo adapters")] = None,
+    memory_budget_mb: Annotated[int, typer.Option(help="resident adapter factors, MB")] = 1024,
+    max_new_tokens: Annotated[int, typer.Option(help="cap on a request's max_new_tokens")] = 512,
+    max_prompt_tokens: Annotated[int, typer.Option()] = 2048,
+    max_queue: Annotated[int, typer.Option(help="waiting requests before RESOURCE_EXHAUSTED")] = 256,
+    max_batch: Annotated[int, typer.Option(help="rows decoded together")] = 32,
+    max_request_mb: Annotated[float, typer.Option(help="largest request message")] = 4.0,
+    token: Annotated[str | None, typer.Option(envvar="ADAPTER_FUSION_TOKEN", help="require 'authorization: Bearer <token>'")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate (with --tls-key) to serve TLS")] = None,
+    tls_key: Annotated[Path | None, typer.Option()] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus /metrics on this port")] = None,
+    grace: Annotated[float, typer.Option(help="seconds to finish in-flight streams on SIGTERM")] = 10.0,
+) -> None:
+    """Serve the gRPC API: one base model, hot-loaded and composed adapters, mixed batches."""
+    import asyncio
+    import logging
+
+    from adapter_fusion.engine import Limits
+    from adapter_fusion.models import DEMO_ADAPTERS, cache_dir, default_base
+    from server.app import ServerConfig, serve as run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if (tls_cert is None) != (tls_key is None):
+        _fail(typer.BadParameter("give both --tls-cert and --tls-key"))
+    demo = sorted(p for p in DEMO_ADAPTERS.glob("*") if (p / "adapter_config.json").is_file())
+    try:
+        config = ServerConfig(
+            base_dir=base or default_base(),
+            store_dir=store or cache_dir() / "store",
+            adapter_roots=adapter_root or [DEMO_ADAPTERS, Path.cwd()],
+            preload=demo if preload is None else preload,
+            host=host,
+            port=port,
+            limits=Limits(max_new_tokens, min(64, max_new_tokens), max_prompt_tokens, max_queue, max_batch, memory_budget_mb << 20),
+            max_request_bytes=int(max_request_mb * (1 << 20)),
+            token=token,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            metrics_port=metrics_port,
+            grace_seconds=grace,
+        )
+        asyncio.run(run_server(config))
+    except AdapterFusionError as error:
+        _fail(error)
+
+
 def main() -> None:
     app()
 

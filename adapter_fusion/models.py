@@ -16,6 +16,8 @@ from adapter_fusion.errors import AdapterFusionError
 
 DEFAULT_BASE_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Demo adapters trained on the default base (examples/train_adapters.py), in a source checkout.
+DEMO_ADAPTERS = Path(__file__).resolve().parent.parent / "examples" / "adapters"
 # LoRA targets of a Llama block (lm_head is tied to the embeddings, so it is not a target).
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -59,14 +61,25 @@ def default_base() -> Path:
     return target
 
 
-def tiny_llama(directory: str | Path, seed: int = 0, layers: int = 2, hidden: int = 64, max_shard_size: str | None = None) -> Path:
-    """A small random LlamaForCausalLM saved as a model directory (tests, benchmarks)."""
+def tiny_llama(
+    directory: str | Path,
+    seed: int = 0,
+    layers: int = 2,
+    hidden: int = 64,
+    max_shard_size: str | None = None,
+    tokenizer_from: str | Path | None = None,
+    init_std: float = 0.02,
+) -> Path:
+    """A small random LlamaForCausalLM saved as a model directory (tests, benchmarks); with
+    `tokenizer_from`, that model's tokenizer is saved beside it and sets the vocabulary. A large
+    `init_std` gives peaked next-token distributions (a model with opinions to search over)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from) if tokenizer_from else None
     config = LlamaConfig(
-        vocab_size=256,
+        vocab_size=len(tokenizer) if tokenizer else 256,
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
@@ -74,8 +87,35 @@ def tiny_llama(directory: str | Path, seed: int = 0, layers: int = 2, hidden: in
         num_key_value_heads=2,
         max_position_embeddings=128,
         tie_word_embeddings=True,
+        initializer_range=init_std,
     )
     model = LlamaForCausalLM(config)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, **kwargs)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return Path(directory)
+
+
+def tiny_t5(directory: str | Path, tokenizer_from: str | Path, seed: int = 0, d_model: int = 64) -> Path:
+    """A small random T5 (seq2seq) with the tokenizer of `tokenizer_from` (none ships offline)."""
+    import torch
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=16,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=pad,
+    )
+    T5ForConditionalGeneration(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
     return Path(directory)

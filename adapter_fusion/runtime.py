@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 from transformers.cache_utils import DynamicCache
 
 from adapter_fusion.adapters import Adapter
@@ -24,12 +24,15 @@ from adapter_fusion.models import LLAMA_TARGETS
 
 
 class Runtime:
-    """A causal LM loaded once, every target Linear wrapped for per-row adapter slots."""
+    """A causal LM (or a seq2seq model, for scoring) loaded once, every target Linear wrapped for
+    per-row adapter slots."""
 
     def __init__(self, base_dir: str | Path, targets: Sequence[str] = LLAMA_TARGETS) -> None:
         self.base_dir = Path(base_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=torch.float32).eval()
+        self.is_seq2seq = bool(AutoConfig.from_pretrained(self.base_dir).is_encoder_decoder)
+        model_class = AutoModelForSeq2SeqLM if self.is_seq2seq else AutoModelForCausalLM
+        self.model = model_class.from_pretrained(self.base_dir, dtype=torch.float32).eval()
         self.layers = inject(self.model, list(targets))
         self.shapes = {path: layer.shape for path, layer in self.layers.items()}
         eos = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
@@ -61,13 +64,18 @@ class Runtime:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def text_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Token ids of raw text (with the end-of-sequence marks a seq2seq model expects)."""
+        return self.tokenizer(text, add_special_tokens=self.is_seq2seq)["input_ids"]
 
     @torch.no_grad()
     def target_nll(
         self, prompts: Sequence[list[int]], targets: Sequence[list[int]], rows: Sequence[int], source_weights: Tensor | None = None
     ) -> Tensor:
-        """Per example, the summed negative log-likelihood of `targets` after `prompts`: (batch,)."""
+        """Per example, the summed negative log-likelihood of `targets` after `prompts`: (batch,).
+
+        For a seq2seq model the prompt is the encoder input and the target the decoder's labels."""
+        if self.is_seq2seq:
+            return self._seq2seq_nll(prompts, targets, rows, source_weights)
         seqs = [p + t for p, t in zip(prompts, targets)]
         width = max(map(len, seqs))
         ids = torch.full((len(seqs), width), self.pad_id)
@@ -83,6 +91,19 @@ class Runtime:
         gold = labels[:, 1:]
         picked = logp.gather(2, gold.clamp(min=0)[..., None])[..., 0]  # (batch, width-1)
         return -(picked * (gold != -100)).sum(dim=1)
+
+    def _seq2seq_nll(self, prompts, targets, rows, source_weights) -> Tensor:
+        width, depth = max(map(len, prompts)), max(map(len, targets))
+        ids = torch.full((len(prompts), width), self.pad_id)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        labels = torch.full((len(prompts), depth), -100)
+        for b, (p, t) in enumerate(zip(prompts, targets)):
+            ids[b, : len(p)], mask[b, : len(p)], labels[b, : len(t)] = torch.tensor(p), 1, torch.tensor(t)
+        with route(self.layers, torch.tensor(list(rows)), source_weights):
+            logits = self.model(input_ids=ids, attention_mask=mask, labels=labels).logits  # (batch, depth, vocab)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        picked = logp.gather(2, labels.clamp(min=0)[..., None])[..., 0]
+        return -(picked * (labels != -100)).sum(dim=1)
 
     @torch.no_grad()
     def greedy(self, prompts: Sequence[list[int]], rows: Sequence[int], max_new_tokens: int) -> list[list[int]]:

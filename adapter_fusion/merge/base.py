@@ -8,7 +8,7 @@ tensor (elementwise methods; re-factored to the requested rank).
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,6 +38,17 @@ class ModuleSources:
     def dense_stack(self) -> Tensor:
         """(n_sources, out, in), zeros for missing sources."""
         return torch.stack([d.dense() if d is not None else torch.zeros(self.shape) for d in self.deltas])
+
+    def row_blocks(self, rows: int = 128) -> Iterator[slice]:
+        """Row ranges small enough that a block of every source's ΔW stays in cache."""
+        return (slice(start, min(start + rows, self.shape[0])) for start in range(0, self.shape[0], rows))
+
+    def dense_rows(self, source: int, rows: slice) -> Tensor:
+        """Rows of source `source`'s ΔW, (len(rows), in), recomputed from the factors (cheap)."""
+        delta = self.deltas[source]
+        if delta is None:
+            return torch.zeros(rows.stop - rows.start, self.shape[1])
+        return delta.B[rows] @ delta.A
 
     def present(self) -> list[tuple[LowRankDelta, float]]:
         return [(d, w) for d, w in zip(self.deltas, self.weights) if d is not None]

@@ -1,15 +1,22 @@
 """Elementwise merges on one module's dense deltas: TIES, DARE, magnitude pruning, Breadcrumbs, DELLA.
 
-Their rules act on individual entries of ΔW, so they need the dense (out, in) delta of each
-source, one module at a time (memory bounded by one module); the merge then re-factors the
-result to the requested rank. Defaults follow PEFT's dense-delta rules (its `*_svd` variants):
-prune each source's tensor separately, elect signs on the unweighted pruned deltas, weight, and
-divide the agreeing sum by the number of agreeing sources. `divide_by: weights` gives mergekit's
-normalisation by the agreeing weights instead. Random drops are seeded per (seed, module, source).
+Their rules act on individual entries of ΔW, so they need dense deltas; they are computed in
+blocks of rows, recomputed from the factors (B[rows] @ A, cheap), so every step of a rule runs on
+cache-sized tensors and only the merged (out, in) result is ever whole. Per-source magnitude
+thresholds come first, from one streamed pass each. The merge then re-factors the result to the
+requested rank.
+
+Defaults follow PEFT's dense-delta rules (its `*_svd` variants): prune each source's tensor
+separately, elect signs on the unweighted pruned deltas, weight, and divide the agreeing sum by
+the number of agreeing sources; `divide_by: weights` gives mergekit's normalisation by the
+agreeing weights instead. Random drops are seeded per (seed, module, source) and drawn in row
+order, so they equal one whole-tensor draw from the same generator.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Annotated
 
 import torch
@@ -20,6 +27,7 @@ from adapter_fusion.merge import _ops
 from adapter_fusion.merge.base import MergeMethod, ModuleSources, Params
 
 Density = Annotated[float, Field(gt=0.0, le=1.0, description="fraction of entries kept")]
+SAMPLE_ROWS = 64  # rows per source sampled to bracket a magnitude threshold
 
 
 class PruneParams(Params):
@@ -71,54 +79,97 @@ def _weights(module: ModuleSources) -> Tensor:
     return torch.tensor(module.weights, dtype=torch.float32)
 
 
+def magnitude_threshold(module: ModuleSources, source: int, keep: int) -> float:
+    """The |value| of source's keep-th largest ΔW entry: entries at or above it are its top `keep`."""
+    delta, n = module.deltas[source], module.shape[0] * module.shape[1]
+    if delta is None or keep <= 0:
+        return math.inf
+    if keep >= n:
+        return 0.0
+    rows = torch.linspace(0, module.shape[0] - 1, min(SAMPLE_ROWS, module.shape[0])).long()
+    sample = (delta.B[rows] @ delta.A).abs()
+
+    def blocks():
+        return (module.dense_rows(source, rows).abs() for rows in module.row_blocks())
+
+    return _ops.kth_largest_streamed(blocks, n, keep, sample)
+
+
+def _blockwise(module: ModuleSources, rule: Callable[[Tensor], Tensor]) -> Tensor:
+    """Apply rule((n_sources, rows, in) block) -> (rows, in) over row blocks of the module."""
+    out = torch.empty(module.shape)
+    for rows in module.row_blocks():
+        out[rows] = rule(torch.stack([module.dense_rows(i, rows) for i in range(len(module.deltas))]))
+    return out
+
+
+def _top(module: ModuleSources, density: float) -> list[float]:
+    keep = int(density * module.shape[0] * module.shape[1]) if density < 1.0 else module.shape[0] * module.shape[1]
+    return [magnitude_threshold(module, i, keep) for i in range(len(module.deltas))]
+
+
+def _elect_and_merge(stacked: Tensor, module: ModuleSources, rule: _ops.SignRule, divide_by: _ops.Divisor) -> Tensor:
+    return _ops.disjoint_merge(stacked, _weights(module), _ops.majority_sign_mask(stacked, rule), divide_by)
+
+
 def ties(module: ModuleSources, p: TiesParams) -> Tensor:
     """TIES (Yadav et al. 2023): trim to top-`density` per source, elect sign, disjoint mean."""
-    stacked = torch.stack([_ops.prune_magnitude(t, p.density) for t in module.dense_stack()])
-    agree = _ops.majority_sign_mask(stacked, p.majority_sign)
-    return _ops.disjoint_merge(stacked, _weights(module), agree, p.divide_by)
-
-
-def _dare_drop(module: ModuleSources, p: DareParams) -> Tensor:
-    return torch.stack(
-        [_ops.prune_random(t, p.density, module.generator(i), p.rescale) for i, t in enumerate(module.dense_stack())]
+    low = _top(module, p.density)
+    return _blockwise(
+        module,
+        lambda block: _elect_and_merge(torch.stack([_ops.keep_band(t, lo) for t, lo in zip(block, low)]), module, p.majority_sign, p.divide_by),
     )
-
-
-def dare_linear(module: ModuleSources, p: DareParams) -> Tensor:
-    """DARE (Yu et al. 2024): drop entries with probability 1-density, rescale, weighted sum."""
-    return _ops.weighted_sum(_dare_drop(module, p), _weights(module))
-
-
-def dare_ties(module: ModuleSources, p: DareTiesParams) -> Tensor:
-    """DARE's random drop, then TIES's sign election and disjoint mean."""
-    stacked = _dare_drop(module, p)
-    agree = _ops.majority_sign_mask(stacked, p.majority_sign)
-    return _ops.disjoint_merge(stacked, _weights(module), agree, p.divide_by)
 
 
 def magnitude_prune(module: ModuleSources, p: PruneParams) -> Tensor:
     """Keep each source's top-`density` entries by magnitude, then the weighted sum (PEFT)."""
-    stacked = torch.stack([_ops.prune_magnitude(t, p.density) for t in module.dense_stack()])
-    return _ops.weighted_sum(stacked, _weights(module))
+    low = _top(module, p.density)
+    w = _weights(module)
+    return _blockwise(module, lambda block: _ops.weighted_sum(torch.stack([_ops.keep_band(t, lo) for t, lo in zip(block, low)]), w))
 
 
 def breadcrumbs(module: ModuleSources, p: BreadcrumbsParams) -> Tensor:
-    """Model Breadcrumbs (Davari & Belilovsky 2024): drop outliers and small entries, weighted sum."""
-    stacked = torch.stack([_ops.prune_breadcrumbs(t, p.density, p.gamma) for t in module.dense_stack()])
-    return _ops.weighted_sum(stacked, _weights(module))
+    """Model Breadcrumbs (Davari & Belilovsky 2024): drop the `gamma` fraction of largest entries
+    (outliers) and keep the next `density` fraction; smaller ones are dropped too. Weighted sum."""
+    n = module.shape[0] * module.shape[1]
+    top = int(p.gamma * n)
+    keep = min(int(p.density * n), n - top)
+    low = [magnitude_threshold(module, i, top + keep) for i in range(len(module.deltas))]
+    high = [magnitude_threshold(module, i, top) if top > 0 else math.inf for i in range(len(module.deltas))]
+    w = _weights(module)
+    return _blockwise(
+        module, lambda block: _ops.weighted_sum(torch.stack([_ops.keep_band(t, lo, hi) for t, lo, hi in zip(block, low, high)]), w)
+    )
+
+
+def _dare_drop(module: ModuleSources, p: DareParams) -> Callable[[Tensor], Tensor]:
+    generators = [module.generator(i) for i in range(len(module.deltas))]  # consumed in row order
+    return lambda block: torch.stack([_ops.prune_random(t, p.density, g, p.rescale) for t, g in zip(block, generators)])
+
+
+def dare_linear(module: ModuleSources, p: DareParams) -> Tensor:
+    """DARE (Yu et al. 2024): drop entries with probability 1-density, rescale, weighted sum."""
+    drop, w = _dare_drop(module, p), _weights(module)
+    return _blockwise(module, lambda block: _ops.weighted_sum(drop(block), w))
+
+
+def dare_ties(module: ModuleSources, p: DareTiesParams) -> Tensor:
+    """DARE's random drop, then TIES's sign election and disjoint mean."""
+    drop = _dare_drop(module, p)
+    return _blockwise(module, lambda block: _elect_and_merge(drop(block), module, p.majority_sign, p.divide_by))
 
 
 def della(module: ModuleSources, p: DellaParams) -> Tensor:
     """DELLA (Deep et al. 2024): magnitude-ranked random drop (MAGPRUNE, ranked per tensor),
-    rescale by each entry's keep probability, elect sign, disjoint mean, times lambda."""
+    rescale by each entry's keep probability, elect sign, disjoint mean, times lambda. Ranks
+    need the whole tensor, so DELLA works on whole dense deltas."""
     stacked = torch.stack(
         [
             _ops.prune_magnitude_ranked(t, p.density, p.epsilon, module.generator(i))
             for i, t in enumerate(module.dense_stack())
         ]
     )
-    agree = _ops.majority_sign_mask(stacked, p.majority_sign)
-    return p.lambda_ * _ops.disjoint_merge(stacked, _weights(module), agree, p.divide_by)
+    return p.lambda_ * _elect_and_merge(stacked, module, p.majority_sign, p.divide_by)
 
 
 TIES = MergeMethod("ties", ties, TiesParams, "TIES: trim, elect sign, disjoint mean; re-factored to `rank`")

@@ -1,0 +1,63 @@
+"""The evaluation harness: exact-match and loss arithmetic, batching, and a real adapter's gain."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from adapter_fusion import load_adapter
+from adapter_fusion.cli import app
+from adapter_fusion.evaluate import evaluate
+from adapter_fusion.runtime import Runtime
+from adapter_fusion.tasks import TASKS, examples, number_words
+
+DEMO = Path(__file__).parent.parent / "examples" / "adapters"
+
+
+@pytest.fixture(scope="module")
+def runtime(smollm2: Path) -> Runtime:
+    return Runtime(smollm2)
+
+
+def test_tasks_are_fixed_and_correct() -> None:
+    assert examples("add", "test", 5) == examples("add", "test", 5)
+    assert examples("add", "test", 5) != examples("add", "train", 5)
+    assert number_words(0) == "zero" and number_words(45) == "forty-five" and number_words(700) == "seven hundred"
+    assert number_words(913) == "nine hundred thirteen"
+    assert len([t for t in TASKS.values() if not t.composite]) >= 8 and len([t for t in TASKS.values() if t.composite]) >= 3
+    for task in TASKS:
+        for ex in examples(task, "validation", 20):
+            assert ex.input and ex.target
+    with pytest.raises(KeyError, match="unknown task"):
+        examples("nope")
+
+
+def test_accuracy_and_loss_arithmetic_and_batching(runtime: Runtime) -> None:
+    upper = load_adapter(DEMO / "uppercase")
+    one = evaluate(runtime, {"upper": upper}, ["uppercase"], limit=6, batch_size=6)[0]
+    small = evaluate(runtime, {"upper": upper}, ["uppercase"], limit=6, batch_size=1)[0]
+    assert one.n == 6 and one.outputs == small.outputs and one.accuracy == small.accuracy
+    assert abs(one.mean_loss - small.mean_loss) < 1e-4
+    expected = [ex.target for ex in examples("uppercase", "test", 6)]
+    assert one.accuracy == sum(o.strip() == t for o, t in zip(one.outputs, expected)) / 6
+
+
+def test_a_trained_adapter_beats_the_base_on_its_task(runtime: Runtime) -> None:
+    adapters = {"base": None, "upper": load_adapter(DEMO / "uppercase"), "reverse": load_adapter(DEMO / "reverse_words")}
+    scores = {(s.adapter, s.task): s for s in evaluate(runtime, adapters, ["uppercase", "reverse_words"], limit=12)}
+    for name, task in (("upper", "uppercase"), ("reverse", "reverse_words")):
+        assert scores[(name, task)].accuracy >= scores[("base", task)].accuracy + 0.4
+        assert scores[(name, task)].mean_loss < scores[("base", task)].mean_loss / 2
+
+
+def test_eval_command(tmp_path: Path) -> None:
+    out = tmp_path / "scores.json"
+    result = CliRunner().invoke(app, ["eval", "--adapter", str(DEMO / "uppercase"), "--task", "uppercase", "--limit", "4", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert rows[0]["task"] == "uppercase" and rows[0]["n"] == 4
+    bad = CliRunner().invoke(app, ["eval", "--task", "nope"])
+    assert bad.exit_code == 2 and "unknown task(s) nope" in bad.output
