@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from adapter_fusion.errors import AdapterFusionError
+from adapter_fusion.errors import AdapterFusionError, OutputExistsError, RecipeError
 
 app = typer.Typer(help="Compose PEFT LoRA adapters exactly and fast.", no_args_is_help=True, add_completion=False)
 console = Console()
@@ -172,6 +172,52 @@ def evaluate_command(
     console.print(table)
     if output_json:
         output_json.write_text(json.dumps([{k: v for k, v in asdict(s).items() if k != "outputs"} for s in scores], indent=2))
+
+
+@app.command()
+def lorahub(
+    adapters: Annotated[list[Path], typer.Option("--adapters", help="PEFT adapter dir (repeat)")],
+    examples: Annotated[Path, typer.Option(help="JSONL file of {input, target} (or {input, output}) examples")],
+    output: Annotated[Path, typer.Option(help="where to write the composed adapter")],
+    base: Annotated[Path | None, typer.Option(help="base model dir; default: SmolLM2-135M-Instruct")] = None,
+    budget: Annotated[int, typer.Option(help="evaluations")] = 40,
+    optimizer: Annotated[str, typer.Option(help="any nevergrad optimizer")] = "NGOpt",
+    seed: Annotated[int, typer.Option()] = 0,
+    l1: Annotated[float, typer.Option(help="weight of the mean |w| penalty")] = 0.05,
+    rule: Annotated[str, typer.Option(help="linear (exact delta sum) or factor_linear (the original's)")] = "linear",
+    parallel: Annotated[int, typer.Option(help="candidates scored in one batched forward pass")] = 1,
+    raw: Annotated[bool, typer.Option(help="inputs are raw text, not chat messages")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+) -> None:
+    """LoraHub: search composition weights on a few examples, save the composed adapter."""
+    import json
+
+    from adapter_fusion.adapters import load_adapter, save_adapter
+    from adapter_fusion.lorahub import lorahub_search
+    from adapter_fusion.models import LLAMA_TARGETS, default_base
+    from adapter_fusion.runtime import Runtime
+
+    try:
+        if output.exists() and not overwrite:
+            raise OutputExistsError(f"{output} already exists; choose another output or pass --overwrite")
+        rows = [json.loads(line) for line in examples.read_text().splitlines() if line.strip()]
+        pairs = [(r["input"], r.get("target", r.get("output"))) for r in rows]
+        if any(t is None for _, t in pairs):
+            raise RecipeError(f"{examples}: every line needs 'input' and 'target' (or 'output')")
+        sources = [load_adapter(p) for p in adapters]
+        targets = sorted({path.rsplit(".", 1)[-1] for a in sources for path in a.modules} | set(LLAMA_TARGETS))
+        runtime = Runtime(base or default_base(), targets=targets)
+        with _progress() as progress:
+            bar = progress.add_task("lorahub", total=budget, module="")
+            result = lorahub_search(
+                runtime, sources, pairs, budget, optimizer, seed, l1, rule=rule, parallel=parallel, chat=not raw, name=output.name,
+                on_progress=lambda p: progress.update(bar, completed=p.evaluations, module=f"best loss {p.best_loss:.4f}"),
+            )
+        save_adapter(result.adapter, output, overwrite=overwrite)
+    except (AdapterFusionError, OSError, json.JSONDecodeError) as error:
+        _fail(error)
+    weights = ", ".join(f"{p.name}={w:+.3f}" for p, w in zip(adapters, result.weights))
+    console.print(f"best loss {result.best_loss:.4f} after {len(result.losses)} evaluations ({result.seconds:.1f} s): {weights} -> {output}")
 
 
 @app.command()

@@ -90,3 +90,30 @@ class Client:
     def bake_model(self, adapter: str, output_path: str | Path, dtype: str = "", max_shard_bytes: int = 0, overwrite: bool = False) -> Iterator[pb.BakeModelProgress]:
         request = pb.BakeModelRequest(adapter=adapter, output_path=str(output_path), dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
         return self.stub.BakeModel(request, metadata=self.metadata)
+
+    def search_weights(
+        self,
+        adapters: list[str],
+        examples: list[tuple[str, str]],
+        output_name: str,
+        budget: int = 40,
+        optimizer: str = "NGOpt",
+        seed: int = 0,
+        l1: float | None = None,
+        parallel: int = 1,
+        raw: bool = False,
+    ) -> Iterator[pb.SearchWeightsProgress]:
+        """LoraHub over loaded adapters: a stream of progress, the last message with the result."""
+        request = pb.SearchWeightsRequest(
+            adapters=adapters,
+            examples=[pb.Example(input=i, target=t) for i, t in examples],
+            budget=budget,
+            optimizer=optimizer,
+            seed=seed,
+            output_name=output_name,
+            parallel=parallel,
+            raw=raw,
+        )
+        if l1 is not None:
+            request.l1 = l1
+        return self.stub.SearchWeights(request, metadata=self.metadata)

@@ -55,8 +55,8 @@ class AdapterInfo:
 @dataclass(eq=False)
 class _Entry:
     info: AdapterInfo
-    adapter: Adapter | None  # None: evicted (or not yet loaded after a restart)
-    hidden: bool = False  # inline compositions: usable, not listed
+    sources: list[Adapter] | None  # one adapter, or a group weighted per row; None: evicted
+    hidden: bool = False  # inline compositions and search groups: usable, not listed
     refs: int = 0
     slot: int | None = None
     removed: bool = False
@@ -125,11 +125,24 @@ class Engine:
                 raise AlreadyExistsError(
                     f"adapter {info.name!r} is already loaded from {current.info.source}; unload it first or pick another name"
                 )
-            self._entries[info.name] = _Entry(info, adapter, hidden)
+            self._entries[info.name] = _Entry(info, None if adapter is None else [adapter], hidden)
             if adapter is not None:
                 self.stats["loads"] += 1
                 self._enforce_budget()
         return info
+
+    def register_group(self, name: str, adapters: list[Adapter]) -> None:
+        """A hidden, pinned slot holding several adapters whose weights each request row sets
+        (`score(..., source_weights=...)`): LoraHub's candidates without a merge per candidate."""
+        for adapter in adapters:
+            self.runtime.check(adapter)
+        size = sum(a.size_bytes for a in adapters)
+        info = AdapterInfo(name, max(max(a.ranks.values(), default=0) for a in adapters), [], size, "group", True, None)
+        with self._lock:
+            if name in self._entries:
+                raise AlreadyExistsError(f"adapter {name!r} already exists")
+            self._entries[name] = _Entry(info, list(adapters), hidden=True)
+            self._enforce_budget()
 
     def unregister(self, name: str) -> None:
         with self._lock:
@@ -142,7 +155,7 @@ class Engine:
     def adapters(self, include_hidden: bool = False) -> list[tuple[AdapterInfo, bool]]:
         """(info, resident) for every registered name."""
         with self._lock:
-            return [(e.info, e.adapter is not None) for e in self._entries.values() if include_hidden or not e.hidden]
+            return [(e.info, e.sources is not None) for e in self._entries.values() if include_hidden or not e.hidden]
 
     def get(self, name: str) -> Adapter:
         """The adapter's factors (reloaded if evicted), e.g. to compose or export it."""
@@ -150,7 +163,9 @@ class Engine:
             entry = self._entry(name)
             self._make_resident(entry)
             entry.last_used = time.monotonic()
-            return entry.adapter  # type: ignore[return-value]
+            if len(entry.sources) != 1:  # type: ignore[arg-type]
+                raise InvalidRequestError(f"{name!r} is a group of adapters, not one adapter")
+            return entry.sources[0]  # type: ignore[index]
 
     def has(self, name: str) -> bool:
         with self._lock:
@@ -186,8 +201,11 @@ class Engine:
         if request.top_k < 0:
             raise InvalidRequestError(f"top_k must be >= 0, got {request.top_k}")
 
-    def score(self, adapter: str | None, prompts: list[list[int]], targets: list[list[int]]) -> Future:
-        """Summed target NLL per example (a tensor), computed on the engine thread between steps."""
+    def score(
+        self, adapter: str | None, prompts: list[list[int]], targets: list[list[int]], source_weights: torch.Tensor | None = None
+    ) -> Future:
+        """Summed target NLL per example (a tensor), computed on the engine thread between steps;
+        `source_weights` (rows, n_sources) weights a group's adapters per row."""
         future: Future = Future()
         with self._lock:
             entry = self._acquire(adapter)
@@ -200,7 +218,8 @@ class Engine:
                 out = []
                 for i in range(0, len(prompts), self.limits.max_batch):
                     chunk = slice(i, i + self.limits.max_batch)
-                    out.append(self.runtime.target_nll(prompts[chunk], targets[chunk], [slot] * len(prompts[chunk])))
+                    weights = None if source_weights is None else source_weights[chunk]
+                    out.append(self.runtime.target_nll(prompts[chunk], targets[chunk], [slot] * len(prompts[chunk]), weights))
                 future.set_result(torch.cat(out))
             except Exception as error:  # handed to the caller, who maps it
                 future.set_exception(error)
@@ -265,23 +284,23 @@ class Engine:
             self._dirty = True
 
     def _make_resident(self, entry: _Entry) -> None:
-        if entry.adapter is None:
+        if entry.sources is None:
             if self.reload is None:
                 raise NotFoundError(f"adapter {entry.info.name!r} was evicted and there is no store to reload it from")
-            entry.adapter = self.reload(entry.info.name)
+            entry.sources = [self.reload(entry.info.name)]
             self.stats["loads"] += 1
             self._enforce_budget(keep=entry)
 
     def _enforce_budget(self, keep: _Entry | None = None) -> None:
         """Evict least recently used, unpinned, unused adapters until the budget holds."""
-        resident = [e for e in self._entries.values() if e.adapter is not None]
+        resident = [e for e in self._entries.values() if e.sources is not None]
         total = sum(e.info.size_bytes for e in resident)
         for e in sorted(resident, key=lambda e: e.last_used):
             if total <= self.limits.memory_budget_bytes:
                 return
             if e is keep or e.info.pinned or e.refs > 0 or self.reload is None:
                 continue
-            e.adapter = None
+            e.sources = None
             self._release_slot(e)
             total -= e.info.size_bytes
             self.stats["evictions"] += 1
@@ -306,7 +325,7 @@ class Engine:
 
     def _rebuild_if_dirty(self) -> None:
         if self._dirty:
-            self.runtime.set_slots([[e.adapter] if e is not None and e.adapter is not None else [] for e in self._slots])
+            self.runtime.set_slots([e.sources if e is not None and e.sources is not None else [] for e in self._slots])
             self._dirty = False
 
     # ---- the engine thread -------------------------------------------------------------------

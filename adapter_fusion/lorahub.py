@@ -102,6 +102,30 @@ def search(
     return result
 
 
+NllFunction = Callable[[list[list[int]], list[list[int]], torch.Tensor], torch.Tensor]  # (prompts, targets, weights per row) -> NLL per row
+
+
+def weighted_objective(nll: NllFunction, prompts: list[list[int]], targets: list[list[int]]) -> Objective:
+    """k candidates -> k mean target cross-entropies per token, in one call to `nll` whose rows
+    carry their candidate's per-source weights (the sources installed once, summed exactly)."""
+    m, tokens = len(prompts), sum(len(t) for t in targets)
+
+    def objective(weights: np.ndarray) -> list[float]:  # weights (k, n)
+        k = weights.shape[0]
+        per_row = torch.tensor(np.repeat(weights, m, axis=0), dtype=torch.float32)  # (k·m, n)
+        out = nll(prompts * k, targets * k, per_row)  # (k·m,)
+        return [float(out[c * m : (c + 1) * m].sum()) / tokens for c in range(k)]
+
+    return objective
+
+
+def tokenize_examples(runtime: Runtime, examples: Sequence[tuple[str, str]], chat: bool = True) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt and target ids, once (user messages in the chat template, unless `chat` is off)."""
+    use_chat = chat and not runtime.is_seq2seq
+    prompts = [runtime.chat_ids(x) if use_chat else runtime.text_ids(x) for x, _ in examples]
+    return prompts, [runtime.text_ids(y) for _, y in examples]
+
+
 def runtime_objective(
     runtime: Runtime,
     adapters: Sequence[Adapter],
@@ -114,29 +138,19 @@ def runtime_objective(
     `linear` installs the sources once and weights them per row (exact Σ wᵢΔWᵢ); `factor_linear`
     (the original's (Σw·B)(Σw·A)) must rebuild one small slot per candidate, still batched."""
     check_compatible(list(adapters))
-    if chat and not runtime.is_seq2seq:
-        prompts = [runtime.chat_ids(x) for x, _ in examples]
-    else:
-        prompts = [runtime.text_ids(x) for x, _ in examples]
-    targets = [runtime.text_ids(y) for _, y in examples]
-    tokens = sum(len(t) for t in targets)
-    m = len(examples)
+    prompts, targets = tokenize_examples(runtime, examples, chat)
     if rule == "linear":
         runtime.set_slots([list(adapters)])
-    elif rule == "factor_linear":
-        merge(list(adapters), "factor_linear")  # refuses unequal ranks now, not mid-search
-    else:
+        return weighted_objective(lambda p, t, w: runtime.target_nll(p, t, [1] * len(p), w), prompts, targets)
+    if rule != "factor_linear":
         raise RecipeError(f"rule must be linear or factor_linear, got {rule!r}")
+    merge(list(adapters), "factor_linear")  # refuses unequal ranks now, not mid-search
+    m, tokens = len(prompts), sum(len(t) for t in targets)
 
-    def objective(weights: np.ndarray) -> list[float]:  # weights (k, n)
+    def objective(weights: np.ndarray) -> list[float]:  # weights (k, n): one slot per candidate
         k = weights.shape[0]
-        if rule == "linear":
-            rows = [1] * (k * m)
-            per_row = torch.tensor(np.repeat(weights, m, axis=0), dtype=torch.float32)  # (k·m, n)
-        else:
-            runtime.set_slots([[merge(list(adapters), "factor_linear", list(w)).adapter] for w in weights])
-            rows, per_row = [c + 1 for c in range(k) for _ in range(m)], None
-        nll = runtime.target_nll(prompts * k, targets * k, rows, per_row)  # (k·m,)
+        runtime.set_slots([[merge(list(adapters), "factor_linear", list(w)).adapter] for w in weights])
+        nll = runtime.target_nll(prompts * k, targets * k, [c + 1 for c in range(k) for _ in range(m)])
         return [float(nll[c * m : (c + 1) * m].sum()) / tokens for c in range(k)]
 
     return objective

@@ -22,6 +22,7 @@ from adapter_fusion.adapters import load_adapter, save_adapter
 from adapter_fusion.bake import bake
 from adapter_fusion.engine import AdapterInfo, Engine, Event
 from adapter_fusion.errors import AlreadyExistsError, InvalidRequestError, LimitExceededError, PathNotAllowedError
+from adapter_fusion.lorahub import SearchProgress, check_settings, search, weighted_objective
 from adapter_fusion.merge import merge
 from adapter_fusion.recipe import parse_recipe
 from adapter_fusion.runtime import Request
@@ -37,6 +38,7 @@ log = logging.getLogger("adapter_fusion.server")
 class ServiceLimits:
     max_score_examples: int = 256
     inline_cache_size: int = 16  # inline compositions kept, least recently used dropped
+    max_search_budget: int = 1000  # SearchWeights evaluations
 
 
 @dataclass
@@ -272,19 +274,23 @@ class AdapterFusionService(pb_grpc.AdapterFusionServicer):
                 handle.cancelled = True  # a client gone or a deadline passed: stop at the next step
             self.observer.rpc_done("Generate", code, time.perf_counter() - start)
 
+    def _example_ids(self, examples, raw: bool) -> tuple[list[list[int]], list[list[int]]]:
+        runtime = self.engine.runtime
+        prompts, targets = [], []
+        for i, ex in enumerate(examples):
+            if not ex.input.strip() or not ex.target:
+                raise InvalidRequestError(f"example {i} needs a non-empty input and target")
+            prompts.append(runtime.text_ids(ex.input) if raw else runtime.chat_ids(ex.input))
+            targets.append(runtime.text_ids(ex.target))
+        return prompts, targets
+
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         async def work() -> pb.ScoreResponse:
             if not request.examples:
                 raise InvalidRequestError("Score needs at least one example")
             if len(request.examples) > self.limits.max_score_examples:
                 raise LimitExceededError(f"{len(request.examples)} examples; the limit is {self.limits.max_score_examples}")
-            runtime = self.engine.runtime
-            prompts, targets = [], []
-            for i, ex in enumerate(request.examples):
-                if not ex.input.strip() or not ex.target:
-                    raise InvalidRequestError(f"example {i} needs a non-empty input and target")
-                prompts.append(runtime.text_ids(ex.input) if request.raw else runtime.chat_ids(ex.input))
-                targets.append(runtime.text_ids(ex.target))
+            prompts, targets = self._example_ids(request.examples, request.raw)
             target = await self._target(request)
             nll = await asyncio.wrap_future(self.engine.score(target, prompts, targets))
             counts = [len(t) for t in targets]
@@ -360,3 +366,71 @@ class AdapterFusionService(pb_grpc.AdapterFusionServicer):
             await self._abort(context, error)
         finally:
             self.observer.rpc_done("BakeModel", code, time.perf_counter() - start)
+
+    # ---- LoraHub -------------------------------------------------------------------------------
+
+    async def SearchWeights(self, request: pb.SearchWeightsRequest, context) -> AsyncIterator[pb.SearchWeightsProgress]:
+        start = time.perf_counter()
+        code = "OK"
+        group: str | None = None
+        stopped = False
+        try:
+            name = check_name(request.output_name)
+            if self.engine.has(name):
+                raise AlreadyExistsError(f"adapter {name!r} already exists; pick another output_name")
+            budget, optimizer, parallel = request.budget or 40, request.optimizer or "NGOpt", request.parallel or 1
+            if budget > self.limits.max_search_budget:
+                raise InvalidRequestError(f"budget {budget} is over this server's cap of {self.limits.max_search_budget}")
+            if len(request.examples) > self.limits.max_score_examples:
+                raise LimitExceededError(f"{len(request.examples)} examples; the limit is {self.limits.max_score_examples}")
+            check_settings(len(request.adapters), len(request.examples), budget, optimizer, parallel)
+            sources = [self.engine.get(a) for a in request.adapters]  # NOT_FOUND before any work
+            prompts, targets = self._example_ids(request.examples, request.raw)
+            group = f"search-{hashlib.sha256(f'{name}/{time.time_ns()}'.encode()).hexdigest()[:12]}"
+            self.engine.register_group(group, sources)
+
+            def nll(p, t, weights):
+                return self.engine.score(group, p, t, weights).result()
+
+            loop = asyncio.get_running_loop()
+            updates: asyncio.Queue[SearchProgress] = asyncio.Queue()
+            task = asyncio.ensure_future(
+                asyncio.to_thread(
+                    search, weighted_objective(nll, prompts, targets), len(sources), budget, optimizer, request.seed,
+                    request.l1 if request.HasField("l1") else 0.05, 1.5, parallel,
+                    lambda p: loop.call_soon_threadsafe(updates.put_nowait, p), lambda: stopped,
+                )
+            )
+            try:
+                while not task.done() or not updates.empty():
+                    getter = asyncio.ensure_future(updates.get())
+                    done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter in done:
+                        p = getter.result()
+                        yield pb.SearchWeightsProgress(evaluations=p.evaluations, best_loss=p.best_loss, best_weights=p.best_weights)
+                    else:
+                        getter.cancel()
+                result = task.result()
+            finally:
+                stopped = True  # a cancelled call stops the search at its next evaluation
+            composed = await asyncio.to_thread(merge, sources, "linear", result.weights, None, None, 0, name)
+            adapter = composed.adapter
+            adapter.extra["lorahub"] = {"weights": result.weights, "best_loss": result.best_loss, "sources": list(request.adapters)}
+            info = AdapterInfo.of(adapter, f"lorahub over {', '.join(request.adapters)}", request.pin)
+            await asyncio.to_thread(self.store.save, adapter, info)
+            self.engine.register(adapter, info)
+            yield pb.SearchWeightsProgress(
+                evaluations=len(result.losses), best_loss=result.best_loss, best_weights=result.weights, adapter=self._entries_info(name)
+            )
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            code = status_of(error).name
+            await self._abort(context, error)
+        finally:
+            if group is not None and self.engine.has(group):
+                self.engine.unregister(group)
+            self.observer.rpc_done("SearchWeights", code, time.perf_counter() - start)

@@ -116,3 +116,29 @@ def test_seq2seq_models_are_searched_too(smollm2: Path, tmp_path: Path) -> None:
     assert runtime.is_seq2seq
     result = lorahub_search(runtime, adapters, [("stone cloud", "paper"), ("river light", "table")], budget=6)
     assert len(result.losses) == 6 and np.isfinite(result.best_loss)
+
+
+def test_lorahub_command(planted, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from adapter_fusion.cli import app
+
+    runtime, adapters, examples = planted
+    dirs = []
+    for i, adapter in enumerate(adapters):
+        from adapter_fusion import save_adapter
+
+        dirs += ["--adapters", str(save_adapter(adapter, tmp_path / f"s{i}"))]
+    data = tmp_path / "examples.jsonl"
+    data.write_text("\n".join(json.dumps({"input": x, "output": y}) for x, y in examples))
+    args = ["lorahub", *dirs, "--examples", str(data), "--output", str(tmp_path / "out"), "--base", str(runtime.base_dir), "--budget", "6", "--raw"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "after 6 evaluations" in result.output and (tmp_path / "out" / "adapter_config.json").is_file()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "already exists" in again.output
+    data.write_text('{"input": "x"}')
+    bad = CliRunner().invoke(app, [*args[:-4], "--output", str(tmp_path / "o2"), "--base", str(runtime.base_dir)])
+    assert bad.exit_code == 2 and "needs 'input' and 'target'" in bad.output

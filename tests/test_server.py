@@ -313,3 +313,45 @@ def test_bearer_token(config: ServerConfig, tmp_path: Path) -> None:
             assert health.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         running.stop()
+
+
+UPPER_EXAMPLES = [
+    ("Rewrite the text in uppercase letters.\nstone cloud", "STONE CLOUD"),
+    ("Rewrite the text in uppercase letters.\npaper light table", "PAPER LIGHT TABLE"),
+]
+
+
+def test_search_weights_streams_and_registers(client: Client, server: BackgroundServer) -> None:
+    messages = list(client.search_weights(["upper", "reverse"], UPPER_EXAMPLES, "searched", budget=8, parallel=2))
+    assert [m.evaluations for m in messages[:-1]] == [2, 4, 6, 8]
+    last = messages[-1]
+    assert last.adapter.name == "searched" and last.evaluations == 8 and len(last.best_weights) == 2
+    assert last.best_loss == min(m.best_loss for m in messages)
+    assert "searched" in {a.name for a in client.list_adapters()}
+    assert not [i for i, _ in server.running.engine.adapters(include_hidden=True) if i.name.startswith("search-")]
+
+
+def test_search_weights_cancelled_registers_nothing(client: Client, server: BackgroundServer) -> None:
+    stream = client.search_weights(["upper", "reverse"], UPPER_EXAMPLES, "never", budget=500)
+    next(stream)
+    stream.cancel()
+    engine = server.running.engine
+    deadline = time.monotonic() + 20
+    while (engine.busy or any(i.name.startswith("search-") for i, _ in engine.adapters(include_hidden=True))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "never" not in {a.name for a in client.list_adapters()}
+    assert not [i for i, _ in engine.adapters(include_hidden=True) if i.name.startswith("search-")]
+
+
+def test_search_weights_bad_input(client: Client) -> None:
+    cases = [
+        (lambda: client.search_weights(["upper"], UPPER_EXAMPLES, "s1", optimizer="Nope"), grpc.StatusCode.INVALID_ARGUMENT, "unknown nevergrad optimizer"),
+        (lambda: client.search_weights(["upper"], UPPER_EXAMPLES, "s1", budget=5000), grpc.StatusCode.INVALID_ARGUMENT, "over this server's cap"),
+        (lambda: client.search_weights(["upper"], [], "s1"), grpc.StatusCode.INVALID_ARGUMENT, "at least one example"),
+        (lambda: client.search_weights([], UPPER_EXAMPLES, "s1"), grpc.StatusCode.INVALID_ARGUMENT, "at least one adapter"),
+        (lambda: client.search_weights(["ghost"], UPPER_EXAMPLES, "s1"), grpc.StatusCode.NOT_FOUND, "ghost"),
+        (lambda: client.search_weights(["upper"], UPPER_EXAMPLES, "upper"), grpc.StatusCode.ALREADY_EXISTS, "already exists"),
+    ]
+    for call, expected, message in cases:
+        code, details = code_of(call)
+        assert code == expected and message in details, details

@@ -255,3 +255,39 @@ class BakeModelProgress(_message.Message):
     bytes_total: int
     manifest_json: str
     def __init__(self, bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., manifest_json: _Optional[str] = ...) -> None: ...
+
+class SearchWeightsRequest(_message.Message):
+    __slots__ = ("adapters", "examples", "budget", "optimizer", "seed", "l1", "output_name", "parallel", "raw", "pin")
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    L1_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_NAME_FIELD_NUMBER: _ClassVar[int]
+    PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    PIN_FIELD_NUMBER: _ClassVar[int]
+    adapters: _containers.RepeatedScalarFieldContainer[str]
+    examples: _containers.RepeatedCompositeFieldContainer[Example]
+    budget: int
+    optimizer: str
+    seed: int
+    l1: float
+    output_name: str
+    parallel: int
+    raw: bool
+    pin: bool
+    def __init__(self, adapters: _Optional[_Iterable[str]] = ..., examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., budget: _Optional[int] = ..., optimizer: _Optional[str] = ..., seed: _Optional[int] = ..., l1: _Optional[float] = ..., output_name: _Optional[str] = ..., parallel: _Optional[int] = ..., raw: _Optional[bool] = ..., pin: _Optional[bool] = ...) -> None: ...
+
+class SearchWeightsProgress(_message.Message):
+    __slots__ = ("evaluations", "best_loss", "best_weights", "adapter")
+    EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
+    BEST_LOSS_FIELD_NUMBER: _ClassVar[int]
+    BEST_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    evaluations: int
+    best_loss: float
+    best_weights: _containers.RepeatedScalarFieldContainer[float]
+    adapter: AdapterInfo
+    def __init__(self, evaluations: _Optional[int] = ..., best_loss: _Optional[float] = ..., best_weights: _Optional[_Iterable[float]] = ..., adapter: _Optional[_Union[AdapterInfo, _Mapping]] = ...) -> None: ...

@@ -74,6 +74,11 @@ class AdapterFusionStub:
                 request_serializer=adapter__fusion_dot_v1_dot_adapter__fusion__pb2.BakeModelRequest.SerializeToString,
                 response_deserializer=adapter__fusion_dot_v1_dot_adapter__fusion__pb2.BakeModelProgress.FromString,
                 _registered_method=True)
+        self.SearchWeights = channel.unary_stream(
+                '/adapter_fusion.v1.AdapterFusion/SearchWeights',
+                request_serializer=adapter__fusion_dot_v1_dot_adapter__fusion__pb2.SearchWeightsRequest.SerializeToString,
+                response_deserializer=adapter__fusion_dot_v1_dot_adapter__fusion__pb2.SearchWeightsProgress.FromString,
+                _registered_method=True)
 
 
 class AdapterFusionServicer:
@@ -135,6 +140,15 @@ class AdapterFusionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchWeights(self, request, context):
+        """LoraHub: search composition weights of loaded adapters on a few examples (nevergrad),
+        streaming progress; the last message carries the registered result. Cancelling the call
+        stops the search and registers nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdapterFusionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -177,6 +191,11 @@ def add_AdapterFusionServicer_to_server(servicer, server):
                     servicer.BakeModel,
                     request_deserializer=adapter__fusion_dot_v1_dot_adapter__fusion__pb2.BakeModelRequest.FromString,
                     response_serializer=adapter__fusion_dot_v1_dot_adapter__fusion__pb2.BakeModelProgress.SerializeToString,
+            ),
+            'SearchWeights': grpc.unary_stream_rpc_method_handler(
+                    servicer.SearchWeights,
+                    request_deserializer=adapter__fusion_dot_v1_dot_adapter__fusion__pb2.SearchWeightsRequest.FromString,
+                    response_serializer=adapter__fusion_dot_v1_dot_adapter__fusion__pb2.SearchWeightsProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,6 +414,33 @@ class AdapterFusion:
             '/adapter_fusion.v1.AdapterFusion/BakeModel',
             adapter__fusion_dot_v1_dot_adapter__fusion__pb2.BakeModelRequest.SerializeToString,
             adapter__fusion_dot_v1_dot_adapter__fusion__pb2.BakeModelProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/adapter_fusion.v1.AdapterFusion/SearchWeights',
+            adapter__fusion_dot_v1_dot_adapter__fusion__pb2.SearchWeightsRequest.SerializeToString,
+            adapter__fusion_dot_v1_dot_adapter__fusion__pb2.SearchWeightsProgress.FromString,
             options,
             channel_credentials,
             insecure,
