@@ -140,5 +140,5 @@ def test_lorahub_command(planted, tmp_path: Path) -> None:
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 2 and "already exists" in again.output
     data.write_text('{"input": "x"}')
-    bad = CliRunner().invoke(app, [*args[:-4], "--output", str(tmp_path / "o2"), "--base", str(runtime.base_dir)])
+    bad = CliRunner().invoke(app, [arg if arg != str(tmp_path / "out") else str(tmp_path / "o2") for arg in args])
     assert bad.exit_code == 2 and "needs 'input' and 'target'" in bad.output
