@@ -6,7 +6,7 @@ Same random rank-16 adapters for both (written by PEFT, loaded by us). For each 
 both times, the speed-up, the largest relative difference of the results over modules
 (Frobenius), and, for the module where ours is relatively worst, the truncation error of PEFT's
 and of our result against the same dense merge M, next to the optimum (the error of the best
-rank-r approximation of M, from its singular values in float64).
+rank-r approximation of M, from its top singular values in float64).
 """
 
 from __future__ import annotations
@@ -71,8 +71,12 @@ def peft_deltas(model, name: str) -> dict[str, torch.Tensor]:
 
 
 def optimum_error(dense: torch.Tensor, rank: int) -> float:
-    S = torch.linalg.svdvals(dense.double())
-    return float(S[rank:].square().sum().sqrt() / S.square().sum().sqrt())
+    """Eckart-Young: sqrt(‖M‖² − Σ_{i<=r} σ_i²) / ‖M‖. Only the top r singular values are needed:
+    a float64 subspace iteration with 4r columns and 12 iterations pins them to ~1e-10."""
+    M = dense.double()
+    _, S, _ = torch.svd_lowrank(M, q=min(4 * rank, *M.shape), niter=12)
+    total = float(M.square().sum())
+    return max(total - float(S[:rank].square().sum()), 0.0) ** 0.5 / total**0.5
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -63,6 +64,26 @@ def confine(path: str, roots: list[Path]) -> Path:
             return real
     allowed = ", ".join(str(r) for r in roots)
     raise PathNotAllowedError(f"{path} resolves to {real}, outside the allowed roots ({allowed})")
+
+
+@dataclass(frozen=True)
+class _Done:
+    result: Any
+
+
+async def _reports_of(work: Callable[[Callable[[Any], None]], Any]) -> AsyncIterator[Any]:
+    """Run work(report) in a thread; yield each item it reports as it comes, then _Done(result)."""
+    loop = asyncio.get_running_loop()
+    updates: asyncio.Queue = asyncio.Queue()
+    task = asyncio.ensure_future(asyncio.to_thread(work, lambda item: loop.call_soon_threadsafe(updates.put_nowait, item)))
+    while not task.done() or not updates.empty():
+        getter = asyncio.ensure_future(updates.get())
+        done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            yield getter.result()
+        else:
+            getter.cancel()
+    yield _Done(task.result())
 
 
 def recipe_dict(recipe: pb.Recipe) -> dict:
@@ -131,6 +152,24 @@ class AdapterFusionService(pb_grpc.AdapterFusionServicer):
             await self._abort(context, error)
         self.observer.rpc_done(method, "OK", time.perf_counter() - start)
         return result
+
+    async def _streaming(self, method: str, context, messages: AsyncIterator) -> AsyncIterator:
+        """Forward a handler's messages; map its errors to status codes and report the outcome."""
+        start = time.perf_counter()
+        code = "OK"
+        try:
+            async for message in messages:
+                yield message
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            code = status_of(error).name
+            await self._abort(context, error)
+        finally:
+            self.observer.rpc_done(method, code, time.perf_counter() - start)
 
     def _entries_info(self, name: str) -> pb.AdapterInfo:
         for info, resident in self.engine.adapters(include_hidden=True):
@@ -229,11 +268,14 @@ class AdapterFusionService(pb_grpc.AdapterFusionServicer):
         raise InvalidRequestError("the prompt is empty: set `prompt` or `messages`")
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
+        async for message in self._streaming("Generate", context, self._generate(request)):  # grpc.aio wants an async generator here
+            yield message
+
+    async def _generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         handle: Request | None = None
-        code = "OK"
         try:
             target = await self._target(request)
             handle = Request(
@@ -261,18 +303,9 @@ class AdapterFusionService(pb_grpc.AdapterFusionServicer):
                     usage = pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
                     yield pb.GenerateResponse(text=event.text, token_ids=event.token_ids, finish_reason=event.finish_reason, usage=usage)
                 return
-        except (asyncio.CancelledError, GeneratorExit):
-            code = "CANCELLED"
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception as error:
-            code = status_of(error).name
-            await self._abort(context, error)
         finally:
             if handle is not None:
                 handle.cancelled = True  # a client gone or a deadline passed: stop at the next step
-            self.observer.rpc_done("Generate", code, time.perf_counter() - start)
 
     def _example_ids(self, examples, raw: bool) -> tuple[list[list[int]], list[list[int]]]:
         runtime = self.engine.runtime
@@ -316,121 +349,82 @@ class AdapterFusionService(pb_grpc.AdapterFusionServicer):
         return await self._unary("ExportAdapter", context, work)
 
     async def BakeModel(self, request: pb.BakeModelRequest, context) -> AsyncIterator[pb.BakeModelProgress]:
-        start = time.perf_counter()
-        code = "OK"
-        try:
-            path = confine(request.output_path, self.roots)
-            adapter = self.engine.get(request.adapter)
-            if request.dtype not in ("", "float32", "bfloat16", "float16"):
-                raise InvalidRequestError(f"dtype must be float32, bfloat16 or float16, got {request.dtype!r}")
-            loop = asyncio.get_running_loop()
-            progress: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
-            cancelled = False
+        async for message in self._streaming("BakeModel", context, self._bake(request)):  # grpc.aio wants an async generator here
+            yield message
 
+    async def _bake(self, request: pb.BakeModelRequest) -> AsyncIterator[pb.BakeModelProgress]:
+        path = confine(request.output_path, self.roots)
+        adapter = self.engine.get(request.adapter)
+        if request.dtype not in ("", "float32", "bfloat16", "float16"):
+            raise InvalidRequestError(f"dtype must be float32, bfloat16 or float16, got {request.dtype!r}")
+        stopped = False
+
+        def work(report: Callable[[tuple[int, int]], None]):
             def tick(done: int, total: int) -> None:
-                if cancelled:
+                if stopped:
                     raise InvalidRequestError("bake cancelled by the client")  # unwinds; nothing is published
-                loop.call_soon_threadsafe(progress.put_nowait, (done, total))
+                report((done, total))
 
-            task = asyncio.ensure_future(
-                asyncio.to_thread(
-                    bake, self.engine.runtime.base_dir, adapter, path, request.dtype or None,
-                    request.max_shard_bytes or "5GB", request.overwrite, tick,
-                )
-            )
-            last = 0.0
-            try:
-                while not task.done() or not progress.empty():
-                    getter = asyncio.ensure_future(progress.get())
-                    done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-                    if getter in done:
-                        bytes_done, total = getter.result()
-                        if time.monotonic() - last > 0.2 or bytes_done == total:  # at most ~5 messages a second
-                            last = time.monotonic()
-                            yield pb.BakeModelProgress(bytes_done=bytes_done, bytes_total=total)
-                    else:
-                        getter.cancel()
-                manifest = task.result()
-            finally:
-                cancelled = True
-            yield pb.BakeModelProgress(
-                bytes_done=manifest.total_bytes, bytes_total=manifest.total_bytes, manifest_json=json.dumps(asdict(manifest), default=str)
-            )
-        except (asyncio.CancelledError, GeneratorExit):
-            code = "CANCELLED"
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception as error:
-            code = status_of(error).name
-            await self._abort(context, error)
+            base = self.engine.runtime.base_dir
+            return bake(base, adapter, path, request.dtype or None, request.max_shard_bytes or "5GB", request.overwrite, tick)
+
+        last = 0.0
+        try:
+            async for item in _reports_of(work):
+                if isinstance(item, _Done):
+                    manifest = item.result
+                    total = manifest.total_bytes
+                    yield pb.BakeModelProgress(bytes_done=total, bytes_total=total, manifest_json=json.dumps(asdict(manifest), default=str))
+                elif time.monotonic() - last > 0.2:  # at most ~5 progress messages a second
+                    last = time.monotonic()
+                    yield pb.BakeModelProgress(bytes_done=item[0], bytes_total=item[1])
         finally:
-            self.observer.rpc_done("BakeModel", code, time.perf_counter() - start)
+            stopped = True
 
     # ---- LoraHub -------------------------------------------------------------------------------
 
     async def SearchWeights(self, request: pb.SearchWeightsRequest, context) -> AsyncIterator[pb.SearchWeightsProgress]:
-        start = time.perf_counter()
-        code = "OK"
-        group: str | None = None
+        async for message in self._streaming("SearchWeights", context, self._search(request)):  # grpc.aio wants an async generator here
+            yield message
+
+    async def _search(self, request: pb.SearchWeightsRequest) -> AsyncIterator[pb.SearchWeightsProgress]:
+        name = check_name(request.output_name)
+        if self.engine.has(name):
+            raise AlreadyExistsError(f"adapter {name!r} already exists; pick another output_name")
+        budget, optimizer, parallel = request.budget or 40, request.optimizer or "NGOpt", request.parallel or 1
+        if budget > self.limits.max_search_budget:
+            raise InvalidRequestError(f"budget {budget} is over this server's cap of {self.limits.max_search_budget}")
+        if len(request.examples) > self.limits.max_score_examples:
+            raise LimitExceededError(f"{len(request.examples)} examples; the limit is {self.limits.max_score_examples}")
+        check_settings(len(request.adapters), len(request.examples), budget, optimizer, parallel)
+        sources = [self.engine.get(a) for a in request.adapters]  # NOT_FOUND before any work
+        prompts, targets = self._example_ids(request.examples, request.raw)
+        group = f"search-{hashlib.sha256(f'{name}/{time.time_ns()}'.encode()).hexdigest()[:12]}"
+        self.engine.register_group(group, sources)
         stopped = False
+
+        def nll(p, t, weights):
+            return self.engine.score(group, p, t, weights).result()
+
+        def work(report: Callable[[SearchProgress], None]):
+            objective = weighted_objective(nll, prompts, targets)
+            l1 = request.l1 if request.HasField("l1") else 0.05
+            return search(objective, len(sources), budget, optimizer, request.seed, l1, 1.5, parallel, report, lambda: stopped)
+
         try:
-            name = check_name(request.output_name)
-            if self.engine.has(name):
-                raise AlreadyExistsError(f"adapter {name!r} already exists; pick another output_name")
-            budget, optimizer, parallel = request.budget or 40, request.optimizer or "NGOpt", request.parallel or 1
-            if budget > self.limits.max_search_budget:
-                raise InvalidRequestError(f"budget {budget} is over this server's cap of {self.limits.max_search_budget}")
-            if len(request.examples) > self.limits.max_score_examples:
-                raise LimitExceededError(f"{len(request.examples)} examples; the limit is {self.limits.max_score_examples}")
-            check_settings(len(request.adapters), len(request.examples), budget, optimizer, parallel)
-            sources = [self.engine.get(a) for a in request.adapters]  # NOT_FOUND before any work
-            prompts, targets = self._example_ids(request.examples, request.raw)
-            group = f"search-{hashlib.sha256(f'{name}/{time.time_ns()}'.encode()).hexdigest()[:12]}"
-            self.engine.register_group(group, sources)
-
-            def nll(p, t, weights):
-                return self.engine.score(group, p, t, weights).result()
-
-            loop = asyncio.get_running_loop()
-            updates: asyncio.Queue[SearchProgress] = asyncio.Queue()
-            task = asyncio.ensure_future(
-                asyncio.to_thread(
-                    search, weighted_objective(nll, prompts, targets), len(sources), budget, optimizer, request.seed,
-                    request.l1 if request.HasField("l1") else 0.05, 1.5, parallel,
-                    lambda p: loop.call_soon_threadsafe(updates.put_nowait, p), lambda: stopped,
+            async for item in _reports_of(work):
+                if not isinstance(item, _Done):
+                    yield pb.SearchWeightsProgress(evaluations=item.evaluations, best_loss=item.best_loss, best_weights=item.best_weights)
+                    continue
+                result = item.result
+                adapter = (await asyncio.to_thread(merge, sources, "linear", result.weights, None, None, 0, name)).adapter
+                adapter.extra["lorahub"] = {"weights": result.weights, "best_loss": result.best_loss, "sources": list(request.adapters)}
+                info = AdapterInfo.of(adapter, f"lorahub over {', '.join(request.adapters)}", request.pin)
+                await asyncio.to_thread(self.store.save, adapter, info)
+                self.engine.register(adapter, info)
+                yield pb.SearchWeightsProgress(
+                    evaluations=len(result.losses), best_loss=result.best_loss, best_weights=result.weights, adapter=self._entries_info(name)
                 )
-            )
-            try:
-                while not task.done() or not updates.empty():
-                    getter = asyncio.ensure_future(updates.get())
-                    done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-                    if getter in done:
-                        p = getter.result()
-                        yield pb.SearchWeightsProgress(evaluations=p.evaluations, best_loss=p.best_loss, best_weights=p.best_weights)
-                    else:
-                        getter.cancel()
-                result = task.result()
-            finally:
-                stopped = True  # a cancelled call stops the search at its next evaluation
-            composed = await asyncio.to_thread(merge, sources, "linear", result.weights, None, None, 0, name)
-            adapter = composed.adapter
-            adapter.extra["lorahub"] = {"weights": result.weights, "best_loss": result.best_loss, "sources": list(request.adapters)}
-            info = AdapterInfo.of(adapter, f"lorahub over {', '.join(request.adapters)}", request.pin)
-            await asyncio.to_thread(self.store.save, adapter, info)
-            self.engine.register(adapter, info)
-            yield pb.SearchWeightsProgress(
-                evaluations=len(result.losses), best_loss=result.best_loss, best_weights=result.weights, adapter=self._entries_info(name)
-            )
-        except (asyncio.CancelledError, GeneratorExit):
-            code = "CANCELLED"
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception as error:
-            code = status_of(error).name
-            await self._abort(context, error)
         finally:
-            if group is not None and self.engine.has(group):
-                self.engine.unregister(group)
-            self.observer.rpc_done("SearchWeights", code, time.perf_counter() - start)
+            stopped = True  # a cancelled call stops the search at its next evaluation
+            self.engine.unregister(group)
