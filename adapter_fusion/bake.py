@@ -47,6 +47,7 @@ class _Tensor:
     source: Path  # base shard it is read from
     shape: tuple[int, ...]
     dtype: torch.dtype  # as written
+    offset: int = 0  # where its bytes start in `source`
 
     @property
     def nbytes(self) -> int:
@@ -82,6 +83,33 @@ def parse_size(size: int | str) -> int:
     return int(float(number) * (1024 if binary else 1000) ** "_KMGT".index(unit or "_"))
 
 
+def _read_header(path: Path) -> tuple[int, dict]:
+    """(where the data starts, the header's tensor entries) of a safetensors file."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise BakeError(f"{path}: truncated safetensors file")
+        (length,) = struct.unpack("<Q", head)
+        try:
+            entries = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise BakeError(f"{path}: unreadable safetensors header ({error})") from None
+    entries.pop("__metadata__", None)
+    return 8 + length, entries
+
+
+def _read_tensor(f, t: _Tensor, stored: torch.dtype) -> torch.Tensor:
+    """One tensor by a plain read (no mmap: the pages of the whole model never count as ours)."""
+    n = 1
+    for d in t.shape:
+        n *= d
+    buffer = bytearray(n * torch.empty((), dtype=stored).element_size())
+    f.seek(t.offset)
+    if f.readinto(buffer) != len(buffer):
+        raise BakeError(f"{t.source}: truncated while reading {t.name}")
+    return torch.frombuffer(buffer, dtype=stored).reshape(t.shape) if n else torch.empty(t.shape, dtype=stored)
+
+
 def _base_tensors(base_dir: Path) -> list[_Tensor]:
     index = base_dir / INDEX_NAME
     if index.is_file():
@@ -99,10 +127,12 @@ def _base_tensors(base_dir: Path) -> list[_Tensor]:
         path = base_dir / file
         if not path.is_file():
             raise BakeError(f"{path}: listed in the index but missing")
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                piece = f.get_slice(name)
-                tensors.append(_Tensor(name, path, tuple(piece.get_shape()), _FROM_ST[piece.get_dtype()]))
+        start, entries = _read_header(path)
+        for name, entry in sorted(entries.items(), key=lambda item: item[1]["data_offsets"][0]):
+            if entry["dtype"] not in _FROM_ST:
+                raise BakeError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
+            shape = tuple(entry["shape"])
+            tensors.append(_Tensor(name, path, shape, _FROM_ST[entry["dtype"]], start + entry["data_offsets"][0]))
     return tensors
 
 
@@ -183,12 +213,12 @@ def bake(
     by_name = {t.name: t for t in base}
     tied = bool(config.get("tie_word_embeddings", False))
     targets, untied = _targets(adapter, by_name, tied)
-    plan = [_Tensor(t.name, t.source, t.shape, written(t.dtype)) for t in base]
+    plan = [_Tensor(t.name, t.source, t.shape, written(t.dtype), t.offset) for t in base]
     embed = next((t for t in plan if t.name.endswith("embed_tokens.weight")), None)
     for name in untied:
         if embed is None:
             raise IncompatibleAdaptersError("adapter targets the tied lm_head but no embed_tokens weight was found")
-        plan.append(_Tensor(name, embed.source, embed.shape, embed.dtype))
+        plan.append(_Tensor(name, embed.source, embed.shape, embed.dtype, embed.offset))
         targets[name] = "lm_head"
     shards = _plan_shards(plan, cap)
     total = sum(t.nbytes for t in plan)
@@ -207,6 +237,8 @@ def bake(
         untied=untied,
         recipe=adapter.extra.get("recipe"),
     )
+    stored = {t.name: t.dtype for t in base}
+    stored |= {name: stored[embed.name] for name in untied if embed is not None}
     done = 0
     handles: dict[Path, object] = {}
     with atomic_directory(output_dir, overwrite=overwrite) as tmp:
@@ -218,11 +250,9 @@ def bake(
                     out.write(header)
                     digest.update(header)
                     for t in shard:
-                        source = t.source
-                        if source not in handles:
-                            handles[source] = safe_open(source, framework="pt").__enter__()
-                        read_name = embed.name if t.name in untied and embed is not None else t.name
-                        tensor = handles[source].get_tensor(read_name)
+                        if t.source not in handles:
+                            handles[t.source] = open(t.source, "rb")  # noqa: SIM115 (closed below)
+                        tensor = _read_tensor(handles[t.source], t, stored[t.name])
                         if t.name in targets:
                             delta = adapter.modules[targets[t.name]].dense()  # (out, in) float32
                             tensor = tensor.float() + (delta.T if adapter.fan_in_fan_out else delta)
@@ -235,7 +265,7 @@ def bake(
                 manifest.shards[file] = {"sha256": digest.hexdigest(), "bytes": (tmp / file).stat().st_size, "tensors": len(shard)}
         finally:
             for handle in handles.values():
-                handle.__exit__(None, None, None)
+                handle.close()
         _verify(tmp, names, shards)
         if len(shards) > 1:
             weight_map = {t.name: file for file, shard in zip(names, shards) for t in shard}

@@ -155,3 +155,17 @@ def test_bake_command(tiny_base: Path, tiny_adapters: list[Path], tmp_path: Path
     assert both.exit_code == 2 and "exactly one of --adapter or --recipe" in both.output
     again = runner.invoke(app, ["bake", "--base", str(tiny_base), "--adapter", str(tiny_adapters[0]), "--output", str(out)])
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_tied_lm_head_target_is_written_untied(tiny_base: Path, tmp_path: Path) -> None:
+    from adapter_fusion import Adapter, LowRankDelta
+
+    g = torch.Generator().manual_seed(0)
+    delta = LowRankDelta(torch.randn(256, 2, generator=g), torch.randn(2, 64, generator=g))  # lm_head is (vocab, hidden)
+    bake(tiny_base, Adapter(name="head", modules={"lm_head": delta}), tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    baked = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    base = AutoModelForCausalLM.from_pretrained(tiny_base)
+    torch.testing.assert_close(baked.get_input_embeddings().weight, base.get_input_embeddings().weight)  # embeddings untouched
+    torch.testing.assert_close(baked.lm_head.weight, base.lm_head.weight + delta.dense())
