@@ -127,8 +127,12 @@ class Engine:
                 )
             self._entries[info.name] = _Entry(info, None if adapter is None else [adapter], hidden)
             if adapter is not None:
+                try:
+                    self._enforce_budget()
+                except LimitExceededError:
+                    del self._entries[info.name]  # refused whole: nothing half-registered
+                    raise
                 self.stats["loads"] += 1
-                self._enforce_budget()
         return info
 
     def register_group(self, name: str, adapters: list[Adapter]) -> None:
@@ -142,7 +146,11 @@ class Engine:
             if name in self._entries:
                 raise AlreadyExistsError(f"adapter {name!r} already exists")
             self._entries[name] = _Entry(info, list(adapters), hidden=True)
-            self._enforce_budget()
+            try:
+                self._enforce_budget()
+            except LimitExceededError:
+                del self._entries[name]
+                raise
 
     def unregister(self, name: str) -> None:
         with self._lock:

@@ -187,9 +187,8 @@ class AdapterFusionService(pb_grpc.AdapterFusionServicer):
             info = AdapterInfo.of(adapter, str(path), request.pin)
             if self.engine.has(name):  # idempotent for the same path, ALREADY_EXISTS otherwise
                 return info_message(self.engine.register(adapter, info), True)
-            self.engine.runtime.check(adapter)
-            await asyncio.to_thread(self.store.save, adapter, info)
-            self.engine.register(adapter, info)
+            self.engine.register(adapter, info)  # checks shapes and the memory budget first
+            await self._persist(adapter, info)
             return self._entries_info(name)
 
         return await self._unary("LoadAdapter", context, work)
@@ -216,10 +215,18 @@ class AdapterFusionService(pb_grpc.AdapterFusionServicer):
             merge, sources, spec.method, spec.weights, spec.parameters, spec.rank, spec.seed, name
         )
         info = AdapterInfo.of(result.adapter, f"composed: {spec.method} of {', '.join(s.adapter for s in spec.sources)}", pin)
-        if persist:
-            await asyncio.to_thread(self.store.save, result.adapter, info)
         self.engine.register(result.adapter, info, hidden=hidden)
+        if persist:
+            await self._persist(result.adapter, info)
         return result
+
+    async def _persist(self, adapter, info: AdapterInfo) -> None:
+        """Write a just-registered adapter to the store; if that fails, take the name back."""
+        try:
+            await asyncio.to_thread(self.store.save, adapter, info)
+        except BaseException:
+            self.engine.unregister(info.name)
+            raise
 
     async def ComposeAdapter(self, request: pb.ComposeAdapterRequest, context) -> pb.ComposeAdapterResponse:
         async def work() -> pb.ComposeAdapterResponse:
@@ -420,8 +427,8 @@ class AdapterFusionService(pb_grpc.AdapterFusionServicer):
                 adapter = (await asyncio.to_thread(merge, sources, "linear", result.weights, None, None, 0, name)).adapter
                 adapter.extra["lorahub"] = {"weights": result.weights, "best_loss": result.best_loss, "sources": list(request.adapters)}
                 info = AdapterInfo.of(adapter, f"lorahub over {', '.join(request.adapters)}", request.pin)
-                await asyncio.to_thread(self.store.save, adapter, info)
                 self.engine.register(adapter, info)
+                await self._persist(adapter, info)
                 yield pb.SearchWeightsProgress(
                     evaluations=len(result.losses), best_loss=result.best_loss, best_weights=result.weights, adapter=self._entries_info(name)
                 )

@@ -273,6 +273,8 @@ def test_budget_evicts_and_reloads(config: ServerConfig, tmp_path: Path) -> None
             c.load_adapter("pinned", DEMO / "uppercase", pin=True)
             code, details = code_of(lambda: c.load_adapter("pinned2", DEMO / "reverse_words", pin=True))
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "memory budget" in details
+            assert "pinned2" not in {a.name for a in c.list_adapters()}  # refused whole
+            assert not (small.store_dir / "pinned2").exists()
     finally:
         running.stop()
 
