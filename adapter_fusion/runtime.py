@@ -176,7 +176,9 @@ class Decoder:
     def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, slots: Tensor, cache: list) -> tuple[Tensor, list]:
         past = DynamicCache(ddp_cache_data=cache) if cache else DynamicCache()
         with route(self.runtime.layers, slots):
-            out = self.runtime.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
+            out = self.runtime.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True, logits_to_keep=1
+            )  # only the last position's logits: the vocabulary projection is ~20% of a prefill
         kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         return out.logits[:, -1], kv
 
