@@ -15,10 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from adapter_fusion.client import Client, make_recipe
 from adapter_fusion.engine import Limits
-from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from server.app import BackgroundServer, ServerConfig
-from server.service import ServiceLimits
-from tests.conftest import write_peft_adapter
 
 DEMO = Path(__file__).parent.parent / "examples" / "adapters"
 UPPER = "Rewrite the text in uppercase letters.\nguitar river orange"
