@@ -49,3 +49,7 @@ class LimitExceededError(AdapterFusionError):
 
 class PathNotAllowedError(AdapterFusionError, PermissionError):
     """A path outside the configured roots (after resolving `..` and symlinks)."""
+
+
+class ShuttingDownError(AdapterFusionError):
+    """The server is draining: new calls are refused while in-flight ones finish."""

@@ -18,16 +18,16 @@ def main() -> None:
     args = parser.parse_args()
     with Client(args.address, token=args.token) as client:
         print("adapters:", ", ".join(f"{a.name} (rank {a.rank})" for a in client.list_adapters()))
-        reply = client.compose("upper+reverse", make_recipe("ties", {"uppercase": 1.0, "reverse_words": 1.0}, rank=8, density=0.5))
+        reply = client.compose("upper-reverse", make_recipe("ties", {"uppercase": 1.0, "reverse_words": 1.0}, rank=8, density=0.5))
         worst = min(m.energy_kept for m in reply.report)
         print(f"composed {reply.adapter.name}: rank {reply.adapter.rank}, lowest energy kept {worst:.3f}")
         prompt = "Write the words in reverse order, in uppercase letters.\nguitar river orange"
         print(f"> {prompt}")
-        for message in client.generate(messages=[{"role": "user", "content": prompt}], adapter="upper+reverse", max_new_tokens=24):
+        for message in client.generate(messages=[{"role": "user", "content": prompt}], adapter="upper-reverse", max_new_tokens=24):
             print(message.text, end="", flush=True)
             if message.finish_reason:
                 print(f"\n[{message.finish_reason}: {message.usage.completion_tokens} tokens]")
-        client.unload_adapter("upper+reverse")
+        client.unload_adapter("upper-reverse")
 
 
 if __name__ == "__main__":

@@ -82,9 +82,14 @@ class Running:
     health: health.HealthServicer
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING, refuse new calls, let in-flight ones finish within `grace`."""
+        """Drain: NOT_SERVING, refuse new calls (UNAVAILABLE), let in-flight ones finish within
+        `grace`, then stop. (grpc.aio's own stop(grace) ends in-flight streams at once.)"""
         self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        self.service.draining = True
+        deadline = asyncio.get_running_loop().time() + (grace or 0)
+        while self.service.in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        await self.server.stop(0)
         self.engine.stop()
 
 

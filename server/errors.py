@@ -14,6 +14,7 @@ from adapter_fusion.errors import (
     OutputExistsError,
     PathNotAllowedError,
     RecipeError,
+    ShuttingDownError,
 )
 
 STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [  # first match wins: subclasses first
@@ -26,6 +27,7 @@ STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [  # first match wins: s
     (IncompatibleAdaptersError, grpc.StatusCode.FAILED_PRECONDITION),
     (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PathNotAllowedError, grpc.StatusCode.PERMISSION_DENIED),
+    (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
 ]
 
 

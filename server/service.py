@@ -22,7 +22,7 @@ import grpc
 from adapter_fusion.adapters import load_adapter, save_adapter
 from adapter_fusion.bake import bake
 from adapter_fusion.engine import AdapterInfo, Engine, Event
-from adapter_fusion.errors import AlreadyExistsError, InvalidRequestError, LimitExceededError, PathNotAllowedError
+from adapter_fusion.errors import AlreadyExistsError, InvalidRequestError, LimitExceededError, PathNotAllowedError, ShuttingDownError
 from adapter_fusion.lorahub import SearchProgress, check_settings, search, weighted_objective
 from adapter_fusion.merge import merge
 from adapter_fusion.recipe import parse_recipe
@@ -127,6 +127,8 @@ class AdapterFusionService(pb_grpc.AdapterFusionServicer):
         self.limits = limits
         self.observer = observer or Observer()
         self._inline: OrderedDict[str, str] = OrderedDict()  # canonical recipe hash -> hidden adapter name
+        self.in_flight = 0  # calls being handled: a drain waits for them
+        self.draining = False
         self._inline_lock = asyncio.Lock()
 
     # ---- plumbing ------------------------------------------------------------------------------
@@ -138,8 +140,17 @@ class AdapterFusionService(pb_grpc.AdapterFusionServicer):
             await context.abort(code, f"internal error ({type(error).__name__}: {error}); please report it")
         await context.abort(code, str(error))
 
+    def _enter(self) -> None:
+        if self.draining:
+            raise ShuttingDownError("the server is shutting down; retry on another replica")
+        self.in_flight += 1
+
     async def _unary(self, method: str, context, work):
         start = time.perf_counter()
+        try:
+            self._enter()
+        except ShuttingDownError as error:
+            await self._abort(context, error)
         try:
             result = await work()
         except grpc.aio.AbortError:
@@ -150,6 +161,8 @@ class AdapterFusionService(pb_grpc.AdapterFusionServicer):
         except Exception as error:
             self.observer.rpc_done(method, status_of(error).name, time.perf_counter() - start)
             await self._abort(context, error)
+        finally:
+            self.in_flight -= 1
         self.observer.rpc_done(method, "OK", time.perf_counter() - start)
         return result
 
@@ -157,6 +170,10 @@ class AdapterFusionService(pb_grpc.AdapterFusionServicer):
         """Forward a handler's messages; map its errors to status codes and report the outcome."""
         start = time.perf_counter()
         code = "OK"
+        try:
+            self._enter()
+        except ShuttingDownError as error:
+            await self._abort(context, error)
         try:
             async for message in messages:
                 yield message
@@ -169,6 +186,7 @@ class AdapterFusionService(pb_grpc.AdapterFusionServicer):
             code = status_of(error).name
             await self._abort(context, error)
         finally:
+            self.in_flight -= 1
             self.observer.rpc_done(method, code, time.perf_counter() - start)
 
     def _entries_info(self, name: str) -> pb.AdapterInfo:

@@ -68,15 +68,19 @@ def test_serve_defaults_example_client_metrics_and_graceful_drain(serve_process)
     wait_serving(address)
     example = subprocess.run([sys.executable, str(ROOT / "examples" / "grpc_client.py"), "--address", address], capture_output=True, text=True, timeout=300)
     assert example.returncode == 0, example.stdout + example.stderr
-    assert "composed upper+reverse" in example.stdout and "tokens]" in example.stdout
+    assert "composed upper-reverse" in example.stdout and "tokens]" in example.stdout
     scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     for metric in ("adapter_fusion_rpcs_total", "adapter_fusion_generated_tokens_total", "adapter_fusion_queue_depth", "adapter_fusion_time_to_first_token_seconds"):
         assert metric in scraped
 
     with Client(address) as client:  # a stream in flight when SIGTERM arrives is finished, not cut
-        stream = client.generate(prompt="Write a long story about rivers.", max_new_tokens=48)
+        stream = client.generate(messages=[{"role": "user", "content": "Write a long story about rivers."}], max_new_tokens=48)
         first = next(stream)
         process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(grpc.RpcError) as refused:  # no new work while draining
+            client.list_adapters()
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         rest = list(stream)
         assert rest[-1].finish_reason in ("length", "stop")
         assert sum(len(m.token_ids) for m in [first, *rest]) == rest[-1].usage.completion_tokens
