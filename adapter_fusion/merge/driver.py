@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -124,6 +124,3 @@ def merge(
     )
     return MergeResult(adapter, report)
 
-
-def report_rows(result: MergeResult) -> list[dict]:
-    return [asdict(m) for m in result.report]
