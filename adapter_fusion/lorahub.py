@@ -105,6 +105,11 @@ def search(
 NllFunction = Callable[[list[list[int]], list[list[int]], torch.Tensor], torch.Tensor]  # (prompts, targets, weights per row) -> NLL per row
 
 
+def _per_candidate(nll: torch.Tensor, k: int, tokens: int) -> list[float]:
+    """(k·m,) summed NLL per row, candidate-major -> k mean losses per target token."""
+    return [float(rows.sum()) / tokens for rows in nll.view(k, -1)]
+
+
 def weighted_objective(nll: NllFunction, prompts: list[list[int]], targets: list[list[int]]) -> Objective:
     """k candidates -> k mean target cross-entropies per token, in one call to `nll` whose rows
     carry their candidate's per-source weights (the sources installed once, summed exactly)."""
@@ -114,7 +119,7 @@ def weighted_objective(nll: NllFunction, prompts: list[list[int]], targets: list
         k = weights.shape[0]
         per_row = torch.tensor(np.repeat(weights, m, axis=0), dtype=torch.float32)  # (k·m, n)
         out = nll(prompts * k, targets * k, per_row)  # (k·m,)
-        return [float(out[c * m : (c + 1) * m].sum()) / tokens for c in range(k)]
+        return _per_candidate(out, k, tokens)
 
     return objective
 
@@ -145,13 +150,13 @@ def runtime_objective(
     if rule != "factor_linear":
         raise RecipeError(f"rule must be linear or factor_linear, got {rule!r}")
     merge(list(adapters), "factor_linear")  # refuses unequal ranks now, not mid-search
-    m, tokens = len(prompts), sum(len(t) for t in targets)
+    m, tokens = len(prompts), sum(len(t) for t in targets)  # examples, target tokens
 
     def objective(weights: np.ndarray) -> list[float]:  # weights (k, n): one slot per candidate
         k = weights.shape[0]
         runtime.set_slots([[merge(list(adapters), "factor_linear", list(w)).adapter] for w in weights])
         nll = runtime.target_nll(prompts * k, targets * k, [c + 1 for c in range(k) for _ in range(m)])
-        return [float(nll[c * m : (c + 1) * m].sum()) / tokens for c in range(k)]
+        return _per_candidate(nll, k, tokens)
 
     return objective
 
