@@ -1,10 +1,11 @@
 """Many adapters resident on one model, chosen per batch row: the serving and search kernel.
 
 Each targeted `nn.Linear` is wrapped once by `MultiLoraLinear`, which holds every resident slot's
-factors stacked and zero-padded to a common rank: A (slots, R, in), B (slots, out, R). A forward
-gathers each row's factors and adds two batched matmuls to the frozen base output, so a batch can
-mix adapters (PEFT's mixed batch instead loops over adapters in every layer). Slot 0 is the
-base model (zero factors). A slot may hold several sources' concatenated factors; optional
+factors stacked and zero-padded to a common rank: A (slots, R, in), B (slots, out, R). When a
+batch uses few distinct slots (evaluation, LoraHub, a busy adapter), each slot's rows take two
+plain matmuls at that slot's own rank; when it mixes many, a forward gathers each row's factors
+and adds two batched matmuls, so either way one batch mixes adapters (PEFT's mixed batch instead
+loops over every adapter in every layer). Slot 0 is the base model (zero factors). A slot may hold several sources' concatenated factors; optional
 per-row source weights then scale each source's rank columns, giving every row its own exact
 Σ wᵢ ΔWᵢ with no merge (runtime composition, and LoraHub's candidates in one batched pass).
 """
@@ -13,11 +14,32 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from adapter_fusion.delta import LowRankDelta
+
+
+GROUPED_SLOTS = 4  # a batch with at most this many distinct adapter slots runs slot by slot
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which slot each batch row uses, computed once per forward and shared by every layer."""
+
+    rows: Tensor  # (batch,) slot per row
+    source_weights: Tensor | None  # (batch, n_sources) or None
+    groups: list[tuple[int, Tensor | None]] | None  # (slot, its rows or None = all) per non-base slot; None: gather
+
+    @classmethod
+    def of(cls, rows: Tensor, source_weights: Tensor | None = None) -> Routing:
+        present = rows.unique().tolist()
+        if len(present) > GROUPED_SLOTS:
+            return cls(rows, source_weights, None)
+        groups = [(s, None if len(present) == 1 else (rows == s).nonzero()[:, 0]) for s in present if s != 0]
+        return cls(rows, source_weights, groups)
 
 
 class MultiLoraLinear(nn.Module):
@@ -29,8 +51,8 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("B", torch.zeros(1, out, 0), persistent=False)  # (slots, out, R)
         # which source of its slot each rank column came from; padding points one past the last source
         self.register_buffer("column_source", torch.zeros(1, 0, dtype=torch.long), persistent=False)  # (slots, R)
-        self.rows: Tensor | None = None  # (batch,) slot per row, set by `route`
-        self.source_weights: Tensor | None = None  # (batch, n_sources) or None, set by `route`
+        self.ranks: list[int] = [0]  # each slot's own rank (the rest of its R columns are zero)
+        self.routing: Routing | None = None  # set by `route`
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -56,20 +78,35 @@ class MultiLoraLinear(nn.Module):
                 B[i, :, at : at + d.rank] = d.B.to(dtype)
                 column_source[i, at : at + d.rank] = s
                 at += d.rank
-        self.A, self.B, self.column_source = A, B, column_source
+        self.A, self.B, self.column_source, self.ranks = A, B, column_source, [0, *ranks]
 
     def forward(self, x: Tensor) -> Tensor:  # x (batch, seq, in)
         y = self.base(x)
-        if self.rows is None or self.A.shape[1] == 0:
+        routing = self.routing
+        if routing is None or self.A.shape[1] == 0:
             return y
-        A = self.A[self.rows]  # (batch, R, in)
-        B = self.B[self.rows]  # (batch, out, R)
+        if routing.groups is None:
+            return y + self._gathered(x, routing)
+        for slot, picked in routing.groups:
+            r = self.ranks[slot]
+            rows_x = x if picked is None else x[picked]  # (n, seq, in)
+            h = rows_x @ self.A[slot, :r].T  # (n, seq, r)
+            if routing.source_weights is not None:
+                weights = routing.source_weights if picked is None else routing.source_weights[picked]  # (n, n_sources)
+                h = h * weights[:, self.column_source[slot, :r]][:, None, :].to(h.dtype)
+            delta = h @ self.B[slot, :, :r].T  # (n, seq, out)
+            y = y + delta if picked is None else y.index_add(0, picked, delta)
+        return y
+
+    def _gathered(self, x: Tensor, routing: Routing) -> Tensor:  # x (batch, seq, in) -> (batch, seq, out)
+        A = self.A[routing.rows]  # (batch, R, in)
+        B = self.B[routing.rows]  # (batch, out, R)
         h = torch.bmm(x, A.transpose(1, 2))  # (batch, seq, R)
-        if self.source_weights is not None:
-            weights = nn.functional.pad(self.source_weights, (0, 1))  # (batch, n_sources + 1): padding weighs 0
-            index = self.column_source[self.rows].clamp(max=weights.shape[1] - 1)  # (batch, R)
+        if routing.source_weights is not None:
+            weights = nn.functional.pad(routing.source_weights, (0, 1))  # (batch, n_sources + 1): padding weighs 0
+            index = self.column_source[routing.rows].clamp(max=weights.shape[1] - 1)  # (batch, R)
             h = h * weights.gather(1, index)[:, None, :].to(h.dtype)
-        return y + torch.bmm(h, B.transpose(1, 2))  # (batch, seq, out)
+        return torch.bmm(h, B.transpose(1, 2))
 
 
 def inject(model: nn.Module, targets: list[str]) -> dict[str, MultiLoraLinear]:
@@ -88,10 +125,11 @@ def inject(model: nn.Module, targets: list[str]) -> dict[str, MultiLoraLinear]:
 def route(layers: dict[str, MultiLoraLinear], rows: Tensor | None, source_weights: Tensor | None = None) -> Iterator[None]:
     """Within the block, row b of every forward uses slot rows[b], each source of that slot
     weighted by source_weights[b] if given (else weight 1)."""
+    routing = None if rows is None else Routing.of(rows, source_weights)
     for layer in layers.values():
-        layer.rows, layer.source_weights = rows, source_weights
+        layer.routing = routing
     try:
         yield
     finally:
         for layer in layers.values():
-            layer.rows, layer.source_weights = None, None
+            layer.routing = None

@@ -85,11 +85,14 @@ class Runtime:
             ids[b, : len(p) + len(t)] = torch.tensor(p + t)
             mask[b, : len(p) + len(t)] = 1
             labels[b, len(p) : len(p) + len(t)] = torch.tensor(t)
+        # logits only where some row predicts a target token: the vocabulary projection of every
+        # prompt position would cost more than the whole forward
+        predicting = torch.arange(min(map(len, prompts)) - 1, width - 1)  # (P,)
         with route(self.layers, torch.tensor(list(rows)), source_weights):
-            logits = self.model(input_ids=ids, attention_mask=mask).logits  # (batch, width, vocab)
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        gold = labels[:, 1:]
-        picked = logp.gather(2, gold.clamp(min=0)[..., None])[..., 0]  # (batch, width-1)
+            logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=predicting).logits  # (batch, P, vocab)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        gold = labels[:, predicting + 1]  # (batch, P)
+        picked = logp.gather(2, gold.clamp(min=0)[..., None])[..., 0]  # (batch, P)
         return -(picked * (gold != -100)).sum(dim=1)
 
     def _seq2seq_nll(self, prompts, targets, rows, source_weights) -> Tensor:

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from adapter_fusion import load_adapter
+from adapter_fusion import lora_layers
 from adapter_fusion.lora_layers import inject, route
 from adapter_fusion.models import LLAMA_TARGETS
 
 IDS = torch.arange(5, 29).view(3, 8)
+KERNELS = pytest.mark.parametrize("grouped_slots", [4, 0], ids=["slot-by-slot", "gathered"])
 
 
-def test_mixed_batch_equals_peft_per_adapter(tiny_base: Path, tiny_adapters: list[Path]) -> None:
+
+@KERNELS
+def test_mixed_batch_equals_peft_per_adapter(tiny_base: Path, tiny_adapters: list[Path], grouped_slots: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lora_layers, "GROUPED_SLOTS", grouped_slots)
     adapters = [load_adapter(p) for p in tiny_adapters[2:]]  # rank 8 (all targets), rank 4 (q, v only)
     model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
     layers = inject(model, LLAMA_TARGETS)
@@ -31,7 +37,11 @@ def test_mixed_batch_equals_peft_per_adapter(tiny_base: Path, tiny_adapters: lis
             torch.testing.assert_close(mixed[row], peft(IDS[row : row + 1]).logits[0], rtol=1e-4, atol=1e-4)
 
 
-def test_per_row_source_weights_are_the_exact_weighted_sum(tiny_base: Path, tiny_adapters: list[Path]) -> None:
+@KERNELS
+def test_per_row_source_weights_are_the_exact_weighted_sum(
+    tiny_base: Path, tiny_adapters: list[Path], grouped_slots: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lora_layers, "GROUPED_SLOTS", grouped_slots)
     sources = [load_adapter(p) for p in tiny_adapters[:2]]
     model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
     layers = inject(model, LLAMA_TARGETS)
