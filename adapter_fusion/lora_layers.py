@@ -51,7 +51,8 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("B", torch.zeros(1, out, 0), persistent=False)  # (slots, out, R)
         # which source of its slot each rank column came from; padding points one past the last source
         self.register_buffer("column_source", torch.zeros(1, 0, dtype=torch.long), persistent=False)  # (slots, R)
-        self.ranks: list[int] = [0]  # each slot's own rank (the rest of its R columns are zero)
+        # per slot, views at its own rank (the rest of its R columns are zero): A.T (in, r), B.T (r, out), column sources (r,)
+        self.slot_factors: list[tuple[Tensor, Tensor, Tensor]] = []
         self.routing: Routing | None = None  # set by `route`
 
     @property
@@ -78,7 +79,8 @@ class MultiLoraLinear(nn.Module):
                 B[i, :, at : at + d.rank] = d.B.to(dtype)
                 column_source[i, at : at + d.rank] = s
                 at += d.rank
-        self.A, self.B, self.column_source, self.ranks = A, B, column_source, [0, *ranks]
+        self.A, self.B, self.column_source = A, B, column_source
+        self.slot_factors = [(A[i, :r].T, B[i, :, :r].T, column_source[i, :r]) for i, r in enumerate([0, *ranks])]
 
     def forward(self, x: Tensor) -> Tensor:  # x (batch, seq, in)
         y = self.base(x)
@@ -88,13 +90,13 @@ class MultiLoraLinear(nn.Module):
         if routing.groups is None:
             return y + self._gathered(x, routing)
         for slot, picked in routing.groups:
-            r = self.ranks[slot]
+            A_t, B_t, columns = self.slot_factors[slot]
             rows_x = x if picked is None else x[picked]  # (n, seq, in)
-            h = rows_x @ self.A[slot, :r].T  # (n, seq, r)
+            h = rows_x @ A_t  # (n, seq, r)
             if routing.source_weights is not None:
                 weights = routing.source_weights if picked is None else routing.source_weights[picked]  # (n, n_sources)
-                h = h * weights[:, self.column_source[slot, :r]][:, None, :].to(h.dtype)
-            delta = h @ self.B[slot, :, :r].T  # (n, seq, out)
+                h = h * weights[:, columns].unsqueeze(1).to(h.dtype)
+            delta = h @ B_t  # (n, seq, out)
             y = y + delta if picked is None else y.index_add(0, picked, delta)
         return y
 

@@ -67,7 +67,7 @@ class Runtime:
         """Token ids of raw text (with the end-of-sequence marks a seq2seq model expects)."""
         return self.tokenizer(text, add_special_tokens=self.is_seq2seq)["input_ids"]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def target_nll(
         self, prompts: Sequence[list[int]], targets: Sequence[list[int]], rows: Sequence[int], source_weights: Tensor | None = None
     ) -> Tensor:
@@ -89,11 +89,8 @@ class Runtime:
         # prompt position would cost more than the whole forward
         predicting = torch.arange(min(map(len, prompts)) - 1, width - 1)  # (P,)
         with route(self.layers, torch.tensor(list(rows)), source_weights):
-            logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=predicting).logits  # (batch, P, vocab)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        gold = labels[:, predicting + 1]  # (batch, P)
-        picked = logp.gather(2, gold.clamp(min=0)[..., None])[..., 0]  # (batch, P)
-        return -(picked * (gold != -100)).sum(dim=1)
+            out = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=predicting, use_cache=False)
+        return _summed_nll(out.logits, labels[:, predicting + 1])
 
     def _seq2seq_nll(self, prompts, targets, rows, source_weights) -> Tensor:
         width, depth = max(map(len, prompts)), max(map(len, targets))
@@ -102,11 +99,10 @@ class Runtime:
         labels = torch.full((len(prompts), depth), -100)
         for b, (p, t) in enumerate(zip(prompts, targets)):
             ids[b, : len(p)], mask[b, : len(p)], labels[b, : len(t)] = torch.tensor(p), 1, torch.tensor(t)
+        decoder_ids = self.model.prepare_decoder_input_ids_from_labels(labels=labels)  # no labels in: no unused loss
         with route(self.layers, torch.tensor(list(rows)), source_weights):
-            logits = self.model(input_ids=ids, attention_mask=mask, labels=labels).logits  # (batch, depth, vocab)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        picked = logp.gather(2, labels.clamp(min=0)[..., None])[..., 0]
-        return -(picked * (labels != -100)).sum(dim=1)
+            out = self.model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids, use_cache=False)
+        return _summed_nll(out.logits, labels)
 
     @torch.no_grad()
     def greedy(self, prompts: Sequence[list[int]], rows: Sequence[int], max_new_tokens: int) -> list[list[int]]:
@@ -155,6 +151,12 @@ def _sample(logits: Tensor, request: Request) -> int:  # logits (vocab,)
         outside = sorted_probs.cumsum(0) - sorted_probs > request.top_p  # keep the smallest set reaching top_p
         probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
     return int(torch.multinomial(probs, 1, generator=request.generator))
+
+
+def _summed_nll(logits: Tensor, labels: Tensor) -> Tensor:  # logits (batch, P, vocab), labels (batch, P) -> (batch,)
+    """Summed cross-entropy of each row's labels, positions labelled -100 skipped."""
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none")
+    return nll.view(labels.shape).sum(dim=1)
 
 
 def _left_pad(t: Tensor, length: int, dim: int) -> Tensor:
