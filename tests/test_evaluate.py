@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from adapter_fusion import load_adapter
 from adapter_fusion.cli import app
 from adapter_fusion.evaluate import evaluate
+from adapter_fusion.models import tiny_llama, tiny_t5
 from adapter_fusion.runtime import Runtime
 from adapter_fusion.tasks import TASKS, examples, number_words
 
@@ -33,6 +35,26 @@ def test_tasks_are_fixed_and_correct() -> None:
             assert ex.input and ex.target
     with pytest.raises(KeyError, match="unknown task"):
         examples("nope")
+
+
+@pytest.mark.parametrize("kind", ["causal", "seq2seq"])
+def test_target_nll_equals_transformers_own_loss(kind: str, smollm2: Path, tmp_path: Path) -> None:
+    """Ours projects only the predicting positions and sums per row; transformers' loss is the reference."""
+    if kind == "causal":
+        runtime = Runtime(tiny_llama(tmp_path / "llama", tokenizer_from=smollm2))
+    else:
+        runtime = Runtime(tiny_t5(tmp_path / "t5", tokenizer_from=smollm2), targets=["q", "v"])
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15]]  # unequal lengths: rows predict at different positions
+    targets = [[20, 21], [22], [23, 24, 25, 26]]
+    ours = runtime.target_nll(prompts, targets, [0, 0, 0])
+    for row, (p, t) in enumerate(zip(prompts, targets)):
+        with torch.no_grad():
+            if kind == "causal":
+                labels = torch.tensor([[-100] * len(p) + t])
+                loss = runtime.model(input_ids=torch.tensor([p + t]), labels=labels).loss
+            else:
+                loss = runtime.model(input_ids=torch.tensor([p]), labels=torch.tensor([t])).loss
+        torch.testing.assert_close(ours[row], loss * len(t), rtol=1e-5, atol=1e-5)
 
 
 def test_accuracy_and_loss_arithmetic_and_batching(runtime: Runtime) -> None:
