@@ -66,21 +66,30 @@ def quality(args: argparse.Namespace) -> None:
                     judged[name] = result.adapter
                     plan.append((task, n, seed, rule, name))
                     print(f"{name}: best loss {result.best_loss:.3f} in {time.perf_counter() - start:.1f} s", flush=True)
-    scores = {}
+    scores = {}  # (adapter, task) -> (exact match, mean target loss per token)
     for task in composites:  # everything judged on this task, in mixed batches
         names = ["base", "uniform", *adapters, *[p[4] for p in plan if p[0] == task]]
         for s in evaluate(runtime, {k: judged[k] for k in names}, [task], limit=args.test):
-            scores[(s.adapter, task)] = s.accuracy
-    lines = [f"# LoraHub on held-out composite tasks ({args.test} test examples, exact match, budget {args.budget})", ""]
+            scores[(s.adapter, task)] = (s.accuracy, s.mean_loss)
+    lines = [f"# LoraHub on held-out composite tasks ({args.test} test examples, budget {args.budget})", ""]
+    lines += ["Each cell: exact-match accuracy, then (mean target cross-entropy per token on the test split).", ""]
     lines += ["| task | examples | zero-shot | uniform | LoraHub delta (mean ± sd over seeds) | LoraHub factor | best single adapter |", "|---|---|---|---|---|---|---|"]
+
+    def cell(name: str, task: str) -> str:
+        accuracy, loss = scores[(name, task)]
+        return f"{accuracy:.2f} ({loss:.2f})"
+
     for task in composites:
-        best_single = max(scores[(a, task)] for a in adapters)
+        best_single = max(adapters, key=lambda a: (scores[(a, task)][0], -scores[(a, task)][1]))
         for n in args.examples:
             cells = []
             for rule in ("linear", "factor_linear"):
-                values = [scores[(p[4], task)] for p in plan if p[0] == task and p[1] == n and p[3] == rule]
-                cells.append(f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}")
-            lines.append(f"| {task} | {n} | {scores[('base', task)]:.2f} | {scores[('uniform', task)]:.2f} | {cells[0]} | {cells[1]} | {best_single:.2f} |")
+                runs = [scores[(p[4], task)] for p in plan if p[0] == task and p[1] == n and p[3] == rule]
+                accuracy, loss = [a for a, _ in runs], [x for _, x in runs]
+                cells.append(f"{statistics.mean(accuracy):.2f} ± {statistics.pstdev(accuracy):.2f} ({statistics.mean(loss):.2f} ± {statistics.pstdev(loss):.2f})")
+            lines.append(
+                f"| {task} | {n} | {cell('base', task)} | {cell('uniform', task)} | {cells[0]} | {cells[1]} | {cell(best_single, task)} {best_single} |"
+            )
     (RESULTS / "lorahub_quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
