@@ -125,13 +125,10 @@ class Engine:
                 raise AlreadyExistsError(
                     f"adapter {info.name!r} is already loaded from {current.info.source}; unload it first or pick another name"
                 )
-            self._entries[info.name] = _Entry(info, None if adapter is None else [adapter], hidden)
-            if adapter is not None:
-                try:
-                    self._enforce_budget()
-                except LimitExceededError:
-                    del self._entries[info.name]  # refused whole: nothing half-registered
-                    raise
+            if adapter is None:
+                self._entries[info.name] = _Entry(info, None, hidden)
+            else:
+                self._admit(_Entry(info, [adapter], hidden))
                 self.stats["loads"] += 1
         return info
 
@@ -145,12 +142,7 @@ class Engine:
         with self._lock:
             if name in self._entries:
                 raise AlreadyExistsError(f"adapter {name!r} already exists")
-            self._entries[name] = _Entry(info, list(adapters), hidden=True)
-            try:
-                self._enforce_budget()
-            except LimitExceededError:
-                del self._entries[name]
-                raise
+            self._admit(_Entry(info, list(adapters), hidden=True))
 
     def unregister(self, name: str) -> None:
         with self._lock:
@@ -298,6 +290,15 @@ class Engine:
             entry.sources = [self.reload(entry.info.name)]
             self.stats["loads"] += 1
             self._enforce_budget(keep=entry)
+
+    def _admit(self, entry: _Entry) -> None:
+        """Register a resident entry within the memory budget, or refuse it whole (nothing half-registered)."""
+        self._entries[entry.info.name] = entry
+        try:
+            self._enforce_budget()
+        except LimitExceededError:
+            del self._entries[entry.info.name]
+            raise
 
     def _enforce_budget(self, keep: _Entry | None = None) -> None:
         """Evict least recently used, unpinned, unused adapters until the budget holds."""

@@ -5,9 +5,10 @@ factors stacked and zero-padded to a common rank: A (slots, R, in), B (slots, ou
 batch uses few distinct slots (evaluation, LoraHub, a busy adapter), each slot's rows take two
 plain matmuls at that slot's own rank; when it mixes many, a forward gathers each row's factors
 and adds two batched matmuls, so either way one batch mixes adapters (PEFT's mixed batch instead
-loops over every adapter in every layer). Slot 0 is the base model (zero factors). A slot may hold several sources' concatenated factors; optional
-per-row source weights then scale each source's rank columns, giving every row its own exact
-Σ wᵢ ΔWᵢ with no merge (runtime composition, and LoraHub's candidates in one batched pass).
+loops over every adapter in every layer). Slot 0 is the base model (zero factors). A slot may hold
+several sources' concatenated factors; optional per-row source weights then scale each source's
+rank columns, giving every row its own exact Σ wᵢ ΔWᵢ with no merge (runtime composition, and
+LoraHub's candidates in one batched pass).
 """
 
 from __future__ import annotations

@@ -9,14 +9,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from adapter_fusion import load_adapter
-from adapter_fusion import lora_layers
+from adapter_fusion import load_adapter, lora_layers
 from adapter_fusion.lora_layers import inject, route
 from adapter_fusion.models import LLAMA_TARGETS
 
 IDS = torch.arange(5, 29).view(3, 8)
 KERNELS = pytest.mark.parametrize("grouped_slots", [4, 0], ids=["slot-by-slot", "gathered"])
-
 
 
 @KERNELS
