@@ -146,6 +146,7 @@ def _speed_row(args: argparse.Namespace, original, d_model: int) -> tuple[int, s
         rng = np.random.default_rng(0)
         words = "apple river stone cloud green music paper light table window garden silver".split()
         shots = [(" ".join(rng.choice(words, 6)), " ".join(rng.choice(words, 3))) for _ in range(args.n_examples)]
+        inputs, outputs = [x for x, _ in shots], [y for _, y in shots]
         vectors = rng.uniform(-1.5, 1.5, size=(args.evaluations, args.adapters))  # (E, n)
 
         model, tokenizer, cache = original.load_base_model_and_lora_modules(dirs, str(base))
@@ -155,32 +156,24 @@ def _speed_row(args: argparse.Namespace, original, d_model: int) -> tuple[int, s
         live = {t.data_ptr() for t in model.parameters()}
         aliased = sum(t.data_ptr() in live for state in cache.values() for t in state.values())
         cache = {name: {key: t.clone() for key, t in state.items()} for name, state in cache.items()}
-        dataset = original.load_dataset([x for x, _ in shots], [y for _, y in shots], tokenizer)
-        original.get_score(list(vectors[0]), model, cache, dataset, None, original.default_get_loss, original.default_l1_regularization)  # warm-up
-        their_losses = []
-        start = time.perf_counter()
-        for w in vectors:  # their loss is the mean per token divided by the number of examples
-            score = original.get_score(list(w), model, cache, dataset, None, original.default_get_loss, original.default_l1_regularization)
-            their_losses.append((score - original.default_l1_regularization(list(w))) * len(shots))
-        theirs_per_eval = (time.perf_counter() - start) / len(vectors)
+        dataset = original.load_dataset(inputs, outputs, tokenizer)
+
+        def their_loss(w: np.ndarray) -> float:  # their loss is the mean per token divided by the number of examples
+            l1 = original.default_l1_regularization(list(w))
+            return (original.get_score(list(w), model, cache, dataset, None, original.default_get_loss, lambda _: l1) - l1) * len(shots)
+
+        theirs_per_eval, their_losses = _per_vector(lambda batch: [their_loss(batch[0])], vectors)
 
         adapters = [load_adapter(d) for d in dirs]
         runtime = Runtime(base, targets=TARGETS)
         factor = runtime_objective(runtime, adapters, shots, rule="factor_linear", chat=False)  # the original's rule
         parity = max(abs(factor(w[None])[0] - t) / t for w, t in zip(vectors, their_losses))
         linear = runtime_objective(runtime, adapters, shots, chat=False)  # replaces the factor rule's slots
-        linear(vectors[:1])  # warm-up
-        start = time.perf_counter()
-        for w in vectors:
-            linear(w[None])
-        ours_per_eval = (time.perf_counter() - start) / len(vectors)
-        start = time.perf_counter()
-        for first in range(0, len(vectors), 8):
-            linear(vectors[first : first + 8])
-        batched_per_eval = (time.perf_counter() - start) / len(vectors)
+        ours_per_eval, _ = _per_vector(linear, vectors)
+        batched_per_eval, _ = _per_vector(linear, vectors, k=8)
 
         start = time.perf_counter()
-        their_weights, _, _ = original.lorahub_learning(dirs, [x for x, _ in shots], [y for _, y in shots], args.budget, model_name_or_path=str(base), seed=0)
+        their_weights, _, _ = original.lorahub_learning(dirs, inputs, outputs, args.budget, model_name_or_path=str(base), seed=0)
         their_search = time.perf_counter() - start
         start = time.perf_counter()
         ours = lorahub_search(Runtime(base, targets=TARGETS), [load_adapter(d) for d in dirs], shots, budget=args.budget, seed=0, chat=False)
@@ -194,6 +187,14 @@ def _speed_row(args: argparse.Namespace, original, d_model: int) -> tuple[int, s
             f"**{theirs_per_eval / ours_per_eval:.1f}x** / {theirs_per_eval / batched_per_eval:.1f}x | {parity:.1e} relative | "
             f"{their_search:.1f} | {our_search:.1f} | {common(their_weights):.4f} | {common(ours.weights):.4f} |"
         )
+
+
+def _per_vector(score, vectors: np.ndarray, k: int = 1) -> tuple[float, list[float]]:
+    """Seconds per weight vector when `score` takes them k at a time (after one warm-up call), and the scores."""
+    score(vectors[:k])
+    start = time.perf_counter()
+    scores = [x for first in range(0, len(vectors), k) for x in score(vectors[first : first + k])]
+    return (time.perf_counter() - start) / len(vectors), scores
 
 
 def main() -> None:
