@@ -122,6 +122,35 @@ def _pattern_value(patterns: dict, module: str, default: float) -> float:
     return default
 
 
+def _number(path: Path, key: str, value: object, integer: bool = False) -> float:
+    """A config number that scaling can use: finite, positive, an int where PEFT needs one."""
+    ok = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok or not math.isfinite(value) or value <= 0 or value > 1e6:
+        kind = "a positive integer" if integer else "a positive finite number"
+        raise _fail(path, f"{key} must be {kind}, got {value!r}")
+    return value
+
+
+def _scale_fields(path: Path, config: dict) -> tuple[int, float, dict, dict]:
+    """r, lora_alpha and the rank/alpha patterns, each checked (a NaN alpha would load and
+    silently generate nothing; a bad pattern regex would fail mid-load)."""
+    r = int(_number(path, "r", config.get("r", 8), integer=True))
+    alpha = _number(path, "lora_alpha", config.get("lora_alpha", r))
+    patterns = []
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise _fail(path, f"{key} must be a mapping of module patterns to numbers")
+        for regex, value in pattern.items():
+            try:
+                re.compile(regex)
+            except re.error as error:
+                raise _fail(path, f"{key} key {regex[:80]!r} is not a valid regular expression ({error})") from None
+            _number(path, f"{key}[{regex[:80]!r}]", value, integer)
+        patterns.append(pattern)
+    return r, alpha, patterns[0], patterns[1]
+
+
 def _read_tensors(directory: Path, allow_pickle: bool) -> tuple[Path, dict[str, torch.Tensor]]:
     weights = directory / WEIGHTS_NAME
     if weights.is_file():
@@ -162,10 +191,7 @@ def load_adapter(directory: str | Path, name: str | None = None, allow_pickle: b
     if not factors:
         raise _fail(weights_path, "holds no LoRA weights")
 
-    r_default = config.get("r", 8)
-    alpha_default = config.get("lora_alpha", r_default)
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
+    r_default, alpha_default, rank_pattern, alpha_pattern = _scale_fields(config_path, config)
     modules: dict[str, LowRankDelta] = {}
     for module, pair in sorted(factors.items()):
         if set(pair) != {"A", "B"}:
@@ -222,7 +248,15 @@ def check_compatible(adapters: list[Adapter]) -> None:
 
 
 def save_adapter(adapter: Adapter, directory: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
-    """Write a PEFT LoRA dir (atomically) that `PeftModel.from_pretrained` loads as is.
+    """Write a PEFT LoRA dir (atomically and durably, see `atomic_directory`) that
+    `PeftModel.from_pretrained` loads as is."""
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        write_adapter_files(adapter, tmp, dtype)
+    return Path(directory)
+
+
+def write_adapter_files(adapter: Adapter, directory: Path, dtype: str = "float32") -> None:
+    """Write the PEFT files of `adapter` into an existing (temp) directory.
 
     The scale is already in the factors, so each module's alpha equals its rank (scale 1); modules whose
     rank differs from the most common one go to rank_pattern/alpha_pattern. target_modules lists
@@ -254,9 +288,7 @@ def save_adapter(adapter: Adapter, directory: str | Path, dtype: str = "float32"
     for path, delta in modules.items():
         tensors[f"{_PREFIX}{path}.lora_A.weight"] = delta.A.to(torch_dtype).contiguous()
         tensors[f"{_PREFIX}{path}.lora_B.weight"] = delta.B.to(torch_dtype).contiguous()
-    with atomic_directory(directory, overwrite=overwrite) as tmp:
-        config.save_pretrained(tmp)
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        if adapter.extra:
-            (tmp / "adapter_fusion.json").write_text(json.dumps(adapter.extra, indent=2, default=str))
-    return Path(directory)
+    config.save_pretrained(directory)
+    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    if adapter.extra:
+        (directory / "adapter_fusion.json").write_text(json.dumps(adapter.extra, indent=2, default=str))

@@ -226,7 +226,8 @@ def serve(
     host: Annotated[str, typer.Option(envvar="ADAPTER_FUSION_HOST")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="ADAPTER_FUSION_PORT")] = 50051,
     store: Annotated[Path | None, typer.Option(envvar="ADAPTER_FUSION_STORE", help="persistent adapter store; default: <cache>/store")] = None,
-    adapter_root: Annotated[list[Path] | None, typer.Option(help="directory clients may load from / write to (repeat); default: the demo adapters and the current dir")] = None,
+    adapter_root: Annotated[list[Path] | None, typer.Option(help="directory LoadAdapter may read from (repeat); default: the demo adapters")] = None,
+    output_root: Annotated[list[Path] | None, typer.Option(help="directory ExportAdapter/BakeModel may write into (repeat); default: <cache>/exports")] = None,
     preload: Annotated[list[Path] | None, typer.Option(help="adapter dir registered (pinned) at start (repeat); default: the demo adapters")] = None,
     memory_budget_mb: Annotated[int, typer.Option(help="resident adapter factors, MB")] = 1024,
     max_new_tokens: Annotated[int, typer.Option(help="cap on a request's max_new_tokens")] = 512,
@@ -239,6 +240,7 @@ def serve(
     tls_key: Annotated[Path | None, typer.Option()] = None,
     metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus /metrics on this port")] = None,
     grace: Annotated[float, typer.Option(help="seconds to finish in-flight streams on SIGTERM")] = 10.0,
+    insecure: Annotated[bool, typer.Option(help="allow a non-loopback --host with neither --token nor TLS")] = False,
 ) -> None:
     """Serve the gRPC API: one base model, hot-loaded and composed adapters, mixed batches."""
     import asyncio
@@ -256,17 +258,26 @@ def serve(
         config = ServerConfig(
             base_dir=base or default_base(),
             store_dir=store or cache_dir() / "store",
-            adapter_roots=adapter_root or [DEMO_ADAPTERS, Path.cwd()],
+            adapter_roots=adapter_root or [DEMO_ADAPTERS],
+            output_roots=output_root or [cache_dir() / "exports"],
             preload=demo if preload is None else preload,
             host=host,
             port=port,
-            limits=Limits(max_new_tokens, min(64, max_new_tokens), max_prompt_tokens, max_queue, max_batch, memory_budget_mb << 20),
+            limits=Limits(
+                max_new_tokens=max_new_tokens,
+                default_new_tokens=min(64, max_new_tokens),
+                max_prompt_tokens=max_prompt_tokens,
+                max_queue=max_queue,
+                max_batch=max_batch,
+                memory_budget_bytes=memory_budget_mb << 20,
+            ),
             max_request_bytes=int(max_request_mb * (1 << 20)),
             token=token,
             tls_cert=tls_cert,
             tls_key=tls_key,
             metrics_port=metrics_port,
             grace_seconds=grace,
+            insecure=insecure,
         )
         asyncio.run(run_server(config))
     except AdapterFusionError as error:

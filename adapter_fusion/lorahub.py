@@ -21,11 +21,13 @@ import numpy as np
 import torch
 
 from adapter_fusion.adapters import Adapter, check_compatible
-from adapter_fusion.errors import AdapterFusionError, RecipeError
+from adapter_fusion.errors import AdapterFusionError, RecipeError, quoted
 from adapter_fusion.merge import merge
 from adapter_fusion.runtime import Runtime
 
 MAX_BUDGET = 10_000
+MAX_PARALLEL = 256  # candidates scored in one batched pass
+MAX_SOURCES = 256
 FAILED_LOSS = 1e6  # what nevergrad is told for a candidate whose loss is not finite
 Objective = Callable[[np.ndarray], list[float]]  # (k, n_sources) weights -> k mean losses
 
@@ -50,18 +52,26 @@ class SearchResult:
     adapter: Adapter | None = None
 
 
-def check_settings(n_sources: int, n_examples: int, budget: int, optimizer: str, parallel: int = 1) -> None:
-    if n_sources < 1:
-        raise RecipeError("LoraHub needs at least one adapter")
+def check_settings(
+    n_sources: int, n_examples: int, budget: int, optimizer: str, parallel: int = 1, l1: float = 0.05, bound: float = 1.5
+) -> None:
+    """Refuse every setting that would fail late or run away (a huge `parallel` asks nevergrad
+    for that many workers' state) before any work starts."""
+    if not 1 <= n_sources <= MAX_SOURCES:
+        raise RecipeError(f"LoraHub needs 1..{MAX_SOURCES} adapters, got {n_sources}")
     if n_examples < 1:
         raise RecipeError("LoraHub needs at least one example")
     if not 0 < budget <= MAX_BUDGET:
         raise RecipeError(f"budget must be in 1..{MAX_BUDGET}, got {budget}")
     if optimizer not in ng.optimizers.registry:
         popular = ", ".join(o for o in ("NGOpt", "CMA", "TwoPointsDE", "OnePlusOne", "PSO", "RandomSearch") if o in ng.optimizers.registry)
-        raise RecipeError(f"unknown nevergrad optimizer {optimizer!r}; e.g. {popular} (any name in nevergrad.optimizers.registry)")
-    if parallel < 1:
-        raise RecipeError(f"parallel must be >= 1, got {parallel}")
+        raise RecipeError(f"unknown nevergrad optimizer {quoted(optimizer)}; e.g. {popular} (any name in nevergrad.optimizers.registry)")
+    if not 1 <= parallel <= min(MAX_PARALLEL, budget):
+        raise RecipeError(f"parallel must be in 1..{min(MAX_PARALLEL, budget)} (at most the budget), got {parallel}")
+    if not (math.isfinite(l1) and 0 <= l1 <= 1e3):
+        raise RecipeError(f"l1 must be a finite number in [0, 1000], got {l1}")
+    if not (math.isfinite(bound) and 0 < bound <= 1e3):
+        raise RecipeError(f"bound must be a finite number in (0, 1000], got {bound}")
 
 
 def search(
@@ -78,7 +88,7 @@ def search(
 ) -> SearchResult:
     """Minimise objective(w) + l1·mean|w| over w in [-bound, bound]^n, seeded through nevergrad's
     own random state. Returns the best candidate evaluated (not a model-based guess)."""
-    check_settings(n_sources, 1, budget, optimizer, parallel)
+    check_settings(n_sources, 1, budget, optimizer, parallel, l1, bound)
     parametrization = ng.p.Array(init=np.zeros(n_sources), lower=-bound, upper=bound)
     parametrization.random_state = np.random.RandomState(seed)
     opt = ng.optimizers.registry[optimizer](parametrization=parametrization, budget=budget, num_workers=parallel)
@@ -179,7 +189,7 @@ def lorahub_search(
 ) -> SearchResult:
     """Search weights for `adapters` on (input, target) `examples`; the result carries the
     composed adapter (exact weighted sum, or the factor rule it was searched with)."""
-    check_settings(len(adapters), len(examples), budget, optimizer, parallel)
+    check_settings(len(adapters), len(examples), budget, optimizer, parallel, l1, bound)
     objective = runtime_objective(runtime, adapters, examples, rule, chat)
     result = search(objective, len(adapters), budget, optimizer, seed, l1, bound, parallel, on_progress, should_stop)
     result.adapter = merge(list(adapters), rule, result.weights, name=name).adapter

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from adapter_fusion.adapters import load_adapter, save_adapter
 from adapter_fusion.errors import OutputExistsError, RecipeError
 from adapter_fusion.merge import MergeResult, get_method, merge, parse_parameters
-from adapter_fusion.merge.driver import ProgressCallback
+from adapter_fusion.merge.driver import ProgressCallback, check_weights
 
 
 class Source(BaseModel):
@@ -42,6 +42,7 @@ class Recipe(BaseModel):
     def _method_and_parameters(self) -> Recipe:
         method = get_method(self.method)  # RecipeError lists the valid methods
         parse_parameters(method, self.parameters)
+        check_weights(self.weights)
         return self
 
     @property

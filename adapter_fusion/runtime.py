@@ -8,6 +8,7 @@ leave when they finish (their rows are dropped from the cache), each row routed 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ class Runtime:
         eos = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
         self.stop_ids = {i for i in eos if isinstance(i, int) and i >= 0}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # a fast tokenizer's encode may reset its padding/truncation state: one encoding thread at a time
+        self._encoding = threading.Lock()
 
     def check(self, adapter: Adapter) -> None:
         """Refuse an adapter whose modules this model lacks or whose shapes differ."""
@@ -58,14 +61,26 @@ class Runtime:
         for path, layer in self.layers.items():
             layer.set_slots([[a.modules.get(path) for a in sources] for sources in slots])
 
+    def slot_bytes(self, slots: Sequence[Sequence[Adapter]]) -> int:
+        """Bytes of the buffers `set_slots(slots)` stacks: per layer, (slots + 1) x R rank columns
+        of A (in), B (out) and a column-source index, R the layer's widest slot."""
+        total = 0
+        for path, layer in self.layers.items():
+            rank = max((sum(a.modules[path].rank for a in sources if path in a.modules) for sources in slots), default=0)
+            out, inp = layer.shape
+            total += (len(slots) + 1) * rank * ((out + inp) * layer.base.weight.element_size() + 8)
+        return total
+
     def chat_ids(self, message: str | list[dict]) -> list[int]:
         messages = [{"role": "user", "content": message}] if isinstance(message, str) else message
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        with self._encoding:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def text_ids(self, text: str) -> list[int]:
         """Token ids of raw text (with the end-of-sequence marks a seq2seq model expects)."""
-        return self.tokenizer(text, add_special_tokens=self.is_seq2seq)["input_ids"]
+        with self._encoding:
+            return self.tokenizer(text, add_special_tokens=self.is_seq2seq)["input_ids"]
 
     @torch.inference_mode()
     def target_nll(

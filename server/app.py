@@ -1,9 +1,10 @@
 """Build and run the gRPC server: `create_server(config)` for tests and embedding, `serve(config)`
-for the command line (signals, graceful drain)."""
+for the command line (signals, graceful drain, a non-zero exit when the engine gives up)."""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -13,24 +14,32 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from adapter_fusion.engine import AdapterInfo, Engine, Limits
 from adapter_fusion.adapters import load_adapter
+from adapter_fusion.engine import Engine, Limits
+from adapter_fusion.errors import AdapterFusionError
+from adapter_fusion.registry import AdapterInfo
 from adapter_fusion.runtime import Runtime
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
+from server.interceptors import BearerAuth, DecodeGuard
+from server.paths import PathPolicy
 from server.service import AdapterFusionService, ServiceLimits
 from server.store import AdapterStore
 
 log = logging.getLogger("adapter_fusion.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdapterFusion"].full_name
-PUBLIC_METHODS = ("/grpc.health.v1.Health/",)  # probes need no token
+
+
+class InsecureBindError(AdapterFusionError):
+    """Serving a non-loopback address in plaintext without a token was not asked for."""
 
 
 @dataclass
 class ServerConfig:
     base_dir: Path
     store_dir: Path
-    adapter_roots: list[Path] = field(default_factory=list)
+    adapter_roots: list[Path] = field(default_factory=list)  # read roots: where LoadAdapter may read
+    output_roots: list[Path] = field(default_factory=list)  # write roots: where ExportAdapter and BakeModel may write
     preload: list[Path] = field(default_factory=list)  # adapter dirs registered at start (by dir name)
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = any free port
@@ -42,35 +51,17 @@ class ServerConfig:
     tls_key: Path | None = None
     metrics_port: int | None = None
     grace_seconds: float = 10.0
+    insecure: bool = False  # allow a non-loopback host with neither token nor TLS
 
 
-class BearerAuth(grpc.aio.ServerInterceptor):
-    """Refuse calls without `authorization: Bearer <token>` (health checks excepted)."""
-
-    def __init__(self, token: str) -> None:
-        self.expected = f"Bearer {token}"
-
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if details.method.startswith(PUBLIC_METHODS) or handler is None:
-            return handler
-        if dict(details.invocation_metadata or ()).get("authorization") == self.expected:
-            return handler
-        message = "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'"
-
-        async def deny_unary(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-        async def deny_stream(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-            yield  # an async generator, like the handler it stands for
-
-        kind = grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
-        return kind(
-            deny_stream if handler.response_streaming else deny_unary,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
 
 
 @dataclass
@@ -80,23 +71,33 @@ class Running:
     engine: Engine
     service: AdapterFusionService
     health: health.HealthServicer
+    failed: asyncio.Event = field(default_factory=asyncio.Event)  # the engine gave up: exit non-zero
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls (UNAVAILABLE), let in-flight ones finish within
         `grace`, then stop. (grpc.aio's own stop(grace) ends in-flight streams at once.)"""
         self.health.enter_graceful_shutdown()
-        self.service.draining = True
+        self.service.calls.draining = True
         deadline = asyncio.get_running_loop().time() + (grace or 0)
-        while self.service.in_flight and asyncio.get_running_loop().time() < deadline:
+        while self.service.calls.in_flight and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         await self.server.stop(0)
-        self.engine.stop()
+        await asyncio.to_thread(self.engine.stop)
+
+
+def _check_exposure(config: ServerConfig) -> None:
+    if not (_is_loopback(config.host) or config.token or config.tls_cert or config.insecure):
+        raise InsecureBindError(
+            f"refusing to serve {config.host} in plaintext without a token: anyone who reaches it could load, "
+            "export and generate. Give --token and/or --tls-cert/--tls-key, or --insecure if the network is private"
+        )
 
 
 async def create_server(config: ServerConfig) -> Running:
     """Load the model and the store, start serving on config.host:config.port (0 = pick one)."""
+    _check_exposure(config)
     options = [("grpc.max_receive_message_length", config.max_request_bytes), ("grpc.so_reuseport", 0)]
-    interceptors = [BearerAuth(config.token)] if config.token else []
+    interceptors = ([BearerAuth(config.token)] if config.token else []) + [DecodeGuard(SERVICE_NAME)]
     server = grpc.aio.server(options=options, interceptors=interceptors)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     for name in ("", SERVICE_NAME):
@@ -109,42 +110,65 @@ async def create_server(config: ServerConfig) -> Running:
     else:
         port = server.add_insecure_port(address)
 
-    store = AdapterStore(config.store_dir)
+    loop = asyncio.get_running_loop()
+    failed = asyncio.Event()
+
+    def on_state(state: str) -> None:  # from the engine's thread: health changes on the loop
+        def apply() -> None:
+            serving = health_pb2.HealthCheckResponse.SERVING if state == "serving" else health_pb2.HealthCheckResponse.NOT_SERVING
+            if state != "stopped":
+                for name in ("", SERVICE_NAME):
+                    health_servicer.set(name, serving)
+            if state == "failed":
+                failed.set()
+
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(apply)
+
+    store = await asyncio.to_thread(AdapterStore, config.store_dir)
+    recovered = await asyncio.to_thread(store.recover)
     runtime = await asyncio.to_thread(Runtime, config.base_dir)
-    engine = Engine(runtime, config.limits, reload=store.load)
-    for info in store.entries():  # everything registered before a restart, loaded on first use
-        engine.register(None, info)
+    engine = Engine(runtime, config.limits, reload=store.load, on_state=on_state)
+    for info in recovered:  # everything registered before a restart, loaded on first use
+        engine.registry.register(None, info)
     for directory in config.preload:
-        if not engine.has(directory.name):
+        if not engine.registry.has(directory.name):
             adapter = await asyncio.to_thread(load_adapter, directory, directory.name)
-            engine.register(adapter, AdapterInfo.of(adapter, str(directory.resolve()), pinned=True))
-    engine.start()
+            engine.registry.register(adapter, AdapterInfo.of(adapter, str(directory.resolve()), pinned=True))
+    for root in config.output_roots:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    paths = PathPolicy.of(config.adapter_roots, config.output_roots, protected=[config.store_dir, config.base_dir])
     observer = None
     if config.metrics_port is not None:
         from server.metrics import start_metrics
 
         observer = start_metrics(engine, config.metrics_port, config.host)
-    service = AdapterFusionService(engine, store, [Path(r) for r in config.adapter_roots], config.service_limits, observer)
+    service = AdapterFusionService(engine, store, paths, config.service_limits, observer)
     pb_grpc.add_AdapterFusionServicer_to_server(service, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     await server.start()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, port, engine, service, health_servicer)
+    engine.start()  # health turns SERVING through on_state
+    return Running(server, port, engine, service, health_servicer, failed)
 
 
 async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM/SIGINT, then drain gracefully."""
     running = await create_server(config)
     scheme = "TLS" if config.tls_cert else "plaintext"
-    names = ", ".join(info.name for info, _ in running.engine.adapters()) or "none"
+    names = ", ".join(info.name for info, _ in running.engine.registry.listing()) or "none"
     log.info("adapter-fusion serving %s on %s:%d (%s); adapters: %s", config.base_dir.name, config.host, running.port, scheme, names)
     log.info("try: python examples/grpc_client.py --address %s:%d", config.host, running.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    signalled, failed = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(running.failed.wait())
+    await asyncio.wait({signalled, failed}, return_when=asyncio.FIRST_COMPLETED)
+    signalled.cancel(), failed.cancel()
+    if running.failed.is_set():
+        log.error("the engine failed repeatedly; exiting with status 1 so the process is restarted")
+        await running.stop(0)
+        raise SystemExit(1)
     log.info("draining: finishing in-flight requests for up to %.0f s", config.grace_seconds)
     await running.stop(config.grace_seconds)
 

@@ -7,6 +7,7 @@ import grpc
 from adapter_fusion.errors import (
     AdapterFormatError,
     AlreadyExistsError,
+    EngineFaultError,
     IncompatibleAdaptersError,
     InvalidRequestError,
     LimitExceededError,
@@ -14,7 +15,8 @@ from adapter_fusion.errors import (
     OutputExistsError,
     PathNotAllowedError,
     RecipeError,
-    ShuttingDownError,
+    RequestCancelledError,
+    UnavailableError,
 )
 
 STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [  # first match wins: subclasses first
@@ -27,7 +29,9 @@ STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [  # first match wins: s
     (IncompatibleAdaptersError, grpc.StatusCode.FAILED_PRECONDITION),
     (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PathNotAllowedError, grpc.StatusCode.PERMISSION_DENIED),
-    (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),  # draining, or the engine restarting
+    (RequestCancelledError, grpc.StatusCode.CANCELLED),
+    (EngineFaultError, grpc.StatusCode.INTERNAL),  # logged with its id by the engine
 ]
 
 

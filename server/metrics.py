@@ -1,5 +1,5 @@
 """Prometheus metrics on an optional HTTP port: RPCs, latency, time to first token, and the
-engine's own counters (tokens, queue depth, batch size, adapter loads and evictions)."""
+engine's own counters (tokens, faults, queue depth, batch size, adapter loads and evictions)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from adapter_fusion.engine import Engine
-from server.service import Observer
+from server.calls import Observer
 
 
 class _EngineCollector:
@@ -15,13 +15,14 @@ class _EngineCollector:
         self.engine = engine
 
     def collect(self):
-        stats = self.engine.stats
+        stats, registry = self.engine.stats, self.engine.registry
         yield CounterMetricFamily("adapter_fusion_generated_tokens", "Tokens generated", value=stats["tokens"])
-        yield CounterMetricFamily("adapter_fusion_adapter_loads", "Adapter factors loaded into memory", value=stats["loads"])
-        yield CounterMetricFamily("adapter_fusion_adapter_evictions", "Adapters evicted under the memory budget", value=stats["evictions"])
+        yield CounterMetricFamily("adapter_fusion_engine_faults", "Faults of the engine thread (each ended the requests it held)", value=stats["faults"])
+        yield CounterMetricFamily("adapter_fusion_adapter_loads", "Adapter factors loaded into memory", value=registry.stats["loads"])
+        yield CounterMetricFamily("adapter_fusion_adapter_evictions", "Adapters evicted under the memory budget", value=registry.stats["evictions"])
         yield GaugeMetricFamily("adapter_fusion_batch_size", "Rows in the running batch", value=stats["batch_size"])
         yield GaugeMetricFamily("adapter_fusion_queue_depth", "Requests waiting to join the batch", value=self.engine.queue_depth)
-        resident = sum(1 for _, r in self.engine.adapters(include_hidden=True) if r)
+        resident = sum(1 for _, r in registry.listing(include_hidden=True) if r)
         yield GaugeMetricFamily("adapter_fusion_resident_adapters", "Adapters with factors in memory", value=resident)
 
 

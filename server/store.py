@@ -1,22 +1,34 @@
 """The persistent adapter store: the source of truth for what clients registered.
 
-Every loaded or composed adapter is written here as a PEFT dir (atomically) with its metadata, so
-a restarted server re-registers all of them, and the engine reloads evicted adapters from here.
+Each entry is a PEFT dir holding the adapter and its metadata (`META`), written together by
+`atomic_directory`: fsynced, renamed into place, parent fsynced, so an entry is either wholly
+there or absent after a crash, and an RPC acknowledges only after that. A delete renames the
+entry aside first, so a crash mid-delete never leaves half an entry. `recover()` at startup
+removes what a crash left (temp dirs, half-deleted entries), puts back an entry whose replace
+was interrupted, and moves any entry that does not parse or validate to `.quarantine/` with
+one log line, so a damaged store never stops the server.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
-import shutil
+import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
-from adapter_fusion.adapters import Adapter, load_adapter, save_adapter
-from adapter_fusion.engine import AdapterInfo
-from adapter_fusion.errors import InvalidRequestError
+from safetensors import SafetensorError, safe_open
 
+from adapter_fusion.adapters import WEIGHTS_NAME, Adapter, load_adapter, read_config, write_adapter_files
+from adapter_fusion.atomic import atomic_directory, fsync_path, remove_tree, sweep_leftovers
+from adapter_fusion.errors import AdapterFormatError, InvalidRequestError, quoted
+from adapter_fusion.registry import AdapterInfo
+
+log = logging.getLogger("adapter_fusion.store")
 META = "adapter_fusion_store.json"
+QUARANTINE = ".quarantine"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -24,7 +36,7 @@ def check_name(name: str) -> str:
     """Adapter names become directory names: letters, digits, '.', '_', '-', at most 128."""
     if not NAME.match(name) or name in (".", ".."):
         raise InvalidRequestError(
-            f"invalid adapter name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            f"invalid adapter name {quoted(name)}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return name
 
@@ -35,19 +47,51 @@ class AdapterStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def save(self, adapter: Adapter, info: AdapterInfo) -> None:
-        target = self.root / check_name(info.name)
-        save_adapter(adapter, target, overwrite=True)
-        (target / META).write_text(json.dumps(asdict(info), indent=2))
+        """Write adapter and metadata as one durable entry (replacing a previous one of the name)."""
+        with atomic_directory(self.root / check_name(info.name), overwrite=True) as tmp:
+            write_adapter_files(adapter, tmp)
+            (tmp / META).write_text(json.dumps(asdict(info), indent=2))
 
     def load(self, name: str) -> Adapter:
         return load_adapter(self.root / check_name(name), name=name)
 
     def delete(self, name: str) -> None:
-        shutil.rmtree(self.root / check_name(name), ignore_errors=True)
+        entry = self.root / check_name(name)
+        if not entry.exists():
+            return
+        aside = self.root / f".{name}.{uuid.uuid4().hex[:12]}.deleted"
+        entry.rename(aside)  # the name is gone at once; a crash now leaves only the aside dir
+        fsync_path(self.root)
+        remove_tree(aside)
 
-    def entries(self) -> list[AdapterInfo]:
-        """What was registered before, from metadata only (factors stay on disk until used)."""
+    def recover(self) -> list[AdapterInfo]:
+        """Repair what a crash left, quarantine what does not validate, and return the entries
+        (from metadata only: factors stay on disk until used)."""
+        for line in sweep_leftovers(self.root):
+            log.info("store: %s", line)
         found = []
-        for meta in sorted(self.root.glob(f"*/{META}")):
-            found.append(AdapterInfo(**json.loads(meta.read_text())))
+        for entry in sorted(p for p in self.root.iterdir() if not p.name.startswith(".")):
+            try:
+                found.append(self._validate(entry))
+            except (OSError, ValueError, TypeError, KeyError, AdapterFormatError, SafetensorError) as error:
+                self._quarantine(entry, error)
         return found
+
+    def _validate(self, entry: Path) -> AdapterInfo:
+        if not entry.is_dir() or entry.is_symlink():
+            raise AdapterFormatError("not an adapter directory")
+        info = AdapterInfo(**json.loads((entry / META).read_text()))
+        if info.name != entry.name or check_name(info.name) != info.name:
+            raise AdapterFormatError(f"metadata names {quoted(str(info.name))}, the directory is {quoted(entry.name)}")
+        read_config(entry)
+        with safe_open(entry / WEIGHTS_NAME, "pt") as weights:  # the header parses; tensors are read on use
+            weights.keys()
+        return info
+
+    def _quarantine(self, entry: Path, error: Exception) -> None:
+        folder = self.root / QUARANTINE
+        folder.mkdir(exist_ok=True)
+        aside = folder / f"{entry.name}.{time.strftime('%Y%m%dT%H%M%S')}.{uuid.uuid4().hex[:6]}"
+        entry.rename(aside)
+        fsync_path(self.root)
+        log.warning("store: entry %s does not validate (%s: %s); moved to %s", entry.name, type(error).__name__, error, aside)

@@ -36,11 +36,17 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def config(smollm2: Path, root: Path, tmp_path_factory: pytest.TempPathFactory) -> ServerConfig:
+def outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("outputs")
+
+
+@pytest.fixture(scope="module")
+def config(smollm2: Path, root: Path, outputs: Path, tmp_path_factory: pytest.TempPathFactory) -> ServerConfig:
     return ServerConfig(
         base_dir=smollm2,
         store_dir=tmp_path_factory.mktemp("store"),
         adapter_roots=[DEMO, root],
+        output_roots=[outputs],
         port=0,
         limits=Limits(max_new_tokens=64, max_prompt_tokens=200, memory_budget_bytes=64 << 20),
         max_request_bytes=64 << 10,
@@ -78,7 +84,7 @@ def test_load_list_unload(client: Client) -> None:
     assert info.rank == 8 and list(info.target_modules) == ["q_proj", "v_proj"] and info.size_bytes > 0
     assert {"upper", "reverse"} <= {a.name for a in client.list_adapters()}
     code, details = code_of(lambda: client.load_adapter("upper", DEMO / "reverse_words"))
-    assert code == grpc.StatusCode.ALREADY_EXISTS and "already loaded from" in details
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "from another source" in details and "reverse_words" not in details
     client.load_adapter("tmp", DEMO / "uppercase")
     client.unload_adapter("tmp")
     assert "tmp" not in {a.name for a in client.list_adapters()}
@@ -123,17 +129,29 @@ def test_stop_strings(client: Client) -> None:
     assert text == "GUITAR"
 
 
-def test_compose_and_inline_recipes(client: Client) -> None:
-    reply = client.compose("upper-reverse", make_recipe("svd", {"upper": 1.0, "reverse": 1.0}, rank=8))
+def test_compose_and_inline_recipes(client: Client, server: BackgroundServer) -> None:
+    svd = make_recipe("svd", {"upper": 1.0, "reverse": 1.0}, rank=8)
+    reply = client.compose("upper-reverse", svd)
     assert reply.adapter.rank == 8 and reply.adapter.source.startswith("composed: svd")
     assert len(reply.report) == 60 and all(m.rank == 8 for m in reply.report)
-    recipe = make_recipe("linear", {"upper": 1.0, "reverse": 0.0})
-    assert client.chat(UPPER, recipe=recipe, max_new_tokens=12) == "GUITAR RIVER ORANGE"
-    assert client.chat(UPPER, recipe=recipe, max_new_tokens=12) == "GUITAR RIVER ORANGE"  # cached
-    hidden = [a for a in client.list_adapters() if a.name.startswith("inline-")]
-    assert hidden == []  # inline compositions are not listed
+    assert client.compose("upper-reverse", svd).adapter == reply.adapter  # the same recipe again: a no-op
     code, details = code_of(lambda: client.compose("upper-reverse", make_recipe("svd", {"upper": 1.0})))
-    assert code == grpc.StatusCode.ALREADY_EXISTS
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "another recipe" in details
+
+    registry = server.running.engine.registry
+
+    def inline_names() -> set[str]:
+        return {i.name for i, _ in registry.listing(include_hidden=True) if i.name.startswith("inline-")}
+
+    recipe = make_recipe("linear", {"upper": 1.0, "reverse": 0.0})
+    before = inline_names()
+    assert client.chat(UPPER, recipe=recipe, max_new_tokens=12) == "GUITAR RIVER ORANGE"
+    composed = inline_names() - before
+    assert len(composed) == 1  # composed once, under the recipe's hash
+    loads = registry.stats["loads"]
+    assert client.chat(UPPER, recipe=recipe, max_new_tokens=12) == "GUITAR RIVER ORANGE"
+    assert inline_names() - before == composed and registry.stats["loads"] == loads  # cached: nothing composed again
+    assert not [a for a in client.list_adapters() if a.name.startswith("inline-")]  # inline compositions are not listed
 
 
 def test_score(client: Client) -> None:
@@ -143,20 +161,22 @@ def test_score(client: Client) -> None:
     assert list(tuned.target_tokens) == list(base.target_tokens)
 
 
-def test_export_adapter(client: Client, root: Path) -> None:
-    reply = client.export_adapter("upper", root / "exported")
-    assert reply.size_bytes > 0 and (root / "exported" / "adapter_model.safetensors").is_file()
-    code, _ = code_of(lambda: client.export_adapter("upper", root / "exported"))
+def test_export_adapter(client: Client, outputs: Path) -> None:
+    reply = client.export_adapter("upper", "exported")  # relative: under the first write root
+    assert reply.size_bytes > 0 and (outputs / "exported" / "adapter_model.safetensors").is_file()
+    code, _ = code_of(lambda: client.export_adapter("upper", outputs / "exported"))
     assert code == grpc.StatusCode.ALREADY_EXISTS
+    client.export_adapter("reverse", outputs / "exported", overwrite=True)  # ours: may be replaced
+    assert json.loads((outputs / "exported" / "adapter_config.json").read_text())["r"] == 8
     code, details = code_of(lambda: client.export_adapter("upper", "/tmp/outside-roots"))
-    assert code == grpc.StatusCode.PERMISSION_DENIED and "outside the allowed roots" in details
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "write root" in details
 
 
-def test_bake_model_streams_progress(client: Client, root: Path) -> None:
-    messages = list(client.bake_model("upper", root / "baked", dtype="bfloat16"))
+def test_bake_model_streams_progress(client: Client, outputs: Path) -> None:
+    messages = list(client.bake_model("upper", outputs / "baked", dtype="bfloat16"))
     assert messages[-1].bytes_done == messages[-1].bytes_total > 0
     manifest = json.loads(messages[-1].manifest_json)
-    assert manifest["merged_modules"] == 60 and (root / "baked" / "config.json").is_file()
+    assert manifest["merged_modules"] == 60 and (outputs / "baked" / "config.json").is_file()
 
 
 def test_invalid_arguments(client: Client, root: Path) -> None:
@@ -201,12 +221,12 @@ def test_permission_denied(client: Client, root: Path, tiny_adapters: list[Path]
     for path in ("/etc", "../../..", "uppercase/../../../tests", str(root / "link-out"), str(root / ".." / "x")):
         code, details = code_of(lambda: client.load_adapter("p", path))
         assert code == grpc.StatusCode.PERMISSION_DENIED, path
-        assert "outside the allowed roots" in details
+        assert "read root" in details and str(tiny_adapters[1]) not in details  # never where a link leads
 
 
 def test_resource_exhausted(client: Client) -> None:
     cases = [
-        (lambda: client.generate(prompt="hi", max_new_tokens=65), "over the limit of 64"),
+        (lambda: client.generate(prompt="hi", max_new_tokens=65), "outside 1..64"),
         (lambda: client.generate(prompt="word " * 300), "the limit is 200"),
         (lambda: client.generate(prompt="x" * (70 << 10)), ""),  # over max_request_bytes: refused by grpc
     ]
@@ -257,21 +277,27 @@ def test_restart_keeps_the_store(config: ServerConfig, server: BackgroundServer,
 
 
 def test_budget_evicts_and_reloads(config: ServerConfig, tmp_path: Path) -> None:
-    small = ServerConfig(**{**config.__dict__, "store_dir": tmp_path / "store", "limits": Limits(memory_budget_bytes=2_500_000), "port": 0})
+    # factors are 1.8 MB per demo adapter; an adapter in use also has a slot: stacked buffers of
+    # (slots + 1) x rank columns, 3.7 MB for one rank-8 slot. 6 MB holds two idle adapters, or
+    # one in use, never both in use.
+    small = ServerConfig(**{**config.__dict__, "store_dir": tmp_path / "store", "limits": Limits(memory_budget_bytes=6_000_000), "port": 0})
     running = BackgroundServer(small)
+    registry = running.running.engine.registry
     try:
         with Client(running.address) as c:
             c.load_adapter("upper", DEMO / "uppercase")
-            c.load_adapter("reverse", DEMO / "reverse_words")  # 1.8 MB each: only one fits
-            resident = {a.name: a.resident for a in c.list_adapters()}
-            assert resident == {"upper": False, "reverse": True}
-            assert c.chat(UPPER, adapter="upper", max_new_tokens=12) == "GUITAR RIVER ORANGE"  # reloaded
-            assert running.running.engine.stats["evictions"] >= 2
-            c.load_adapter("pinned", DEMO / "uppercase", pin=True)
-            code, details = code_of(lambda: c.load_adapter("pinned2", DEMO / "reverse_words", pin=True))
+            c.load_adapter("reverse", DEMO / "reverse_words")
+            assert {a.name: a.resident for a in c.list_adapters()} == {"upper": True, "reverse": True}
+            assert c.chat(UPPER, adapter="upper", max_new_tokens=12) == "GUITAR RIVER ORANGE"  # its slot evicts reverse
+            assert c.chat(REVERSE, adapter="reverse", max_new_tokens=12) == "candle friend wagon rabbit"  # reloaded
+            assert {a.name: a.resident for a in c.list_adapters()} == {"upper": False, "reverse": True}
+            assert registry.stats["evictions"] >= 2
+            for i in range(3):  # pinned adapters are never evicted: 3 x 1.8 MB fit, a fourth does not
+                c.load_adapter(f"pinned{i}", DEMO / "uppercase", pin=True)
+            code, details = code_of(lambda: c.load_adapter("pinned3", DEMO / "reverse_words", pin=True))
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "memory budget" in details
-            assert "pinned2" not in {a.name for a in c.list_adapters()}  # refused whole
-            assert not (small.store_dir / "pinned2").exists()
+            assert "pinned3" not in {a.name for a in c.list_adapters()}  # refused whole
+            assert not (small.store_dir / "pinned3").exists()
     finally:
         running.stop()
 
@@ -327,7 +353,7 @@ def test_search_weights_streams_and_registers(client: Client, server: Background
     assert last.adapter.name == "searched" and last.evaluations == 8 and len(last.best_weights) == 2
     assert last.best_loss == min(m.best_loss for m in messages)
     assert "searched" in {a.name for a in client.list_adapters()}
-    assert not [i for i, _ in server.running.engine.adapters(include_hidden=True) if i.name.startswith("search-")]
+    assert not [i for i, _ in server.running.engine.registry.listing(include_hidden=True) if i.name.startswith("search-")]
 
 
 def test_search_weights_cancelled_registers_nothing(client: Client, server: BackgroundServer) -> None:
@@ -336,18 +362,21 @@ def test_search_weights_cancelled_registers_nothing(client: Client, server: Back
     stream.cancel()
     engine = server.running.engine
     deadline = time.monotonic() + 20
-    while (engine.busy or any(i.name.startswith("search-") for i, _ in engine.adapters(include_hidden=True))) and time.monotonic() < deadline:
+    while (engine.busy or any(i.name.startswith("search-") for i, _ in engine.registry.listing(include_hidden=True))) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "never" not in {a.name for a in client.list_adapters()}
-    assert not [i for i, _ in engine.adapters(include_hidden=True) if i.name.startswith("search-")]
+    assert not [i for i, _ in engine.registry.listing(include_hidden=True) if i.name.startswith("search-")]
 
 
 def test_search_weights_bad_input(client: Client) -> None:
     cases = [
         (lambda: client.search_weights(["upper"], UPPER_EXAMPLES, "s1", optimizer="Nope"), grpc.StatusCode.INVALID_ARGUMENT, "unknown nevergrad optimizer"),
-        (lambda: client.search_weights(["upper"], UPPER_EXAMPLES, "s1", budget=5000), grpc.StatusCode.INVALID_ARGUMENT, "over this server's cap"),
+        (lambda: client.search_weights(["upper"], UPPER_EXAMPLES, "s1", budget=5000), grpc.StatusCode.RESOURCE_EXHAUSTED, "over this server's cap"),
+        (lambda: client.search_weights(["upper"], UPPER_EXAMPLES, "s1", parallel=10**9), grpc.StatusCode.RESOURCE_EXHAUSTED, "over this server's cap"),
+        (lambda: client.search_weights(["upper"], UPPER_EXAMPLES, "s1", budget=4, parallel=8), grpc.StatusCode.INVALID_ARGUMENT, "at most the budget"),
+        (lambda: client.search_weights(["upper"], UPPER_EXAMPLES, "s1", l1=float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "l1 must be"),
         (lambda: client.search_weights(["upper"], [], "s1"), grpc.StatusCode.INVALID_ARGUMENT, "at least one example"),
-        (lambda: client.search_weights([], UPPER_EXAMPLES, "s1"), grpc.StatusCode.INVALID_ARGUMENT, "at least one adapter"),
+        (lambda: client.search_weights([], UPPER_EXAMPLES, "s1"), grpc.StatusCode.INVALID_ARGUMENT, "needs 1..256 adapters"),
         (lambda: client.search_weights(["ghost"], UPPER_EXAMPLES, "s1"), grpc.StatusCode.NOT_FOUND, "ghost"),
         (lambda: client.search_weights(["upper"], UPPER_EXAMPLES, "upper"), grpc.StatusCode.ALREADY_EXISTS, "already exists"),
     ]

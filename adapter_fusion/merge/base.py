@@ -20,9 +20,9 @@ from adapter_fusion.delta import LowRankDelta
 
 
 class Params(BaseModel):
-    """Base of every method's parameters: unknown keys are errors."""
+    """Base of every method's parameters: unknown keys and NaN/inf values are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

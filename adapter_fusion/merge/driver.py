@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -42,6 +43,17 @@ class MergeResult:
 
 
 ProgressCallback = Callable[[int, int, str], None]  # (done, total, module path)
+
+# Past this, Σ wᵢΔWᵢ of fp32 factors overflows or loses every digit of the smaller terms; no
+# composition needs it (task arithmetic uses |w| <= a few).
+MAX_ABS_WEIGHT = 1e4
+
+
+def check_weights(weights: Sequence[float]) -> None:
+    """Refuse NaN, infinite and absurd weights before any arithmetic sees them."""
+    for i, w in enumerate(weights):
+        if not math.isfinite(w) or abs(w) > MAX_ABS_WEIGHT:
+            raise RecipeError(f"weight of source {i} is {w!r}; weights must be finite and within ±{MAX_ABS_WEIGHT:g}")
 
 
 def _target_rank(method: MergeMethod, rank: int | None, sources: list[Adapter], path: str) -> int | None:
@@ -87,6 +99,7 @@ def merge(
     weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
     if len(weights) != len(sources):
         raise RecipeError(f"got {len(weights)} weights for {len(sources)} sources")
+    check_weights(weights)
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise RecipeError(f"rank must be a positive integer, got {rank!r}")
     if rank is not None and method == "cat":

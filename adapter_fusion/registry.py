@@ -1,0 +1,256 @@
+"""The adapter registry: names, pins, references, the memory budget (LRU), reloads, slot numbers.
+
+Any thread may call it. Its lock guards only bookkeeping and is never held while the store is
+read or slots are written, so a caller on an event loop never waits behind disk or model work.
+
+Residency: an adapter's factors stay in memory while it is pinned, in use, or within the memory
+budget, which counts the factors and the stacked slot buffers built from them (least recently
+used unpinned ones are evicted first and reloaded from the store on demand). A request holds a
+reference to the entry it resolved, so unloading or evicting never changes what an in-flight
+request computes: the slot is freed when its last request ends.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from adapter_fusion.adapters import Adapter
+from adapter_fusion.errors import AlreadyExistsError, InvalidRequestError, LimitExceededError, NotFoundError, quoted
+
+SlotTable = list[list[Adapter]]  # slot i + 1 holds table[i]: its sources' factors, concatenated
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    rank: int
+    target_modules: list[str]
+    size_bytes: int
+    source: str  # where it came from: a path, or the canonical recipe it was composed from
+    pinned: bool
+    base_model: str | None
+
+    @staticmethod
+    def of(adapter: Adapter, source: str, pinned: bool) -> AdapterInfo:
+        ranks = adapter.ranks.values()
+        return AdapterInfo(adapter.name, max(ranks, default=0), adapter.target_names, adapter.size_bytes, source, pinned, adapter.base_model)
+
+
+@dataclass(eq=False)
+class Entry:
+    info: AdapterInfo
+    sources: list[Adapter] | None  # one adapter, or a group weighted per row; None: evicted
+    hidden: bool = False  # inline compositions and search groups: usable, not listed
+    persisted: bool = True  # in the store, so it can be evicted and reloaded; else evicting drops it
+    refs: int = 0
+    slot: int | None = None
+    removed: bool = False
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class AdapterRegistry:
+    def __init__(
+        self,
+        check: Callable[[Adapter], None],
+        slot_bytes: Callable[[SlotTable], int],
+        budget_bytes: int,
+        reload: Callable[[str], Adapter] | None = None,
+    ) -> None:
+        self.check = check  # refuses adapters the model cannot run
+        self.slot_bytes = slot_bytes  # what a slot table costs once stacked into buffers
+        self.budget_bytes = budget_bytes
+        self.reload = reload
+        self._lock = threading.Lock()
+        self._entries: dict[str, Entry] = {}
+        self._slots: list[Entry | None] = []
+        self._dirty = False
+        self.stats = {"loads": 0, "evictions": 0}
+
+    # ---- names --------------------------------------------------------------------------------
+
+    def register(self, adapter: Adapter | None, info: AdapterInfo, hidden: bool = False, persisted: bool = True) -> AdapterInfo:
+        """Add a name; the same name from the same source again is a no-op. `adapter=None`
+        registers it lazily (read from the store on first use)."""
+        if adapter is not None:
+            self.check(adapter)
+        with self._lock:
+            current = self._entries.get(info.name)
+            if current is not None:
+                if current.info.source == info.source:
+                    return current.info
+                raise AlreadyExistsError(f"adapter {quoted(info.name)} already exists from another source; unload it first or pick another name")
+            if adapter is None:
+                self._entries[info.name] = Entry(info, None, hidden, persisted)
+            else:
+                self._admit(Entry(info, [adapter], hidden, persisted))
+                self.stats["loads"] += 1
+        return info
+
+    def register_group(self, name: str, adapters: list[Adapter]) -> None:
+        """A hidden, pinned slot holding several adapters whose weights each request row sets:
+        LoraHub's candidates without a merge per candidate. It shares its sources' factors, so
+        only its slot buffers count against the budget."""
+        for adapter in adapters:
+            self.check(adapter)
+        rank = max(max(a.ranks.values(), default=0) for a in adapters)
+        info = AdapterInfo(name, rank, [], 0, "group", True, None)
+        with self._lock:
+            if name in self._entries:
+                raise AlreadyExistsError(f"adapter {quoted(name)} already exists")
+            self._admit(Entry(info, list(adapters), hidden=True, persisted=False))
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            entry = self._entry(name)
+            del self._entries[name]
+            entry.removed = True
+            if entry.refs == 0:
+                self._free_slot(entry)
+
+    def listing(self, include_hidden: bool = False) -> list[tuple[AdapterInfo, bool]]:
+        """(info, resident) for every registered name."""
+        with self._lock:
+            return [(e.info, e.sources is not None) for e in self._entries.values() if include_hidden or not e.hidden]
+
+    def has(self, name: str) -> bool:
+        with self._lock:
+            return name in self._entries
+
+    def info(self, name: str) -> AdapterInfo:
+        with self._lock:
+            return self._entry(name).info
+
+    def get(self, name: str) -> Adapter:
+        """The adapter's factors, e.g. to compose or export it. May read the store: call it off
+        any event loop."""
+        with self._lock:
+            entry = self._entry(name)
+        sources = self._resident(entry)
+        if len(sources) != 1:
+            raise InvalidRequestError(f"{quoted(name)} is a group of adapters, not one adapter")
+        return sources[0]
+
+    # ---- references and slots -----------------------------------------------------------------
+
+    def acquire(self, name: str | None) -> Entry | None:
+        """Hold `name` for one request (None: the base model)."""
+        if name is None:
+            return None
+        with self._lock:
+            entry = self._entry(name)
+            entry.refs += 1
+            entry.last_used = time.monotonic()
+            return entry
+
+    def release(self, entry: Entry | None) -> None:
+        if entry is None:
+            return
+        with self._lock:
+            entry.refs -= 1
+            if entry.refs == 0 and entry.removed:
+                self._free_slot(entry)
+
+    def slot_for(self, entry: Entry | None) -> int:
+        """The slot an acquired entry runs in, assigned (and the budget checked) on first use."""
+        if entry is None:
+            return 0
+        self._resident(entry)
+        with self._lock:
+            if entry.slot is None:
+                free = next((i for i, e in enumerate(self._slots) if e is None), len(self._slots))
+                if free == len(self._slots):
+                    self._slots.append(None)
+                self._slots[free], entry.slot, self._dirty = entry, free + 1, True
+                try:
+                    self._enforce_budget(keep=entry)
+                except LimitExceededError:
+                    self._free_slot(entry)
+                    raise
+            return entry.slot
+
+    def take_slot_table(self) -> SlotTable | None:
+        """The slots to install if they changed since the last call, else None."""
+        with self._lock:
+            if not self._dirty:
+                return None
+            self._dirty = False
+            return [e.sources if e is not None and e.sources is not None else [] for e in self._slots]
+
+    def invalidate_slots(self) -> None:
+        """The model's slot buffers are in an unknown state (a fault): install them all again."""
+        with self._lock:
+            self._dirty = True
+
+    # ---- residency (lock held unless said) ----------------------------------------------------
+
+    def _entry(self, name: str) -> Entry:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise NotFoundError(f"no adapter named {quoted(name)} is loaded; call LoadAdapter first")
+        return entry
+
+    def _resident(self, entry: Entry) -> list[Adapter]:
+        """Its sources, read from the store (without the lock) if evicted."""
+        with self._lock:
+            if entry.sources is not None:
+                entry.last_used = time.monotonic()
+                return entry.sources
+            if self.reload is None or not entry.persisted:
+                raise NotFoundError(f"adapter {quoted(entry.info.name)} was evicted and there is no store to reload it from")
+        loaded = [self.reload(entry.info.name)]  # two threads may both read it: harmless
+        with self._lock:
+            if entry.sources is None:
+                entry.sources = loaded
+                self.stats["loads"] += 1
+                try:
+                    self._enforce_budget(keep=entry)
+                except LimitExceededError:
+                    entry.sources = None
+                    raise
+            entry.last_used = time.monotonic()
+            return entry.sources
+
+    def _free_slot(self, entry: Entry) -> None:
+        if entry.slot is not None:
+            self._slots[entry.slot - 1] = None
+            entry.slot = None
+            self._dirty = True
+
+    def _admit(self, entry: Entry) -> None:
+        """Register a resident entry within the memory budget, or refuse it whole."""
+        self._entries[entry.info.name] = entry
+        try:
+            self._enforce_budget()
+        except LimitExceededError:
+            del self._entries[entry.info.name]
+            raise
+
+    def _usage(self) -> int:
+        factors = sum(e.info.size_bytes for e in self._entries.values() if e.sources is not None)
+        table = [e.sources if e is not None and e.sources is not None else [] for e in self._slots]
+        return factors + self.slot_bytes(table)
+
+    def _enforce_budget(self, keep: Entry | None = None) -> None:
+        """Evict least recently used, unpinned, unused adapters until the budget holds."""
+        usage = self._usage()
+        resident = [e for e in self._entries.values() if e.sources is not None]
+        for e in sorted(resident, key=lambda e: e.last_used):
+            if usage <= self.budget_bytes:
+                return
+            if e is keep or e.info.pinned or e.refs > 0 or (self.reload is None and e.persisted):
+                continue
+            e.sources = None
+            self._free_slot(e)
+            if not e.persisted:  # nothing to reload it from: the name goes (an inline cache recomposes)
+                del self._entries[e.info.name]
+                e.removed = True
+            self.stats["evictions"] += 1
+            usage = self._usage()
+        if usage > self.budget_bytes:
+            raise LimitExceededError(
+                f"resident adapters and their slot buffers need {usage / 1e6:.1f} MB, over the memory budget of "
+                f"{self.budget_bytes / 1e6:.1f} MB, and nothing can be evicted (pinned or in use)"
+            )

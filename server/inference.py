@@ -1,0 +1,189 @@
+"""Generate, Score and SearchWeights: every request's work is bounded before it starts (bytes
+before tokenising, tokens after, examples, budget, parallel) and abandoned when its client
+cancels or its deadline passes. Mixed into `server.service.AdapterFusionService`."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
+
+from adapter_fusion.engine import Event
+from adapter_fusion.errors import AlreadyExistsError, InvalidRequestError, LimitExceededError
+from adapter_fusion.lorahub import SearchProgress, check_settings, search, weighted_objective
+from adapter_fusion.merge import merge
+from adapter_fusion.registry import AdapterInfo
+from adapter_fusion.runtime import Request
+from adapter_fusion.v1 import adapter_fusion_pb2 as pb
+from server.calls import Done, reports_of, thread_safe_emit
+from server.store import check_name
+
+if TYPE_CHECKING:
+    from server.service import AdapterFusionService
+
+ROLES = ("system", "user", "assistant")
+
+
+class InferenceRPCs:
+    """The model-facing RPCs; `self` is the AdapterFusionService."""
+
+    # ---- inputs --------------------------------------------------------------------------------
+
+    def _text(self: AdapterFusionService, text: str, what: str) -> str:
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > self.limits.max_text_bytes:
+            raise LimitExceededError(f"{what} is {size} bytes; the limit is {self.limits.max_text_bytes} (before tokenising)")
+        return text
+
+    def _capped(self: AdapterFusionService, ids: list[int], what: str, limit: int) -> list[int]:
+        if not ids:
+            raise InvalidRequestError(f"{what} is empty after tokenising")
+        if len(ids) > limit:
+            raise LimitExceededError(f"{what} has {len(ids)} tokens; the limit is {limit}")
+        return ids
+
+    def _prompt_ids(self: AdapterFusionService, request: pb.GenerateRequest) -> list[int]:
+        runtime, limit = self.engine.runtime, self.engine.limits.max_prompt_tokens
+        which = request.WhichOneof("input")
+        if which == "prompt" and request.prompt.strip():
+            return self._capped(runtime.text_ids(self._text(request.prompt, "the prompt")), "the prompt", limit)
+        if which == "messages" and request.messages.messages:
+            messages = [{"role": m.role or "user", "content": self._text(m.content, "a message")} for m in request.messages.messages]
+            if any(m["role"] not in ROLES for m in messages):
+                raise InvalidRequestError("message roles must be system, user or assistant")
+            self._text("".join(m["content"] for m in messages), "the messages together")
+            return self._capped(runtime.chat_ids(messages), "the prompt", limit)
+        raise InvalidRequestError("the prompt is empty: set `prompt` or `messages`")
+
+    def _example_ids(self: AdapterFusionService, examples, raw: bool) -> tuple[list[list[int]], list[list[int]]]:
+        if not examples:
+            raise InvalidRequestError("at least one example is needed")
+        if len(examples) > self.limits.max_examples:
+            raise LimitExceededError(f"{len(examples)} examples; the limit is {self.limits.max_examples}")
+        runtime, limits = self.engine.runtime, self.engine.limits
+        prompts, targets = [], []
+        for i, ex in enumerate(examples):
+            if not ex.input.strip() or not ex.target:
+                raise InvalidRequestError(f"example {i} needs a non-empty input and target")
+            text, target = self._text(ex.input, f"example {i}'s input"), self._text(ex.target, f"example {i}'s target")
+            prompts.append(self._capped(runtime.text_ids(text) if raw else runtime.chat_ids(text), f"example {i}'s input", limits.max_prompt_tokens))
+            targets.append(self._capped(runtime.text_ids(target), f"example {i}'s target", limits.max_target_tokens))
+        return prompts, targets
+
+    # ---- generation and scoring ----------------------------------------------------------------
+
+    async def Generate(self: AdapterFusionService, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
+        async for message in self.calls.streaming("Generate", context, self._generate(request)):  # grpc.aio wants an async generator here
+            yield message
+
+    async def _generate(self: AdapterFusionService, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+        start = time.perf_counter()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        handle: Request | None = None
+        try:
+            prompt_ids = await asyncio.to_thread(self._prompt_ids, request)
+            target = await self._target(request)
+            handle = Request(
+                prompt_ids=prompt_ids,
+                max_new_tokens=request.max_new_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p or 1.0,
+                top_k=request.top_k,
+                seed=request.seed,
+                stop=list(request.stop),
+            )
+            self.engine.submit(handle, target, thread_safe_emit(asyncio.get_running_loop(), events))
+            first = True
+            while True:
+                event = await events.get()
+                if event.error is not None:
+                    raise event.error
+                if first and (event.text or event.token_ids):
+                    self.calls.observer.first_token(time.perf_counter() - start)
+                    first = False
+                if event.finish_reason is None:
+                    yield pb.GenerateResponse(text=event.text, token_ids=event.token_ids)
+                    continue
+                if event.finish_reason != "cancelled":
+                    usage = pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
+                    yield pb.GenerateResponse(text=event.text, token_ids=event.token_ids, finish_reason=event.finish_reason, usage=usage)
+                return
+        finally:
+            if handle is not None:
+                handle.cancelled = True  # a client gone or a deadline passed: its row leaves at the next step
+
+    async def Score(self: AdapterFusionService, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
+        async def work() -> pb.ScoreResponse:
+            prompts, targets = await asyncio.to_thread(self._example_ids, request.examples, request.raw)
+            job = self.engine.score(await self._target(request), prompts, targets)
+            try:
+                nll = await asyncio.wrap_future(job.future)
+            finally:
+                job.cancelled.set()  # a client gone or a deadline passed: abandoned at the next chunk
+            counts = [len(t) for t in targets]
+            return pb.ScoreResponse(log_likelihood=[-float(x) for x in nll], target_tokens=counts, mean_loss=float(nll.sum()) / sum(counts))
+
+        return await self.calls.unary("Score", context, work)
+
+    # ---- LoraHub -------------------------------------------------------------------------------
+
+    async def SearchWeights(self: AdapterFusionService, request: pb.SearchWeightsRequest, context) -> AsyncIterator[pb.SearchWeightsProgress]:
+        async for message in self.calls.streaming("SearchWeights", context, self._search(request)):  # grpc.aio wants an async generator here
+            yield message
+
+    def _search_settings(self: AdapterFusionService, request: pb.SearchWeightsRequest) -> tuple[int, str, int, float]:
+        budget, optimizer, parallel = request.budget or 40, request.optimizer or "NGOpt", request.parallel or 1
+        l1 = request.l1 if request.HasField("l1") else 0.05
+        if budget > self.limits.max_search_budget:
+            raise LimitExceededError(f"budget {budget} is over this server's cap of {self.limits.max_search_budget}")
+        if parallel > self.limits.max_search_parallel:
+            raise LimitExceededError(f"parallel {parallel} is over this server's cap of {self.limits.max_search_parallel}")
+        check_settings(len(request.adapters), len(request.examples), budget, optimizer, parallel, l1)
+        return budget, optimizer, parallel, l1
+
+    async def _search(self: AdapterFusionService, request: pb.SearchWeightsRequest) -> AsyncIterator[pb.SearchWeightsProgress]:
+        name = check_name(request.output_name)
+        if self.registry.has(name):
+            raise AlreadyExistsError(f"adapter {name!r} already exists; pick another output_name")
+        budget, optimizer, parallel, l1 = self._search_settings(request)
+        sources = await asyncio.to_thread(lambda: [self.registry.get(a) for a in request.adapters])  # NOT_FOUND before any work
+        prompts, targets = await asyncio.to_thread(self._example_ids, request.examples, request.raw)
+        group = f"search-{hashlib.sha256(f'{name}/{time.time_ns()}'.encode()).hexdigest()[:12]}"
+        self.registry.register_group(group, sources)
+        stopped = False
+
+        def nll(p, t, weights):
+            job = self.engine.score(group, p, t, weights)
+            try:
+                return job.future.result()
+            finally:
+                job.cancelled.set()
+
+        def work(report: Callable[[SearchProgress], None]):
+            objective = weighted_objective(nll, prompts, targets)
+            return search(objective, len(sources), budget, optimizer, request.seed, l1, 1.5, parallel, report, lambda: stopped)
+
+        def register(weights: list[float], best_loss: float) -> AdapterInfo:
+            adapter = merge(sources, "linear", weights, None, None, 0, name).adapter
+            adapter.extra["lorahub"] = {"weights": weights, "best_loss": best_loss, "sources": list(request.adapters)}
+            info = AdapterInfo.of(adapter, f"lorahub over {', '.join(request.adapters)}", request.pin)
+            self.registry.register(adapter, info)
+            self._persist(adapter, info)
+            return info
+
+        try:
+            async for item in reports_of(work):
+                if not isinstance(item, Done):
+                    yield pb.SearchWeightsProgress(evaluations=item.evaluations, best_loss=item.best_loss, best_weights=item.best_weights)
+                    continue
+                result = item.result
+                async with self.names.hold(name):
+                    await asyncio.to_thread(register, result.weights, result.best_loss)
+                yield pb.SearchWeightsProgress(
+                    evaluations=len(result.losses), best_loss=result.best_loss, best_weights=result.weights, adapter=self._info(name)
+                )
+        finally:
+            stopped = True  # a cancelled call stops the search at its next evaluation
+            self.registry.unregister(group)
