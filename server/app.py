@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from adapter_fusion.adapters import load_adapter
+from adapter_fusion.atomic import sweep_leftovers
 from adapter_fusion.engine import Engine, Limits
 from adapter_fusion.errors import AdapterFusionError
 from adapter_fusion.registry import AdapterInfo
@@ -135,8 +136,10 @@ async def create_server(config: ServerConfig) -> Running:
         if not engine.registry.has(directory.name):
             adapter = await asyncio.to_thread(load_adapter, directory, directory.name)
             engine.registry.register(adapter, AdapterInfo.of(adapter, str(directory.resolve()), pinned=True))
-    for root in config.output_roots:
+    for root in config.output_roots:  # this server owns its write roots: a killed export or bake left only hidden temp dirs
         Path(root).mkdir(parents=True, exist_ok=True)
+        for line in await asyncio.to_thread(sweep_leftovers, Path(root)):
+            log.info("output root %s: %s", root, line)
     paths = PathPolicy.of(config.adapter_roots, config.output_roots, protected=[config.store_dir, config.base_dir])
     observer = None
     if config.metrics_port is not None:

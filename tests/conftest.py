@@ -16,6 +16,12 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_base(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer: a servable model that loads in a blink."""
+    return tiny_llama(tmp_path_factory.mktemp("tiny-chat") / "tiny-chat", tokenizer_from=smollm2)
+
+
+@pytest.fixture(scope="session")
 def smollm2() -> Path:
     """SmolLM2-135M-Instruct converted once per machine (cached), shared by the whole run."""
     return default_base()

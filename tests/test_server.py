@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from adapter_fusion.client import Client, make_recipe
 from adapter_fusion.engine import Limits
 from server.app import BackgroundServer, ServerConfig
+from server.service import ServiceLimits
 
 DEMO = Path(__file__).parent.parent / "examples" / "adapters"
 UPPER = "Rewrite the text in uppercase letters.\nguitar river orange"
@@ -50,6 +51,7 @@ def config(smollm2: Path, root: Path, outputs: Path, tmp_path_factory: pytest.Te
         port=0,
         limits=Limits(max_new_tokens=64, max_prompt_tokens=200, memory_budget_bytes=64 << 20),
         max_request_bytes=64 << 10,
+        service_limits=ServiceLimits(max_text_bytes=16 << 10),
     )
 
 
@@ -383,3 +385,80 @@ def test_search_weights_bad_input(client: Client) -> None:
     for call, expected, message in cases:
         code, details = code_of(call)
         assert code == expected and message in details, details
+
+
+def test_errors_name_no_other_adapters_and_stay_short(client: Client) -> None:
+    code, details = code_of(lambda: client.generate(prompt="hi", adapter="ghost"))
+    assert code == grpc.StatusCode.NOT_FOUND and "upper" not in details and "reverse" not in details
+    code, details = code_of(lambda: client.generate(prompt="hi", adapter="g" * 10_000))
+    assert code == grpc.StatusCode.NOT_FOUND and len(details) < 300 and "10000 characters" in details
+    code, details = code_of(lambda: client.load_adapter("n" * 10_000, DEMO / "uppercase"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and len(details) < 300
+
+
+def test_score_work_is_bounded_before_it_starts(client: Client, server: BackgroundServer) -> None:
+    tokens_before = server.running.engine.stats["tokens"]
+    cases = [
+        ([("word " * 300, "x")], "the limit is 200"),  # the prompt cap applies to Score as to Generate
+        ([("hi", "word " * 600)], "the limit is 512"),  # targets have their own cap
+        ([("x" * (20 << 10), "x")], "before tokenising"),  # bytes are refused before the tokenizer runs
+        ([("hi", "x")] * 300, "the limit is 256"),
+    ]
+    for examples, message in cases:
+        code, details = code_of(lambda: client.score(examples))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and message in details, details
+    assert server.running.engine.stats["tokens"] == tokens_before
+
+
+def test_one_writer_per_name(client: Client, server: BackgroundServer) -> None:
+    """Concurrent composes of one name with different recipes: one wins whole, memory and store agree."""
+    recipes = [make_recipe("linear", {"upper": w, "reverse": 1 - w}) for w in (0.1, 0.3, 0.5, 0.7, 0.9)]
+    outcomes: list[grpc.StatusCode] = [grpc.StatusCode.OK] * len(recipes)
+
+    def compose(i: int) -> None:
+        try:
+            client.compose("raced", recipes[i])
+        except grpc.RpcError as error:
+            outcomes[i] = error.code()
+
+    threads = [threading.Thread(target=compose, args=(i,)) for i in range(len(recipes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(o.name for o in outcomes) == ["ALREADY_EXISTS"] * 4 + ["OK"]
+    registry, store = server.running.engine.registry, server.running.service.store
+    stored = json.loads((store.root / "raced" / "adapter_fusion_store.json").read_text())
+    assert stored["source"] == registry.info("raced").source
+
+    def churn(seed: int) -> None:  # loads and unloads of one name from several clients
+        for i in range(6):
+            try:
+                client.unload_adapter("raced") if (seed + i) % 2 else client.load_adapter("raced", DEMO / "uppercase")
+            except grpc.RpcError as error:
+                assert error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS), error.details()
+
+    threads = [threading.Thread(target=churn, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert registry.has("raced") == (store.root / "raced").exists()  # memory and store agree
+    if registry.has("raced"):
+        client.unload_adapter("raced")
+
+
+def test_plaintext_on_a_public_address_needs_a_token_or_insecure(config: ServerConfig) -> None:
+    import asyncio
+
+    from server.app import InsecureBindError, create_server
+
+    exposed = ServerConfig(**{**config.__dict__, "host": "0.0.0.0"})
+    with pytest.raises(InsecureBindError, match="--insecure"):
+        asyncio.run(create_server(exposed))
+    from typer.testing import CliRunner
+
+    from adapter_fusion.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--base", str(config.base_dir), "--store", str(config.store_dir)])
+    assert result.exit_code == 2 and "--insecure" in result.output

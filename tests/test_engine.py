@@ -1,0 +1,205 @@
+"""The supervised engine on a real (tiny) model: a fault ends every request it holds and the
+engine restarts or gives up; stopping fails what is queued; a cancelled job never kills the
+thread. Faults are injected into our own model's forward."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapter_fusion import load_adapter
+from adapter_fusion.engine import Engine, Event, Limits
+from adapter_fusion.errors import EngineFaultError, LimitExceededError, RequestCancelledError, ShuttingDownError, UnavailableError
+from adapter_fusion.registry import AdapterInfo
+from adapter_fusion.runtime import Request, Runtime
+
+PROMPT = list(range(20, 32))
+
+
+class Stream:
+    """What one request's callback received."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.ended = threading.Event()
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        if event.finish_reason is not None or event.error is not None:
+            self.ended.set()
+
+    @property
+    def error(self) -> Exception | None:
+        return self.events[-1].error if self.events else None
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for e in self.events for t in e.token_ids]
+
+
+class Fault:
+    """A forward pre-hook on the model: raise while `armed`, block while `held`."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.armed = False
+        self.release = threading.Event()
+        self.release.set()
+        self.entered = threading.Event()
+        self.handle = model.register_forward_pre_hook(self)
+
+    def __call__(self, module, args) -> None:
+        self.entered.set()
+        self.release.wait(timeout=30)
+        if self.armed:
+            raise RuntimeError("injected fault")
+
+
+@pytest.fixture()
+def runtime(tiny_chat_base: Path) -> Runtime:
+    return Runtime(tiny_chat_base)
+
+
+@pytest.fixture()
+def engine(runtime: Runtime) -> Iterator[Engine]:
+    states: list[str] = []
+    engine = Engine(runtime, Limits(restart_delay_s=0.2, max_faults=2, fault_window_s=60), on_state=states.append)
+    engine.states = states  # type: ignore[attr-defined]
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+def generate(engine: Engine, tokens: int = 6, adapter: str | None = None) -> Stream:
+    stream = Stream()
+    engine.submit(Request(prompt_ids=list(PROMPT), max_new_tokens=tokens), adapter, stream)
+    return stream
+
+
+def test_a_fault_ends_every_request_then_the_engine_serves_again(engine: Engine) -> None:
+    before = generate(engine)
+    assert before.ended.wait(10) and before.error is None
+    fault = Fault(engine.runtime.model)
+    fault.release.clear()
+    running = [generate(engine, tokens=50) for _ in range(3)]
+    assert fault.entered.wait(10)  # the batch is in its forward
+    queued = generate(engine)
+    job = engine.score(None, [PROMPT], [[5, 6]])
+    fault.armed = True
+    fault.release.set()
+    started = time.monotonic()
+    for stream in [*running, queued]:
+        assert stream.ended.wait(1.0), "a request held by a faulted engine must end within a second"
+        assert isinstance(stream.error, EngineFaultError) and "error id" in str(stream.error)
+    with pytest.raises(EngineFaultError):
+        job.future.result(timeout=1.0)
+    assert time.monotonic() - started < 1.0
+    fault.armed = False
+    deadline = time.monotonic() + 5
+    while engine.state != "serving" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.states[-2:] == ["restarting", "serving"] and engine.stats["faults"] == 1
+    after = generate(engine)
+    assert after.ended.wait(10) and after.error is None and after.tokens == before.tokens
+    fault.handle.remove()
+
+
+def test_requests_during_a_restart_are_refused_not_queued(runtime: Runtime) -> None:
+    engine = Engine(runtime, Limits(restart_delay_s=5.0))
+    engine.start()
+    fault = Fault(engine.runtime.model)
+    fault.armed = True
+    try:
+        failed = generate(engine)
+        assert failed.ended.wait(2) and isinstance(failed.error, EngineFaultError)
+        assert engine.state == "restarting"  # set before the requests are ended
+        with pytest.raises(UnavailableError, match="restarting"):
+            generate(engine)
+    finally:
+        fault.handle.remove()
+        started = time.monotonic()
+        engine.stop()  # interrupts the restart pause
+        assert time.monotonic() - started < 2
+
+
+def test_repeated_faults_leave_the_engine_failed_and_every_call_refused(engine: Engine) -> None:
+    fault = Fault(engine.runtime.model)
+    fault.armed = True
+    for _ in range(2):
+        while engine.state != "serving":
+            time.sleep(0.01)
+        stream = generate(engine)
+        assert stream.ended.wait(2) and isinstance(stream.error, EngineFaultError)
+    deadline = time.monotonic() + 2
+    while engine.state != "failed" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.state == "failed" and engine.states[-1] == "failed"
+    with pytest.raises(UnavailableError, match="down after repeated faults"):
+        generate(engine)
+    with pytest.raises(UnavailableError):
+        engine.score(None, [PROMPT], [[5]])
+    fault.handle.remove()
+
+
+def test_stop_fails_what_is_queued_and_held(engine: Engine) -> None:
+    fault = Fault(engine.runtime.model)
+    fault.release.clear()
+    held = generate(engine, tokens=50)
+    assert fault.entered.wait(10)
+    queued = generate(engine)
+    job = engine.score(None, [PROMPT], [[5, 6]])
+    stopper = threading.Thread(target=engine.stop)
+    stopper.start()
+    time.sleep(0.2)
+    fault.release.set()
+    stopper.join(timeout=10)
+    assert not stopper.is_alive()
+    for stream in (held, queued):
+        assert stream.ended.wait(1) and isinstance(stream.error, ShuttingDownError)
+    with pytest.raises(ShuttingDownError):
+        job.future.result(timeout=1)
+    with pytest.raises(ShuttingDownError):
+        generate(engine)
+    fault.handle.remove()
+
+
+def test_a_job_cancelled_by_its_caller_never_harms_the_engine(engine: Engine) -> None:
+    """The bug this guards: a Score whose client gave up had its future cancelled, and the
+    engine's set_result on it raised and ended the engine thread."""
+    fault = Fault(engine.runtime.model)
+    fault.release.clear()
+    blocker = generate(engine, tokens=3)
+    assert fault.entered.wait(10)
+    cancelled = engine.score(None, [PROMPT], [[5, 6]])
+    assert cancelled.future.cancel()  # what asyncio does when a deadline passes while it waits
+    abandoned = engine.score(None, [PROMPT] * 70, [[5, 6]] * 70)  # 3 chunks of max_batch rows
+    abandoned.cancelled.set()
+    fault.release.set()
+    with pytest.raises(RequestCancelledError):
+        abandoned.future.result(timeout=10)
+    assert blocker.ended.wait(10) and blocker.error is None
+    later = generate(engine)
+    assert later.ended.wait(10) and later.error is None and engine.stats["faults"] == 0
+    fault.handle.remove()
+
+
+def test_the_budget_counts_slot_buffers(runtime: Runtime, tiny_adapters: list[Path]) -> None:
+    adapter = load_adapter(tiny_adapters[0], "a")
+    slot_cost = runtime.slot_bytes([[adapter]])
+    assert slot_cost == sum(2 * 4 * ((o + i) * 4 + 8) for o, i in adapter.shapes.values())  # (1 slot + base) x r4
+    engine = Engine(runtime, Limits(memory_budget_bytes=adapter.size_bytes + slot_cost - 1))
+    engine.registry.register(adapter, AdapterInfo.of(adapter, "a", pinned=True))  # the factors fit
+    engine.start()
+    try:
+        stream = generate(engine, adapter="a")
+        assert stream.ended.wait(10) and isinstance(stream.error, LimitExceededError)  # its slot does not
+        assert "slot buffers" in str(stream.error)
+    finally:
+        engine.stop()
+    group = Engine(runtime, Limits(memory_budget_bytes=adapter.size_bytes + 1))
+    group.registry.register(adapter, AdapterInfo.of(adapter, "a", pinned=True))
+    group.registry.register_group("g", [adapter])  # shares the factors: not counted twice
