@@ -53,6 +53,8 @@ class ServerConfig:
     metrics_port: int | None = None
     grace_seconds: float = 10.0
     insecure: bool = False  # allow a non-loopback host with neither token nor TLS
+    device: str | None = None  # cpu, cuda, cuda:N, mps; None: cuda when available, else cpu
+    dtype: str | None = None  # float32, bfloat16, float16; None: bfloat16 on cuda, else float32
 
 
 def _is_loopback(host: str) -> bool:
@@ -128,7 +130,7 @@ async def create_server(config: ServerConfig) -> Running:
 
     store = await asyncio.to_thread(AdapterStore, config.store_dir)
     recovered = await asyncio.to_thread(store.recover)
-    runtime = await asyncio.to_thread(Runtime, config.base_dir)
+    runtime = await asyncio.to_thread(Runtime, config.base_dir, device=config.device, dtype=config.dtype)
     engine = Engine(runtime, config.limits, reload=store.load, on_state=on_state)
     for info in recovered:  # everything registered before a restart, loaded on first use
         engine.registry.register(None, info)

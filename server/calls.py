@@ -48,54 +48,37 @@ class Calls:
         self.in_flight = 0
         self.draining = False
 
-    def _enter(self) -> None:
+    @asynccontextmanager
+    async def _call(self, method: str, context: grpc.aio.ServicerContext):
+        """Count the call, refuse it while draining, turn what it raises into a status code."""
+        start, outcome = time.perf_counter(), "OK"
         if self.draining:
-            raise ShuttingDownError("the server is shutting down; retry on another replica")
+            await context.abort(*details_of(ShuttingDownError("the server is shutting down; retry on another replica")))
         self.in_flight += 1
-
-    async def unary(self, method: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[Any]]) -> Any:
-        start, code = time.perf_counter(), "OK"
         try:
-            self._enter()
-        except ShuttingDownError as error:
-            await context.abort(*details_of(error))
-        try:
-            return await work()
-        except grpc.aio.AbortError:
-            raise
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception as error:
-            status, text = details_of(error)
-            code = status.name
-            await context.abort(status, text)
-        finally:
-            self.in_flight -= 1
-            self.observer.rpc_done(method, code, time.perf_counter() - start)
-
-    async def streaming(self, method: str, context: grpc.aio.ServicerContext, messages: AsyncIterator) -> AsyncIterator:
-        """Forward a handler's messages; map its errors to status codes and report the outcome."""
-        start, code = time.perf_counter(), "OK"
-        try:
-            self._enter()
-        except ShuttingDownError as error:
-            await context.abort(*details_of(error))
-        try:
-            async for message in messages:
-                yield message
+            yield
         except grpc.aio.AbortError:
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            code = "CANCELLED"
+            outcome = "CANCELLED"
             raise
         except Exception as error:
             status, text = details_of(error)
-            code = status.name
+            outcome = status.name
             await context.abort(status, text)
         finally:
             self.in_flight -= 1
-            self.observer.rpc_done(method, code, time.perf_counter() - start)
+            self.observer.rpc_done(method, outcome, time.perf_counter() - start)
+
+    async def unary(self, method: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[Any]]) -> Any:
+        async with self._call(method, context):
+            return await work()
+
+    async def streaming(self, method: str, context: grpc.aio.ServicerContext, messages: AsyncIterator) -> AsyncIterator:
+        """Forward a handler's messages; map its errors to status codes and report the outcome."""
+        async with self._call(method, context):
+            async for message in messages:
+                yield message
 
 
 class NameLocks:
