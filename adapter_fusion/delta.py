@@ -1,8 +1,9 @@
 """One module's low-rank update ΔW = B @ A and the exact algebra on it.
 
 The whole speed of this library rests on `truncate`: a sum of n adapters is itself a low-rank
-product with R = Σ r_i columns, so its best rank-r approximation comes from an R×R core, never
-from the dense out×in matrix (DESIGN.md, "Exact low-rank SVD").
+product with R = Σ r_i columns, so its best rank-r approximation comes from an R×R core (QR of
+both factors, then the SVD of the product of their triangular parts), never from the dense out×in
+matrix.
 """
 
 from __future__ import annotations

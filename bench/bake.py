@@ -2,16 +2,18 @@
 
     python bench/bake.py [--size-gb 2.5] [--skip-synthetic] [--skip-smollm2]
 
-Each path runs in its own subprocess so peak RSS (ru_maxrss) is measured per process, on the same
-base and adapter, same shard cap. The synthetic base is a random Llama-shaped model written once
-as several shards under bench/work/ (it is not committed).
+Each path runs in its own subprocess, on the same base and adapter, same shard cap, and reports its
+own peak RSS: VmHWM from /proc/self/status, the high-water mark of the address space that exec
+gave it. Not ru_maxrss: Linux carries that across fork+exec, so a child of this parent (which may
+have just built a 2.75 GB synthetic model) would report the parent's peak instead of its own.
+The synthetic base is a random Llama-shaped model written once as several shards under
+bench/work/ (it is not committed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -82,6 +84,14 @@ def run_peft(base: str, adapter: str, out: str, shard: str) -> None:
     model.merge_and_unload().save_pretrained(out, max_shard_size=shard)
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory (VmHWM, reset by exec, unlike ru_maxrss)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status: peak memory is measured on Linux only")
+
+
 def measure(path: str, base: Path, adapter: Path, shard: str) -> dict:
     out = WORK / f"out-{path}"
     cmd = [sys.executable, __file__, "--child", path, str(base), str(adapter), str(out), shard]
@@ -106,7 +116,7 @@ def main() -> None:
         start = time.perf_counter()
         (run_ours if path == "ours" else run_peft)(base, adapter, out, shard)
         seconds = time.perf_counter() - start
-        print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb()}))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-gb", type=float, default=2.5)

@@ -9,11 +9,11 @@ LoraHub in factor space (the original's (Σw·B)(Σw·A)), and the best single a
 match on the test split. All composed adapters are judged together in mixed batches.
 
 speed: small random T5s (seq2seq, as the original requires) with 20 rank-16 LoRA adapters and the
-same examples; the original `lorahub` package (PyPI lorahub==0.1.0; needs
-`pip install --no-deps lorahub==0.1.0 && pip install datasets pandas`) rebuilds and reloads a
-merged state dict per evaluation; ours installs the sources once and changes only per-row weights.
-Per evaluation, both objectives score the same random weight vectors (and our factor rule must give
-the original's loss); then both run a whole NGOpt search with the same budget in this process, and
+same examples; the original `lorahub` package (PyPI lorahub==0.1.0, installed with the project's
+`bench` extra: `pip install -e '.[bench]'`) rebuilds and reloads a merged state dict per
+evaluation; ours installs the sources once and changes only per-row weights. Per evaluation,
+both objectives score the same random weight vectors (and our factor rule must give the
+original's loss); then both run a whole NGOpt search with the same budget in this process, and
 both final weights are scored with one objective (mean target cross-entropy per token +
 0.05·mean|w|) so best losses compare.
 """

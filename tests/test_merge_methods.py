@@ -14,8 +14,10 @@ from safetensors.torch import load_file
 
 from adapter_fusion import METHODS, load_adapter, merge
 from adapter_fusion.errors import IncompatibleAdaptersError, RecipeError
+from adapter_fusion.merge.base import ModuleSources
 
 WEIGHTS = [0.6, -0.4, 0.8, 0.5]
+EPS32 = torch.finfo(torch.float32).eps  # 2^-23, twice the unit roundoff u of float32
 FULL = 64  # >= min(out, in) of every tiny module: re-factoring at this rank is exact
 
 
@@ -44,6 +46,45 @@ def raw(tiny_adapters: list[Path]) -> list[dict[str, torch.Tensor]]:
     return [raw_deltas(p) for p in tiny_adapters]
 
 
+TALL = 300  # rows: more than two of the merge's row blocks, the last one partial
+
+
+class Tall(torch.nn.Module):
+    """Two linear maps whose outputs span several row blocks (the tiny Llama's fit in one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(24, TALL, bias=False)
+        self.gate = torch.nn.Linear(40, TALL, bias=False)
+
+
+@pytest.fixture(scope="module")
+def tall_adapters(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Four real PEFT adapters on `Tall`, of different ranks and scales (one rsLoRA)."""
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("tall")
+    for seed, (r, alpha, rslora) in enumerate([(4, 8, False), (4, 16, False), (8, 8, True), (2, 4, False)]):
+        torch.manual_seed(seed)
+        config = LoraConfig(
+            r=r, lora_alpha=alpha, use_rslora=rslora, target_modules=["proj", "gate"], init_lora_weights=False
+        )
+        get_peft_model(Tall(), config).save_pretrained(root / str(seed))
+    return [root / str(seed) for seed in range(4)]
+
+
+@pytest.fixture(scope="module")
+def tall_sources(tall_adapters: list[Path]):
+    blocks = [b.stop - b.start for b in ModuleSources("proj", (TALL, 24), [], [], 0).row_blocks()]
+    assert len(blocks) >= 3 and blocks[-1] < blocks[0], blocks  # what the tall modules are for
+    return [load_adapter(p) for p in tall_adapters]
+
+
+@pytest.fixture(scope="module")
+def tall_raw(tall_adapters: list[Path]) -> list[dict[str, torch.Tensor]]:
+    return [raw_deltas(p) for p in tall_adapters]
+
+
 def stacked(raw: list[dict[str, torch.Tensor]], path: str, shape: tuple[int, int]) -> list[torch.Tensor]:
     return [r.get(path, torch.zeros(shape)) for r in raw]
 
@@ -52,14 +93,19 @@ def relative_difference(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(torch.linalg.norm(x.double() - y.double()) / max(torch.linalg.norm(y.double()), 1e-30))
 
 
-def check_against(result, raw, rule, tol=1e-5) -> None:
-    """Every output module equals rule(list of dense source deltas, path) to `tol` (Frobenius, relative)."""
+def check_against(result, raw, rule) -> None:
+    """Every output module equals rule(list of dense source deltas, path), relative (Frobenius), to
+    max(out, in)·eps32 = 2m·u. The largest error is re-factoring: an SVD (fp32 for the elementwise
+    methods, exact at this rank but for rounding) by Householder reflections, each backward stable
+    to c·m·u of ‖ΔW‖ (Higham, Accuracy and Stability, Lemma 19.3), whose errors, of random sign, add
+    about √n-fold over the n reflections. Forming B @ A and the reference's own fp32 add a few u.
+    """
     assert set(result.adapter.modules) == set().union(*raw)
     for path, delta in result.adapter.modules.items():
         shape = next(r[path].shape for r in raw if path in r)
         expected = rule(stacked(raw, path, shape), path)
         assert delta.shape == tuple(expected.shape)
-        assert relative_difference(delta.dense(), expected) < tol, path
+        assert relative_difference(delta.dense(), expected) < max(shape) * EPS32, path
 
 
 def keep_top(t: torch.Tensor, density: float) -> torch.Tensor:
@@ -91,7 +137,7 @@ def gen(seed: int, path: str, i: int) -> torch.Generator:
 def test_weighted_sum_methods_are_exact(method, sources, raw) -> None:
     result = merge(sources, method, WEIGHTS)
     check_against(result, raw, lambda ts, _: sum(w * t for w, t in zip(WEIGHTS, ts)))
-    assert all(m.relative_error < 1e-6 for m in result.report)
+    assert all(m.relative_error == 0.0 for m in result.report)  # nothing was cut, and the report says so exactly
     if method == "cat":
         assert result.adapter.modules["model.layers.0.self_attn.q_proj"].rank == 4 + 4 + 8 + 4
 
@@ -127,85 +173,100 @@ def test_slerp_matches_the_dense_formula(sources, raw) -> None:
 
 
 def test_factor_linear_is_lorahubs_rule(sources, tiny_adapters) -> None:
-    result = merge([sources[0], sources[1]], "factor_linear", [0.7, 0.2])
+    weights = [0.7, 0.2]
+    result = merge(sources[:2], "factor_linear", weights)
     configs = [json.loads((p / "adapter_config.json").read_text()) for p in tiny_adapters[:2]]
     tensors = [load_file(p / "adapter_model.safetensors") for p in tiny_adapters[:2]]
+    roots = [math.sqrt(c["lora_alpha"] / c["r"]) for c in configs]  # the scale, split over both factors
+
+    def combined(path: str, factor: str, magnitudes: bool = False) -> torch.Tensor:
+        """Σ w·√s·factor over the sources; with `magnitudes`, Σ |w|·√s·|factor| (for the bound)."""
+        terms = [(w, s, t[f"base_model.model.{path}.lora_{factor}.weight"]) for w, s, t in zip(weights, roots, tensors)]
+        return sum(abs(w) * s * f.abs() if magnitudes else w * s * f for w, s, f in terms)
+
     for path, delta in result.adapter.modules.items():
-        key = f"base_model.model.{path}"
-        roots = [math.sqrt(c["lora_alpha"] / c["r"]) for c in configs]  # the scale, split over both factors
-        B = sum(w * s * t[f"{key}.lora_B.weight"] for w, s, t in zip([0.7, 0.2], roots, tensors))
-        A = sum(w * s * t[f"{key}.lora_A.weight"] for w, s, t in zip([0.7, 0.2], roots, tensors))
-        torch.testing.assert_close(delta.dense(), B @ A, rtol=1e-5, atol=1e-6)
+        # Both sides form Σ w·√s·B and Σ w·√s·A with at most 4 roundings a term (√s to fp32 and the
+        # product, ·w, +): within 4u·(Σ|w|√s|B|) elementwise, likewise for A. The product of the two
+        # (r terms) adds γ_r ≈ r·u of |B|@|A|, so each side is within (r + 8)·u·(|B|@|A|) of exact,
+        # and the two within (r + 8)·eps32·(|B|@|A|).
+        bound = (delta.rank + 8) * EPS32 * (combined(path, "B", True) @ combined(path, "A", True))
+        assert ((delta.dense() - combined(path, "B") @ combined(path, "A")).abs() <= bound).all(), path
 
 
 # ---- elementwise methods (dense per module) ---------------------------------------------------
 
 
-def test_ties_matches_reference(sources, raw) -> None:
-    params = {"density": 0.4, "majority_sign": "frequency", "divide_by": "weights"}
-    result = merge(sources, "ties", WEIGHTS, params, rank=FULL)
-    check_against(
-        result, raw, lambda ts, _: ties_rule([keep_top(t, 0.4) for t in ts], WEIGHTS, "weights", "frequency")
-    )
+def dare_drop(ts: list[torch.Tensor], path: str, seed: int, density: float) -> list[torch.Tensor]:
+    """Each source's whole tensor, dropped with its own seeded generator and rescaled."""
+    return [t * (torch.rand(t.shape, generator=gen(seed, path, i)) < density) / density for i, t in enumerate(ts)]
 
 
-def test_magnitude_prune_matches_reference(sources, raw) -> None:
-    result = merge(sources, "magnitude_prune", WEIGHTS, {"density": 0.3}, rank=FULL)
-    check_against(result, raw, lambda ts, _: sum(w * keep_top(t, 0.3) for w, t in zip(WEIGHTS, ts)))
+def crumbs(t: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs: skip the gamma fraction of largest magnitudes, keep the next density fraction."""
+    order = t.abs().flatten().argsort(descending=True)
+    keep = torch.zeros(t.numel(), dtype=torch.bool)
+    keep[order[int(gamma * t.numel()) : int(gamma * t.numel()) + int(density * t.numel())]] = True
+    return t * keep.view_as(t)
 
 
-def test_dare_linear_matches_reference_and_is_seeded(sources, raw) -> None:
-    result = merge(sources, "dare_linear", WEIGHTS, {"density": 0.6}, rank=FULL, seed=7)
+def della_drop(ts: list[torch.Tensor], path: str, seed: int, density: float, epsilon: float) -> list[torch.Tensor]:
+    """Keep probability linear in magnitude rank, density ± epsilon/2; survivors divided by it."""
+    dropped = []
+    for i, t in enumerate(ts):
+        n = t.numel()
+        rank_of = torch.empty(n)
+        rank_of[t.abs().flatten().argsort()] = torch.arange(n, dtype=torch.float32)
+        p = density - epsilon / 2 + epsilon * rank_of / (n - 1)
+        keep = torch.rand(n, generator=gen(seed, path, i)) < p
+        dropped.append((t.flatten() * keep / p).view_as(t))
+    return dropped
 
-    def dare(ts, path):
-        return sum(w * t * (torch.rand(t.shape, generator=gen(7, path, i)) < 0.6) / 0.6 for i, (w, t) in enumerate(zip(WEIGHTS, ts)))
 
-    check_against(result, raw, dare)
-    again = merge(sources, "dare_linear", WEIGHTS, {"density": 0.6}, rank=FULL, seed=7)
-    other = merge(sources, "dare_linear", WEIGHTS, {"density": 0.6}, rank=FULL, seed=8)
+def weighted(ts: list[torch.Tensor]) -> torch.Tensor:
+    return sum(w * t for w, t in zip(WEIGHTS, ts))
+
+
+# method: (parameters, seed, dense reference rule(list of source deltas, module path))
+ELEMENTWISE = {
+    "ties": (
+        {"density": 0.4, "majority_sign": "frequency", "divide_by": "weights"},
+        0,
+        lambda ts, _: ties_rule([keep_top(t, 0.4) for t in ts], WEIGHTS, "weights", "frequency"),
+    ),
+    "magnitude_prune": ({"density": 0.3}, 0, lambda ts, _: weighted([keep_top(t, 0.3) for t in ts])),
+    "dare_linear": ({"density": 0.6}, 7, lambda ts, path: weighted(dare_drop(ts, path, 7, 0.6))),
+    "dare_ties": ({"density": 0.5}, 3, lambda ts, path: ties_rule(dare_drop(ts, path, 3, 0.5), WEIGHTS)),
+    "breadcrumbs": ({"density": 0.5, "gamma": 0.1}, 0, lambda ts, _: weighted([crumbs(t, 0.5, 0.1) for t in ts])),
+    "della": (
+        {"density": 0.6, "epsilon": 0.2, "lambda": 1.5},  # smallest kept with p = 0.5, largest with 0.7
+        5,
+        lambda ts, path: 1.5 * ties_rule(della_drop(ts, path, 5, 0.6, 0.2), WEIGHTS),
+    ),
+}
+
+
+@pytest.mark.parametrize("method", ELEMENTWISE)
+def test_elementwise_matches_reference(method, sources, raw) -> None:
+    params, seed, rule = ELEMENTWISE[method]
+    check_against(merge(sources, method, WEIGHTS, params, rank=FULL, seed=seed), raw, rule)
+
+
+@pytest.mark.parametrize("method", ELEMENTWISE)
+def test_elementwise_across_row_blocks(method, tall_sources, tall_raw) -> None:
+    """Rules run block by block of rows, but thresholds are per whole tensor and drops are drawn in
+    row order: on modules of several blocks the result still equals the whole-tensor reference."""
+    params, seed, rule = ELEMENTWISE[method]
+    check_against(merge(tall_sources, method, WEIGHTS, params, rank=FULL, seed=seed), tall_raw, rule)
+
+
+def test_dare_is_seeded(sources) -> None:
     path = "model.layers.1.mlp.up_proj"
-    assert torch.equal(result.adapter.modules[path].dense(), again.adapter.modules[path].dense())
-    assert not torch.allclose(result.adapter.modules[path].dense(), other.adapter.modules[path].dense())
-
-
-def test_dare_ties_matches_reference(sources, raw) -> None:
-    result = merge(sources, "dare_ties", WEIGHTS, {"density": 0.5}, rank=FULL, seed=3)
-
-    def dare_ties(ts, path):
-        dropped = [t * (torch.rand(t.shape, generator=gen(3, path, i)) < 0.5) / 0.5 for i, t in enumerate(ts)]
-        return ties_rule(dropped, WEIGHTS)
-
-    check_against(result, raw, dare_ties)
-
-
-def test_breadcrumbs_matches_reference(sources, raw) -> None:
-    result = merge(sources, "breadcrumbs", WEIGHTS, {"density": 0.5, "gamma": 0.1}, rank=FULL)
-
-    def crumbs(t):
-        order = t.abs().flatten().argsort(descending=True)
-        keep = torch.zeros(t.numel(), dtype=torch.bool)
-        keep[order[int(0.1 * t.numel()) : int(0.1 * t.numel()) + int(0.5 * t.numel())]] = True
-        return t * keep.view_as(t)
-
-    check_against(result, raw, lambda ts, _: sum(w * crumbs(t) for w, t in zip(WEIGHTS, ts)))
-
-
-def test_della_matches_reference(sources, raw) -> None:
-    params = {"density": 0.6, "epsilon": 0.2, "lambda": 1.5}
-    result = merge(sources, "della", WEIGHTS, params, rank=FULL, seed=5)
-
-    def della(ts, path):
-        dropped = []
-        for i, t in enumerate(ts):
-            n = t.numel()
-            rank_of = torch.empty(n)
-            rank_of[t.abs().flatten().argsort()] = torch.arange(n, dtype=torch.float32)
-            p = 0.6 - 0.1 + 0.2 * rank_of / (n - 1)  # smallest kept with 0.5, largest with 0.7
-            keep = torch.rand(n, generator=gen(5, path, i)) < p
-            dropped.append((t.flatten() * keep / p).view_as(t))
-        return 1.5 * ties_rule(dropped, WEIGHTS)
-
-    check_against(result, raw, della)
+    first, again, other = (
+        merge(sources, "dare_linear", WEIGHTS, {"density": 0.6}, rank=FULL, seed=seed).adapter.modules[path].dense()
+        for seed in (7, 7, 8)
+    )
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
 
 
 def test_refactoring_error_is_near_the_optimum(sources, raw) -> None:
@@ -214,7 +275,11 @@ def test_refactoring_error_is_near_the_optimum(sources, raw) -> None:
         ts = stacked(raw, module.path, result.adapter.modules[module.path].shape)
         S = torch.linalg.svdvals(ties_rule([keep_top(t, 0.5) for t in ts], WEIGHTS).double())
         optimum = float(S[8:].square().sum().sqrt() / S.square().sum().sqrt())
-        assert module.relative_error <= optimum * 1.01 + 1e-6
+        # A quality claim, not arithmetic: the randomized range finder (16 extra directions, 4 power
+        # iterations) must come within 1% of Eckart–Young, where Halko et al. (2011, Thm 10.5) promise
+        # √(1 + r/15) = 1.24x in expectation without power iterations. At errors >= 0.1, 1% dwarfs
+        # the rounding of the reported √(1 − kept/total) from fp32 energies (~u/error ≈ 1e-6).
+        assert optimum >= 0.1 and module.relative_error <= optimum * 1.01
 
 
 # ---- identities and refusals ------------------------------------------------------------------
