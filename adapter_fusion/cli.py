@@ -17,6 +17,9 @@ app = typer.Typer(help="Compose PEFT LoRA adapters exactly and fast.", no_args_i
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)  # error text unwrapped: paths stay copyable
 DEFAULT_RECIPE = Path(__file__).parent / "default_recipe.yaml"
+# where the base model runs (checked by `models.resolve_device` / `resolve_dtype` before loading)
+DeviceOption = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or mps; default: cuda if available, else cpu")]
+DtypeOption = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16; default: bfloat16 on cuda, else float32")]
 
 
 def _fail(error: Exception) -> None:
@@ -142,6 +145,8 @@ def evaluate_command(
     split: Annotated[str, typer.Option(help="train, validation or test")] = "test",
     limit: Annotated[int, typer.Option(help="examples per task")] = 50,
     output_json: Annotated[Path | None, typer.Option("--json", help="also write the scores here as JSON")] = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
 ) -> None:
     """Exact-match accuracy and target loss of adapters (or the base model) on tasks."""
     import json
@@ -158,7 +163,7 @@ def evaluate_command(
         _fail(typer.BadParameter(f"unknown task(s) {', '.join(unknown)}; tasks: {', '.join(TASKS)}"))
     try:
         adapters = {str(p): load_adapter(p) for p in adapter} if adapter else {"base": None}
-        runtime = Runtime(base or default_base())
+        runtime = Runtime(base or default_base(), device=device, dtype=dtype)
         with _progress() as progress:
             bar = progress.add_task("eval", total=None, module="")
             scores = evaluate(runtime, adapters, task, split, limit, on_batch=lambda d, t: progress.update(bar, completed=d, total=t, module="rows"))
@@ -188,13 +193,15 @@ def lorahub(
     parallel: Annotated[int, typer.Option(help="candidates scored in one batched forward pass")] = 1,
     raw: Annotated[bool, typer.Option(help="inputs are raw text, not chat messages")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
 ) -> None:
     """LoraHub: search composition weights on a few examples, save the composed adapter."""
     import json
 
     from adapter_fusion.adapters import load_adapter, save_adapter
     from adapter_fusion.lorahub import lorahub_search
-    from adapter_fusion.models import LLAMA_TARGETS, default_base
+    from adapter_fusion.models import default_base
     from adapter_fusion.runtime import Runtime
 
     try:
@@ -205,8 +212,7 @@ def lorahub(
         if any(t is None for _, t in pairs):
             raise RecipeError(f"{examples}: every line needs 'input' and 'target' (or 'output')")
         sources = [load_adapter(p) for p in adapters]
-        targets = sorted({path.rsplit(".", 1)[-1] for a in sources for path in a.modules} | set(LLAMA_TARGETS))
-        runtime = Runtime(base or default_base(), targets=targets)
+        runtime = Runtime(base or default_base(), device=device, dtype=dtype)
         with _progress() as progress:
             bar = progress.add_task("lorahub", total=budget, module="")
             result = lorahub_search(
@@ -241,13 +247,15 @@ def serve(
     metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus /metrics on this port")] = None,
     grace: Annotated[float, typer.Option(help="seconds to finish in-flight streams on SIGTERM")] = 10.0,
     insecure: Annotated[bool, typer.Option(help="allow a non-loopback --host with neither --token nor TLS")] = False,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
 ) -> None:
     """Serve the gRPC API: one base model, hot-loaded and composed adapters, mixed batches."""
     import asyncio
     import logging
 
     from adapter_fusion.engine import Limits
-    from adapter_fusion.models import DEMO_ADAPTERS, cache_dir, default_base
+    from adapter_fusion.models import DEMO_ADAPTERS, cache_dir, default_base, resolve_device, resolve_dtype
     from server.app import ServerConfig, serve as run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -255,6 +263,7 @@ def serve(
         _fail(typer.BadParameter("give both --tls-cert and --tls-key"))
     demo = sorted(p for p in DEMO_ADAPTERS.glob("*") if (p / "adapter_config.json").is_file())
     try:
+        resolve_dtype(dtype, resolve_device(device))  # a bad --device or --dtype refused before the store and the model load
         config = ServerConfig(
             base_dir=base or default_base(),
             store_dir=store or cache_dir() / "store",
@@ -278,6 +287,8 @@ def serve(
             metrics_port=metrics_port,
             grace_seconds=grace,
             insecure=insecure,
+            device=device,
+            dtype=dtype,
         )
         asyncio.run(run_server(config))
     except AdapterFusionError as error:

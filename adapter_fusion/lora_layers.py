@@ -1,6 +1,8 @@
 """Many adapters resident on one model, chosen per batch row: the serving and search kernel.
 
-Each targeted `nn.Linear` is wrapped once by `MultiLoraLinear`, which holds every resident slot's
+Every projection of the model (`nn.Linear`, or GPT-2's `Conv1D`, but not the output head) is
+wrapped once by `MultiLoraLinear`, so whatever module paths an adapter targets are already there;
+a layer no resident slot touches returns its base output at once. Each layer holds every slot's
 factors stacked and zero-padded to a common rank: A (slots, R, in), B (slots, out, R). When a
 batch uses few distinct slots (evaluation, LoraHub, a busy adapter), each slot's rows take two
 plain matmuls at that slot's own rank; when it mixes many, a forward gathers each row's factors
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from adapter_fusion.delta import LowRankDelta
 
@@ -44,10 +47,14 @@ class Routing:
 
 
 class MultiLoraLinear(nn.Module):
-    def __init__(self, base: nn.Linear) -> None:
+    """A projection plus per-row LoRA deltas ΔW = B @ A, (out, in) whatever the base's layout:
+    peft's factors for a `Conv1D` (weight stored (in, out)) are shaped as for a Linear too."""
+
+    def __init__(self, base: nn.Linear | Conv1D) -> None:
         super().__init__()
         self.base = base
-        out, inp = base.out_features, base.in_features
+        out, inp = self.shape
+        self.rank = 0  # widest slot's rank R; 0: no slot touches this layer, forward is base(x)
         self.register_buffer("A", torch.zeros(1, 0, inp), persistent=False)  # (slots, R, in)
         self.register_buffer("B", torch.zeros(1, out, 0), persistent=False)  # (slots, out, R)
         # which source of its slot each rank column came from; padding points one past the last source
@@ -58,36 +65,42 @@ class MultiLoraLinear(nn.Module):
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(out, in), as a LowRankDelta of this module is shaped."""
+        if isinstance(self.base, Conv1D):
+            return self.base.nf, self.base.nx
         return self.base.out_features, self.base.in_features
 
     def set_slots(self, slots: list[list[LowRankDelta | None]]) -> None:
         """Replace all slots at once. Slot i+1 holds slots[i]: its sources' deltas for this module
-        (None where a source lacks it), concatenated; slot 0 stays the base model."""
+        (None where a source lacks it), concatenated; slot 0 stays the base model. Stacked in
+        float32 on the CPU where the deltas live, then moved to the base's device and dtype once."""
         out, inp = self.shape
         ranks = [sum(d.rank for d in sources if d is not None) for sources in slots]
         rank = max(ranks, default=0)
         n_sources = max((len(sources) for sources in slots), default=0)
-        dtype, device = self.base.weight.dtype, self.base.weight.device
-        A = torch.zeros(len(slots) + 1, rank, inp, dtype=dtype, device=device)
-        B = torch.zeros(len(slots) + 1, out, rank, dtype=dtype, device=device)
-        column_source = torch.full((len(slots) + 1, rank), n_sources, dtype=torch.long, device=device)
+        A = torch.zeros(len(slots) + 1, rank, inp)
+        B = torch.zeros(len(slots) + 1, out, rank)
+        column_source = torch.full((len(slots) + 1, rank), n_sources, dtype=torch.long)
         for i, sources in enumerate(slots, start=1):
             at = 0
             for s, d in enumerate(sources):
                 if d is None:
                     continue
-                A[i, at : at + d.rank] = d.A.to(dtype)
-                B[i, :, at : at + d.rank] = d.B.to(dtype)
+                A[i, at : at + d.rank] = d.A
+                B[i, :, at : at + d.rank] = d.B
                 column_source[i, at : at + d.rank] = s
                 at += d.rank
-        self.A, self.B, self.column_source = A, B, column_source
-        self.slot_factors = [(A[i, :r].T, B[i, :, :r].T, column_source[i, :r]) for i, r in enumerate([0, *ranks])]
+        weight = self.base.weight
+        self.A, self.B = A.to(weight.device, weight.dtype), B.to(weight.device, weight.dtype)
+        self.column_source = column_source.to(weight.device)
+        self.rank = rank
+        self.slot_factors = [(self.A[i, :r].T, self.B[i, :, :r].T, self.column_source[i, :r]) for i, r in enumerate([0, *ranks])]
 
     def forward(self, x: Tensor) -> Tensor:  # x (batch, seq, in)
-        y = self.base(x)
         routing = self.routing
-        if routing is None or self.A.shape[1] == 0:
-            return y
+        if routing is None or not self.rank:
+            return self.base(x)
+        y = self.base(x)
         if routing.groups is None:
             return y + self._gathered(x, routing)
         for slot, picked in routing.groups:
@@ -112,15 +125,21 @@ class MultiLoraLinear(nn.Module):
         return torch.bmm(h, B.transpose(1, 2))
 
 
-def inject(model: nn.Module, targets: list[str]) -> dict[str, MultiLoraLinear]:
-    """Wrap every nn.Linear whose leaf name is in `targets`; returns {module path: layer}."""
+def inject(model: nn.Module, targets: list[str] | None = None) -> dict[str, MultiLoraLinear]:
+    """Wrap every projection (nn.Linear or Conv1D) but the output head, or with `targets` only
+    those whose leaf name is listed; returns {module path: layer}. The head is left alone: LoRA
+    on it is rare, and it is often the input embedding's tied twin."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     layers = {}
     for path, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and path.rsplit(".", 1)[-1] in targets:
-            parent_path, _, leaf = path.rpartition(".")
-            wrapped = MultiLoraLinear(module)
-            setattr(model.get_submodule(parent_path) if parent_path else model, leaf, wrapped)
-            layers[path] = wrapped
+        if not isinstance(module, nn.Linear | Conv1D) or module is head:
+            continue
+        if targets is not None and path.rsplit(".", 1)[-1] not in targets:
+            continue
+        parent_path, _, leaf = path.rpartition(".")
+        wrapped = MultiLoraLinear(module)
+        setattr(model.get_submodule(parent_path) if parent_path else model, leaf, wrapped)
+        layers[path] = wrapped
     return layers
 
 

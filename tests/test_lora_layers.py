@@ -1,4 +1,5 @@
-"""Mixed-adapter batches on injected layers equal PEFT's per-adapter outputs."""
+"""Mixed-adapter batches on injected layers equal PEFT's per-adapter outputs; every projection
+is wrapped, at no cost where no slot touches it."""
 
 from __future__ import annotations
 
@@ -55,3 +56,22 @@ def test_per_row_source_weights_are_the_exact_weighted_sum(
                 w = weights[row]
                 reference.get_submodule(path).weight += w[0] * sources[0].modules[path].dense() + w[1] * sources[1].modules[path].dense()
             torch.testing.assert_close(routed[row], reference(IDS[row : row + 1]).logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_inject_wraps_every_projection_but_the_head_and_untouched_layers_stay_the_base(
+    tiny_base: Path, tiny_adapters: list[Path]
+) -> None:
+    """Wrapping everything is free for a layer no slot touches: its forward is the base's own."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    head = model.get_output_embeddings()
+    projections = {path for path, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    layers = inject(model, None)
+    assert set(layers) == projections and model.get_output_embeddings() is head
+    subset = load_adapter(tiny_adapters[3])  # q_proj and v_proj only
+    for path, layer in layers.items():
+        layer.set_slots([[subset.modules.get(path)]])
+    untouched = layers["model.layers.0.mlp.down_proj"]
+    assert untouched.rank == 0 and layers["model.layers.0.self_attn.q_proj"].rank == 4
+    x = torch.randn(2, 3, untouched.shape[1])
+    with torch.no_grad(), route(layers, torch.tensor([1, 1])):
+        assert torch.equal(untouched(x), untouched.base(x))
