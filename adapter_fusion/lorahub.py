@@ -53,7 +53,7 @@ class SearchResult:
 
 
 def check_settings(
-    n_sources: int, n_examples: int, budget: int, optimizer: str, parallel: int = 1, l1: float = 0.05, bound: float = 1.5
+    n_sources: int, n_examples: int, budget: int, optimizer: str, parallel: int = 1, l1: float = 0.05, bound: float = 1.5, seed: int = 0
 ) -> None:
     """Refuse every setting that would fail late or run away (a huge `parallel` asks nevergrad
     for that many workers' state) before any work starts."""
@@ -72,6 +72,8 @@ def check_settings(
         raise RecipeError(f"l1 must be a finite number in [0, 1000], got {l1}")
     if not (math.isfinite(bound) and 0 < bound <= 1e3):
         raise RecipeError(f"bound must be a finite number in (0, 1000], got {bound}")
+    if not 0 <= seed < 2**32:  # nevergrad's random state is numpy's
+        raise RecipeError(f"seed must be in 0..2**32-1, got {seed}")
 
 
 def search(
@@ -88,7 +90,7 @@ def search(
 ) -> SearchResult:
     """Minimise objective(w) + l1·mean|w| over w in [-bound, bound]^n, seeded through nevergrad's
     own random state. Returns the best candidate evaluated (not a model-based guess)."""
-    check_settings(n_sources, 1, budget, optimizer, parallel, l1, bound)
+    check_settings(n_sources, 1, budget, optimizer, parallel, l1, bound, seed)
     parametrization = ng.p.Array(init=np.zeros(n_sources), lower=-bound, upper=bound)
     parametrization.random_state = np.random.RandomState(seed)
     opt = ng.optimizers.registry[optimizer](parametrization=parametrization, budget=budget, num_workers=parallel)
@@ -189,7 +191,7 @@ def lorahub_search(
 ) -> SearchResult:
     """Search weights for `adapters` on (input, target) `examples`; the result carries the
     composed adapter (exact weighted sum, or the factor rule it was searched with)."""
-    check_settings(len(adapters), len(examples), budget, optimizer, parallel, l1, bound)
+    check_settings(len(adapters), len(examples), budget, optimizer, parallel, l1, bound, seed)
     objective = runtime_objective(runtime, adapters, examples, rule, chat)
     result = search(objective, len(adapters), budget, optimizer, seed, l1, bound, parallel, on_progress, should_stop)
     result.adapter = merge(list(adapters), rule, result.weights, name=name).adapter

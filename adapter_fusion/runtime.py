@@ -174,7 +174,11 @@ class Request:
 def _sample(logits: Tensor, request: Request) -> int:  # logits (vocab,)
     """One token drawn at the request's temperature, top-k and top-p; on the CPU, where the
     request's generator is."""
-    logits = logits.float() / request.temperature
+    logits = logits.float().nan_to_num(nan=float("-inf"), posinf=float("-inf"))
+    top = logits.max()
+    if not torch.isfinite(top):  # nothing finite to sample from: the best the model has
+        return int(logits.argmax())
+    logits = (logits - top) / request.temperature  # the best token at 0: no overflow at any temperature
     if request.top_k > 0:
         kth = torch.topk(logits, min(request.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -140,7 +140,7 @@ class InferenceRPCs:
             raise LimitExceededError(f"budget {budget} is over this server's cap of {self.limits.max_search_budget}")
         if parallel > self.limits.max_search_parallel:
             raise LimitExceededError(f"parallel {parallel} is over this server's cap of {self.limits.max_search_parallel}")
-        check_settings(len(request.adapters), len(request.examples), budget, optimizer, parallel, l1)
+        check_settings(len(request.adapters), len(request.examples), budget, optimizer, parallel, l1, seed=request.seed)
         return budget, optimizer, parallel, l1
 
     async def _search(self: AdapterFusionService, request: pb.SearchWeightsRequest) -> AsyncIterator[pb.SearchWeightsProgress]:

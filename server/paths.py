@@ -13,12 +13,14 @@ where a path led outside them.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from adapter_fusion.adapters import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
 from adapter_fusion.atomic import is_ours
-from adapter_fusion.errors import InvalidRequestError, OutputExistsError, PathNotAllowedError, quoted
+from adapter_fusion.errors import AdapterFusionError, InvalidRequestError, OutputExistsError, PathNotAllowedError, quoted
 
 MAX_PATH_BYTES = 4096  # PATH_MAX on Linux
 MAX_COMPONENT_BYTES = 255  # NAME_MAX
@@ -43,6 +45,15 @@ class PathPolicy:
 
     def readable(self, path: str) -> Path:
         """The adapter dir `path` names, if it and every file in it that loading reads lie under a read root."""
+        with _os_errors(path):
+            return self._readable(path)
+
+    def writable(self, path: str, overwrite: bool) -> Path:
+        """The output dir `path` names, if writing it there is allowed (see the module doc)."""
+        with _os_errors(path):
+            return self._writable(path, overwrite)
+
+    def _readable(self, path: str) -> Path:
         real = self._resolve(path, self.read_roots, "read")
         if not any(_inside(real, root) for root in self.read_roots):
             raise self._denied(path, "read")
@@ -52,8 +63,7 @@ class PathPolicy:
                 raise PathNotAllowedError(f"{quoted(path)}: its {name} links outside the read roots; copy the file in instead")
         return real
 
-    def writable(self, path: str, overwrite: bool) -> Path:
-        """The output dir `path` names, if writing it there is allowed (see the module doc)."""
+    def _writable(self, path: str, overwrite: bool) -> Path:
         real = self._resolve(path, self.write_roots, "write")
         if not any(real != root and real.is_relative_to(root) for root in self.write_roots):
             raise self._denied(path, "write")
@@ -79,15 +89,30 @@ class PathPolicy:
             raise PathNotAllowedError(f"this server allows no {kind} paths (start it with --{'adapter' if kind == 'read' else 'output'}-root)")
         candidate = Path(path) if os.path.isabs(path) else roots[0] / path
         try:
-            return candidate.resolve()
-        except (OSError, RuntimeError) as error:  # symlink loops, over-long results
-            raise InvalidRequestError(f"{quoted(path)} cannot be resolved ({type(error).__name__})") from None
+            real = candidate.resolve()
+        except RuntimeError:  # a symlink loop
+            raise InvalidRequestError(f"{quoted(path)} cannot be resolved (a symlink loop)") from None
+        if len(str(real).encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES - MAX_COMPONENT_BYTES:  # room for the files inside
+            raise InvalidRequestError(f"{quoted(path)} is too long once resolved under the root")
+        return real
 
     def _denied(self, path: str, kind: str) -> PathNotAllowedError:
         roots = self.read_roots if kind == "read" else self.write_roots
         where = "inside" if kind == "read" else "strictly inside"
         listing = ", ".join(str(r) for r in roots)
         return PathNotAllowedError(f"{quoted(path)} is not {where} a {kind} root of this server ({listing})")
+
+
+@contextmanager
+def _os_errors(path: str) -> Iterator[None]:
+    """What the filesystem refuses while checking (a name too long, a loop, no access) is the
+    request's problem, named without the resolved path."""
+    try:
+        yield
+    except AdapterFusionError:
+        raise  # PathNotAllowedError is a PermissionError, hence an OSError: our own verdict stands
+    except OSError as error:
+        raise InvalidRequestError(f"{quoted(path)} cannot be used: {error.strerror or type(error).__name__}") from None
 
 
 def _check_text(path: str) -> None:
