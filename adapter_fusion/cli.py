@@ -234,7 +234,7 @@ def serve(
     store: Annotated[Path | None, typer.Option(envvar="ADAPTER_FUSION_STORE", help="persistent adapter store; default: <cache>/store")] = None,
     adapter_root: Annotated[list[Path] | None, typer.Option(help="directory LoadAdapter may read from (repeat); default: the demo adapters")] = None,
     output_root: Annotated[list[Path] | None, typer.Option(help="directory ExportAdapter/BakeModel may write into (repeat); default: <cache>/exports")] = None,
-    preload: Annotated[list[Path] | None, typer.Option(help="adapter dir registered (pinned) at start (repeat); default: the demo adapters")] = None,
+    preload: Annotated[list[Path] | None, typer.Option(help="adapter dir registered (pinned) at start (repeat); default: the demo adapters when --base is the default")] = None,
     memory_budget_mb: Annotated[int, typer.Option(help="resident adapter factors, MB")] = 1024,
     max_new_tokens: Annotated[int, typer.Option(help="cap on a request's max_new_tokens")] = 512,
     max_prompt_tokens: Annotated[int, typer.Option()] = 2048,
@@ -269,7 +269,7 @@ def serve(
             store_dir=store or cache_dir() / "store",
             adapter_roots=adapter_root or [DEMO_ADAPTERS],
             output_roots=output_root or [cache_dir() / "exports"],
-            preload=demo if preload is None else preload,
+            preload=(demo if base is None else []) if preload is None else preload,  # the demo adapters fit only SmolLM2
             host=host,
             port=port,
             limits=Limits(
