@@ -73,13 +73,13 @@ class Running:
     port: int
     engine: Engine
     service: AdapterFusionService
-    health: health.HealthServicer
+    health: health.aio.HealthServicer
     failed: asyncio.Event = field(default_factory=asyncio.Event)  # the engine gave up: exit non-zero
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls (UNAVAILABLE), let in-flight ones finish within
         `grace`, then stop. (grpc.aio's own stop(grace) ends in-flight streams at once.)"""
-        self.health.enter_graceful_shutdown()
+        await self.health.enter_graceful_shutdown()
         self.service.calls.draining = True
         deadline = asyncio.get_running_loop().time() + (grace or 0)
         while self.service.calls.in_flight and asyncio.get_running_loop().time() < deadline:
@@ -102,9 +102,9 @@ async def create_server(config: ServerConfig) -> Running:
     options = [("grpc.max_receive_message_length", config.max_request_bytes), ("grpc.so_reuseport", 0)]
     interceptors = ([BearerAuth(config.token)] if config.token else []) + [DecodeGuard(SERVICE_NAME)]
     server = grpc.aio.server(options=options, interceptors=interceptors)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_servicer = health.aio.HealthServicer()  # Watch streams live on the loop, ended with the server
     for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{config.host}:{config.port}"
     if config.tls_cert and config.tls_key:
@@ -117,16 +117,16 @@ async def create_server(config: ServerConfig) -> Running:
     failed = asyncio.Event()
 
     def on_state(state: str) -> None:  # from the engine's thread: health changes on the loop
-        def apply() -> None:
+        async def apply() -> None:
             serving = health_pb2.HealthCheckResponse.SERVING if state == "serving" else health_pb2.HealthCheckResponse.NOT_SERVING
             if state != "stopped":
                 for name in ("", SERVICE_NAME):
-                    health_servicer.set(name, serving)
+                    await health_servicer.set(name, serving)
             if state == "failed":
                 failed.set()
 
         if not loop.is_closed():
-            loop.call_soon_threadsafe(apply)
+            asyncio.run_coroutine_threadsafe(apply(), loop)
 
     store = await asyncio.to_thread(AdapterStore, config.store_dir)
     recovered = await asyncio.to_thread(store.recover)
