@@ -24,6 +24,7 @@ from adapter_fusion.errors import AdapterFusionError, InvalidRequestError, Outpu
 
 MAX_PATH_BYTES = 4096  # PATH_MAX on Linux
 MAX_COMPONENT_BYTES = 255  # NAME_MAX
+WRITE_SUFFIX_BYTES = 18  # an output is written as ".NAME.<12 hex>.old" / ".NAME.XXXXXXXX.tmp" beside its target
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -65,6 +66,8 @@ class PathPolicy:
 
     def _writable(self, path: str, overwrite: bool) -> Path:
         real = self._resolve(path, self.write_roots, "write")
+        if len(real.name.encode("utf-8", "surrogatepass")) > MAX_COMPONENT_BYTES - WRITE_SUFFIX_BYTES:
+            raise InvalidRequestError(f"the output's name is over {MAX_COMPONENT_BYTES - WRITE_SUFFIX_BYTES} bytes (its temp dir needs the rest)")
         if not any(real != root and real.is_relative_to(root) for root in self.write_roots):
             raise self._denied(path, "write")
         for special in (*self.read_roots, *self.write_roots, *self.protected):

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from adapter_fusion.adapters import Adapter, load_adapter, save_adapter
 from adapter_fusion.bake import bake
 from adapter_fusion.engine import Engine
-from adapter_fusion.errors import AlreadyExistsError, InvalidRequestError, NotFoundError
+from adapter_fusion.errors import AdapterFormatError, AlreadyExistsError, InvalidRequestError, NotFoundError
 from adapter_fusion.merge import merge
 from adapter_fusion.recipe import Recipe, parse_recipe
 from adapter_fusion.registry import AdapterInfo
@@ -107,7 +107,10 @@ class AdapterFusionService(InferenceRPCs, pb_grpc.AdapterFusionServicer):
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context) -> pb.AdapterInfo:
         def load(name: str) -> None:
             path = self.paths.readable(request.path)
-            adapter = load_adapter(path, name)
+            try:
+                adapter = load_adapter(path, name)
+            except AdapterFormatError as error:  # said with the client's path, not where a link led
+                raise type(error)(str(error).replace(str(path), request.path)) from None
             info = AdapterInfo.of(adapter, str(path), request.pin)
             known = self.registry.has(name)
             self.registry.register(adapter, info)  # no-op for the same path, ALREADY_EXISTS for another

@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from adapter_fusion.adapters import Adapter, check_compatible
@@ -63,7 +64,10 @@ def _target_rank(method: MergeMethod, rank: int | None, sources: list[Adapter], 
     return max(a.modules[path].rank for a in sources if path in a.modules)
 
 
-def _finish(method: MergeMethod, combined: LowRankDelta | Tensor, rank: int | None, seed: int) -> tuple[LowRankDelta, Truncation]:
+def _finish(method: MergeMethod, combined: LowRankDelta | Tensor, rank: int | None, seed: int, path: str) -> tuple[LowRankDelta, Truncation]:
+    parts = [combined] if isinstance(combined, Tensor) else [combined.A, combined.B]
+    if not all(bool(torch.isfinite(p).all()) for p in parts):  # e.g. DARE's 1/density at a tiny density
+        raise RecipeError(f"method {method.name!r} overflows float32 on module {path!r}; use a larger density or smaller weights")
     if isinstance(combined, Tensor):
         if rank is None:  # only reachable for dense methods declared "exact": refuse, do not guess
             raise RecipeError(f"method {method.name!r} produces a dense update: give a rank")
@@ -113,7 +117,7 @@ def merge(
     for done, path in enumerate(paths):
         group = ModuleSources(path, shapes[path], [a.modules.get(path) for a in sources], weights, seed)
         target = _target_rank(spec, rank, sources, path)
-        delta, kept = _finish(spec, spec.combine(group, params), target, seed)
+        delta, kept = _finish(spec, spec.combine(group, params), target, seed, path)
         modules[path] = delta
         report.append(ModuleReport(path, kept.rank, kept.energy_kept, kept.relative_error))
         if on_module is not None:
