@@ -1,0 +1,127 @@
+"""Soak: 16 concurrent Generate streams over 8 adapters while another client loads, composes and
+unloads in a loop and a third polls health every 50 ms; every call has a deadline.
+
+    python bench/soak.py [--seconds 180] [--base smollm2]
+
+Reports hangs (a call past its deadline), mixed outputs that differ from the same adapter's
+sequential greedy output, health latency p50/p99, and the server's RSS over time (VmRSS of this
+process, which holds the in-process server), first minute vs last minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from adapter_fusion.client import Client, make_recipe
+from adapter_fusion.models import default_base, tiny_llama
+from adapter_fusion.v1 import adapter_fusion_pb2 as pb
+from server.app import BackgroundServer, ServerConfig
+
+PROMPTS = ["Tell me about rivers.", "Count the stones.", "Name a colour.", "Describe the sea."]
+DEADLINE = 60.0
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def adapters(base: Path, root: Path, n: int) -> list[Path]:
+    """Near-base random adapters (small B): they never stop early, every row writes its tokens."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dirs = []
+    for i in range(n):
+        torch.manual_seed(i)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        model.save_pretrained(root / f"a{i}")
+        dirs.append(root / f"a{i}")
+    return dirs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=180)
+    parser.add_argument("--base", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--tokens", type=int, default=16)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="soak-"))
+    base = default_base() if args.base == "smollm2" else tiny_llama(work / "tiny", tokenizer_from=default_base(), layers=4, hidden=128)
+    dirs = adapters(base, work / "adapters", 8)
+    server = BackgroundServer(ServerConfig(base_dir=base, store_dir=work / "store", adapter_roots=[work / "adapters"], output_roots=[work / "out"], port=0))
+    stop = time.monotonic() + args.seconds
+    hangs, mismatches, streams, churn_ops = [0], [0], [0], [0]
+    health_ms: list[float] = []
+    rss: list[tuple[float, float]] = []
+    with Client(server.address) as setup:
+        for i, d in enumerate(dirs):
+            setup.load_adapter(f"a{i}", d.name)
+        expected = {(i, p): setup.chat(p, adapter=f"a{i}", max_new_tokens=args.tokens, timeout=DEADLINE) for i in range(8) for p in PROMPTS}
+
+    def generate(worker: int) -> None:
+        with Client(server.address) as client:
+            k = worker
+            while time.monotonic() < stop:
+                i, prompt = k % 8, PROMPTS[k % len(PROMPTS)]
+                k += 16
+                try:
+                    text = client.chat(prompt, adapter=f"a{i}", max_new_tokens=args.tokens, timeout=DEADLINE)
+                    streams[0] += 1
+                    mismatches[0] += text != expected[(i, prompt)]
+                except grpc.RpcError as error:
+                    hangs[0] += error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def churn() -> None:
+        with Client(server.address) as client:
+            n = 0
+            while time.monotonic() < stop:
+                try:
+                    client.stub.LoadAdapter(pb.LoadAdapterRequest(name="churn", path="a0"), timeout=DEADLINE)
+                    client.compose(f"mix{n % 3}", make_recipe("svd", {"churn": 0.5, "a1": 0.5}, rank=8))
+                    client.unload_adapter(f"mix{n % 3}")
+                    client.unload_adapter("churn")
+                    churn_ops[0] += 4
+                except grpc.RpcError as error:
+                    hangs[0] += error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                n += 1
+
+    def health() -> None:
+        start = time.monotonic()
+        with grpc.insecure_channel(server.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < stop:
+                t = time.perf_counter()
+                stub.Check(health_pb2.HealthCheckRequest(), timeout=DEADLINE)
+                health_ms.append((time.perf_counter() - t) * 1000)
+                rss.append((time.monotonic() - start, rss_mb()))
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=generate, args=(w,)) for w in range(16)] + [threading.Thread(target=churn), threading.Thread(target=health)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    server.stop()
+    q = statistics.quantiles(health_ms, n=100)
+    first = [m for s, m in rss if s < 60]
+    last = [m for s, m in rss if s > rss[-1][0] - 60]
+    print(f"base {args.base}, {args.seconds:.0f} s: {streams[0]} streams, {churn_ops[0]} load/compose/unload calls, hangs {hangs[0]}, "
+          f"mixed outputs differing from sequential greedy {mismatches[0]}")
+    print(f"health: {len(health_ms)} checks, p50 {q[49]:.1f} ms, p99 {q[98]:.1f} ms")
+    print(f"RSS: first minute mean {statistics.mean(first):.0f} MB, last minute mean {statistics.mean(last):.0f} MB, max {max(m for _, m in rss):.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
