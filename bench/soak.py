@@ -57,17 +57,18 @@ def main() -> None:
     parser.add_argument("--base", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--tokens", type=int, default=16)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="soak-"))
+    holder = tempfile.TemporaryDirectory(prefix="soak-")  # removed at the end: bakes of nothing, but adapters and a store
+    work = Path(holder.name)
     base = default_base() if args.base == "smollm2" else tiny_llama(work / "tiny", tokenizer_from=default_base(), layers=4, hidden=128)
     dirs = adapters(base, work / "adapters", 8)
     server = BackgroundServer(ServerConfig(base_dir=base, store_dir=work / "store", adapter_roots=[work / "adapters"], output_roots=[work / "out"], port=0))
     stop = time.monotonic() + args.seconds
-    hangs, mismatches, streams, churn_ops = [0], [0], [0], [0]
+    hangs, mismatches, streams, churn_ops, errors = [0], [0], [0], [0], []
     health_ms: list[float] = []
     rss: list[tuple[float, float]] = []
     with Client(server.address) as setup:
         for i, d in enumerate(dirs):
-            setup.load_adapter(f"a{i}", d.name)
+            setup.stub.LoadAdapter(pb.LoadAdapterRequest(name=f"a{i}", path=d.name), timeout=DEADLINE)
         expected = {(i, p): setup.chat(p, adapter=f"a{i}", max_new_tokens=args.tokens, timeout=DEADLINE) for i in range(8) for p in PROMPTS}
 
     def generate(worker: int) -> None:
@@ -81,7 +82,13 @@ def main() -> None:
                     streams[0] += 1
                     mismatches[0] += text != expected[(i, prompt)]
                 except grpc.RpcError as error:
-                    hangs[0] += error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                    failed(error)
+
+    def failed(error: grpc.RpcError) -> None:  # a deadline reached is a hang; anything else is an error, both reported
+        if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            hangs[0] += 1
+        else:
+            errors.append(f"{error.code().name}: {error.details()}")
 
     def churn() -> None:
         with Client(server.address) as client:
@@ -89,12 +96,13 @@ def main() -> None:
             while time.monotonic() < stop:
                 try:
                     client.stub.LoadAdapter(pb.LoadAdapterRequest(name="churn", path="a0"), timeout=DEADLINE)
-                    client.compose(f"mix{n % 3}", make_recipe("svd", {"churn": 0.5, "a1": 0.5}, rank=8))
-                    client.unload_adapter(f"mix{n % 3}")
-                    client.unload_adapter("churn")
+                    recipe = make_recipe("svd", {"churn": 0.5, "a1": 0.5}, rank=8)
+                    client.stub.ComposeAdapter(pb.ComposeAdapterRequest(name=f"mix{n % 3}", recipe=recipe), timeout=DEADLINE)
+                    client.stub.UnloadAdapter(pb.UnloadAdapterRequest(name=f"mix{n % 3}"), timeout=DEADLINE)
+                    client.stub.UnloadAdapter(pb.UnloadAdapterRequest(name="churn"), timeout=DEADLINE)
                     churn_ops[0] += 4
                 except grpc.RpcError as error:
-                    hangs[0] += error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                    failed(error)
                 n += 1
 
     def health() -> None:
@@ -103,8 +111,13 @@ def main() -> None:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < stop:
                 t = time.perf_counter()
-                stub.Check(health_pb2.HealthCheckRequest(), timeout=DEADLINE)
-                health_ms.append((time.perf_counter() - t) * 1000)
+                try:
+                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=DEADLINE).status
+                    health_ms.append((time.perf_counter() - t) * 1000)
+                    if status != health_pb2.HealthCheckResponse.SERVING:
+                        errors.append(f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
+                except grpc.RpcError as error:
+                    failed(error)
                 rss.append((time.monotonic() - start, rss_mb()))
                 time.sleep(0.05)
 
@@ -112,15 +125,22 @@ def main() -> None:
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=args.seconds + 2 * DEADLINE)  # every call has a deadline: a thread still alive after this is a hang
+    stuck = sum(t.is_alive() for t in threads)
     server.stop()
+    holder.cleanup()
     q = statistics.quantiles(health_ms, n=100)
     first = [m for s, m in rss if s < 60]
     last = [m for s, m in rss if s > rss[-1][0] - 60]
-    print(f"base {args.base}, {args.seconds:.0f} s: {streams[0]} streams, {churn_ops[0]} load/compose/unload calls, hangs {hangs[0]}, "
-          f"mixed outputs differing from sequential greedy {mismatches[0]}")
+    print(f"base {args.base}, {args.seconds:.0f} s: {streams[0]} streams, {churn_ops[0]} load/compose/unload calls, hangs {hangs[0] + stuck}, "
+          f"mixed outputs differing from sequential greedy {mismatches[0]}, other errors {len(errors)} {errors[:5]}")
     print(f"health: {len(health_ms)} checks, p50 {q[49]:.1f} ms, p99 {q[98]:.1f} ms")
     print(f"RSS: first minute mean {statistics.mean(first):.0f} MB, last minute mean {statistics.mean(last):.0f} MB, max {max(m for _, m in rss):.0f} MB")
+    buckets = {}
+    for second, mb in rss:
+        buckets.setdefault(int(second // 30) * 30, []).append(mb)
+    print("RSS by 30 s: " + ", ".join(f"{t}s {statistics.median(v):.0f}" for t, v in sorted(buckets.items())))
+    raise SystemExit(1 if hangs[0] + stuck + mismatches[0] + len(errors) else 0)
 
 
 if __name__ == "__main__":
