@@ -19,9 +19,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -35,8 +34,11 @@ from adapter_fusion.errors import (
     UnavailableError,
     new_error_id,
 )
-from adapter_fusion.registry import AdapterRegistry, Entry
+from adapter_fusion.registry import AdapterRegistry, Choice
 from adapter_fusion.runtime import Decoder, Request, Runtime
+from adapter_fusion.work import Event, Job, Pending
+
+__all__ = ["Engine", "Event", "Limits"]
 
 log = logging.getLogger("adapter_fusion.engine")
 
@@ -55,48 +57,6 @@ class Limits:
     restart_delay_s: float = 0.5  # NOT_SERVING this long after a fault, so balancers see it
 
 
-@dataclass(frozen=True)
-class Event:
-    """What a request's callback receives: new text/tokens, and on the last event the end."""
-
-    text: str = ""
-    token_ids: tuple[int, ...] = ()
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: Exception | None = None
-
-
-@dataclass(eq=False)
-class _Pending:
-    request: Request
-    entry: Entry | None
-    emit: Callable[[Event], None]
-    sent_text: int = 0
-    sent_ids: int = 0
-    released: bool = False
-
-
-@dataclass(eq=False)
-class _Job:
-    entry: Entry | None
-    work: Callable[[int, _Job], object]  # (slot, this job) -> result, run on the engine thread
-    future: Future = field(default_factory=Future)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    released: bool = False
-
-
-def _holdback(text: str, stops: list[str]) -> int:
-    """How much of `text` is safe to stream: not a possible start of a stop string, no broken UTF-8."""
-    end = len(text.rstrip("\ufffd"))
-    for stop in stops:
-        for k in range(min(len(stop) - 1, end), 0, -1):
-            if text[:end].endswith(stop[:k]):
-                end -= k
-                break
-    return end
-
-
 class Engine:
     def __init__(
         self,
@@ -111,10 +71,10 @@ class Engine:
         self.on_state = on_state or (lambda state: None)  # "serving", "restarting", "failed", "stopped"
         self.state = "starting"
         self.decoder = Decoder(runtime)
-        self._waiting: deque[_Pending] = deque()
-        self._jobs: deque[_Job] = deque()
-        self._active: dict[int, _Pending] = {}  # held by the engine thread: joining or decoding
-        self._running: list[_Job] = []  # jobs taken by the engine thread this round
+        self._waiting: deque[Pending] = deque()
+        self._jobs: deque[Job] = deque()
+        self._active: dict[int, Pending] = {}  # held by the engine thread: joining or decoding
+        self._running: list[Job] = []  # jobs taken by the engine thread this round
         self._wake = threading.Condition()
         self._faults: deque[float] = deque()
         self._thread = threading.Thread(target=self._run, name="adapter-fusion-engine", daemon=True)
@@ -122,14 +82,16 @@ class Engine:
 
     # ---- requests (any thread) ---------------------------------------------------------------
 
-    def submit(self, request: Request, adapter: str | None, emit: Callable[[Event], None]) -> Request:
-        """Queue a generation; tokens arrive through `emit` (called on the engine thread; it must not raise)."""
+    def submit(self, request: Request, adapter: Choice, emit: Callable[[Event], None]) -> Request:
+        """Queue a generation with an adapter, a weighted mix of loaded adapters (served with no
+        merge) or None (the base model); tokens arrive through `emit` (called on the engine
+        thread; it must not raise)."""
         self._validate(request)
         with self._wake:
             self._check_open()
             if len(self._waiting) >= self.limits.max_queue:
                 raise LimitExceededError(f"the queue is full ({self.limits.max_queue} waiting requests); retry later")
-            self._waiting.append(_Pending(request, self.registry.acquire(adapter), emit))
+            self._waiting.append(Pending(request, self.registry.hold(adapter), emit))
             self.stats["requests"] += 1
             self._wake.notify()
         return request
@@ -150,25 +112,28 @@ class Engine:
         if request.top_k < 0:
             raise InvalidRequestError(f"top_k must be >= 0, got {request.top_k}")
 
-    def score(self, adapter: str | None, prompts: list[list[int]], targets: list[list[int]], source_weights=None) -> _Job:
+    def score(
+        self, adapter: Choice, prompts: list[list[int]], targets: list[list[int]], source_weights: torch.Tensor | None = None
+    ) -> Job:
         """Summed target NLL per example (`job.future`, a tensor), computed on the engine thread
         between steps in chunks of `max_batch` rows; `job.cancelled.set()` abandons it at the next
         chunk. `source_weights` (rows, n_sources) weights a group's adapters per row."""
         if any(not p for p in prompts) or any(not t for t in targets):
             raise InvalidRequestError("every example needs a non-empty input and target (after tokenising)")
-        def work(slot: int, job: _Job) -> torch.Tensor:
+
+        def work(route, job: Job) -> torch.Tensor:
             out = []
             for i in range(0, len(prompts), self.limits.max_batch):
                 if job.cancelled.is_set():
                     raise RequestCancelledError("scoring abandoned: the client cancelled or its deadline passed")
                 chunk = slice(i, i + self.limits.max_batch)
                 weights = None if source_weights is None else source_weights[chunk]
-                out.append(self.runtime.target_nll(prompts[chunk], targets[chunk], [slot] * len(prompts[chunk]), weights))
+                out.append(self.runtime.target_nll(prompts[chunk], targets[chunk], [route] * len(prompts[chunk]), weights))
             return torch.cat(out)
 
         with self._wake:
             self._check_open()
-            job = _Job(self.registry.acquire(adapter), work)
+            job = Job(self.registry.hold(adapter), work)
             self._jobs.append(job)
             self._wake.notify()
         return job
@@ -235,7 +200,7 @@ class Engine:
                     return
                 self._running = list(self._jobs)
                 self._jobs.clear()
-                joining: list[_Pending] = []
+                joining: list[Pending] = []
                 while self._waiting and len(self._active) < self.limits.max_batch:
                     pending = self._waiting.popleft()
                     self._active[id(pending.request)] = pending
@@ -252,30 +217,33 @@ class Engine:
                 self._deliver(self.decoder.step())
                 self.stats["batch_size"] = len(self.decoder.active)
 
-    def _slot_ready(self, pending: _Pending) -> bool:
+    def _slot_ready(self, pending: Pending) -> bool:
         if pending.request.cancelled:
             self._end(pending, Event(finish_reason="cancelled"))
             return False
         try:
-            pending.request.slot = self.registry.slot_for(pending.entry)
+            pending.request.route = self.registry.route_for(pending.hold)
             return True
         except AdapterFusionError as error:  # e.g. over budget: that request fails, others go on
             self._end(pending, Event(error=error))
             return False
 
     def _install_slots(self) -> None:
-        table = self.registry.take_slot_table()
-        if table is not None:
-            self.runtime.set_slots(table)
+        """Write the slots that changed, and only those."""
+        for slot, sources in self.registry.take_slot_changes():
+            if sources:
+                self.runtime.write_slot(slot, sources)
+            else:
+                self.runtime.free_slot(slot)
 
-    def _run_job(self, job: _Job) -> None:
+    def _run_job(self, job: Job) -> None:
         if not job.future.set_running_or_notify_cancel():
             self._let_go(job)
             return
         try:
-            slot = self.registry.slot_for(job.entry)
+            route = self.registry.route_for(job.hold)
             self._install_slots()
-            job.future.set_result(job.work(slot, job))
+            job.future.set_result(job.work(route, job))
         except AdapterFusionError as error:  # that job's own failure; other exceptions are faults
             job.future.set_exception(error)
         finally:
@@ -285,30 +253,19 @@ class Engine:
         self.stats["tokens"] += len(emitted)
         for request, _ in emitted:
             if request.finish_reason is None:
-                self._send(self._active[id(request)], _holdback(request.text, request.stop))
+                self._active[id(request)].stream()
         for pending in [p for p in self._active.values() if p.request.finish_reason is not None]:
-            r = pending.request
-            if r.finish_reason == "cancelled":
-                self._end(pending, Event(finish_reason="cancelled"))
-                continue
-            text, ids = r.text[pending.sent_text :], tuple(r.output_ids[pending.sent_ids :])
-            self._end(pending, Event(text, ids, r.finish_reason, len(r.prompt_ids), len(r.output_ids)))
+            self._end(pending, pending.finished())
 
-    def _send(self, pending: _Pending, end: int) -> None:
-        r = pending.request
-        if end > pending.sent_text:
-            pending.emit(Event(r.text[pending.sent_text : end], tuple(r.output_ids[pending.sent_ids :])))
-            pending.sent_text, pending.sent_ids = end, len(r.output_ids)
-
-    def _end(self, pending: _Pending, event: Event) -> None:
+    def _end(self, pending: Pending, event: Event) -> None:
         self._active.pop(id(pending.request), None)
         self._let_go(pending)
         pending.emit(event)
 
-    def _let_go(self, holder: _Pending | _Job) -> None:
+    def _let_go(self, holder: Pending | Job) -> None:
         if not holder.released:
             holder.released = True
-            self.registry.release(holder.entry)
+            self.registry.release(holder.hold)
 
     # ---- supervision -------------------------------------------------------------------------
 
@@ -325,6 +282,7 @@ class Engine:
         self._set_state("failed" if give_up else "restarting")
         self._fail_held(EngineFaultError(error_id), include_active=True)
         self.decoder = Decoder(self.runtime)
+        self.runtime.slots.clear()  # a fault mid-write leaves columns unknown: write every slot again
         self.registry.invalidate_slots()
         if give_up:
             log.error("engine failed %d times within %.0f s; not restarting", len(self._faults), self.limits.fault_window_s)

@@ -1,16 +1,18 @@
-"""Many adapters resident on one model, chosen per batch row: the serving and search kernel.
+"""Many adapters resident on one model, mixed per batch row: the serving and search kernel.
 
 Every projection of the model (`nn.Linear`, or GPT-2's `Conv1D`, but not the output head) is
 wrapped once by `MultiLoraLinear`, so whatever module paths an adapter targets are already there;
-a layer no resident slot touches returns its base output at once. Each layer holds every slot's
-factors stacked and zero-padded to a common rank: A (slots, R, in), B (slots, out, R). When a
-batch uses few distinct slots (evaluation, LoraHub, a busy adapter), each slot's rows take two
-plain matmuls at that slot's own rank; when it mixes many, a forward gathers each row's factors
-and adds two batched matmuls, so either way one batch mixes adapters (PEFT's mixed batch instead
-loops over every adapter in every layer). Slot 0 is the base model (zero factors). A slot may hold
-several sources' concatenated factors; optional per-row source weights then scale each source's
-rank columns, giving every row its own exact Σ wᵢ ΔWᵢ with no merge (runtime composition, and
-LoraHub's candidates in one batched pass).
+a layer no routed slot touches returns its base output at once. A layer holds one buffer of rank
+columns shared by all slots, A (C, in) and B (C, out); which columns belong to which slot is the
+slot bank's business (`adapter_fusion.slots`), the same in every layer.
+
+A forward is routed by per-row column weights: row b adds Σ_c w[b, c] · (x A[c]ᵀ) B[c]. A plain
+adapter row weighs its slot's columns 1; a LoraHub candidate or a merge-free composition weighs
+each source's columns by its weight, so one batch serves any number of different exact
+Σ wᵢ ΔWᵢ with no merge. Two ways to compute it, chosen per forward (`GROUPED_SLOTS`):
+- grouped: per routed slot, its rows take two matmuls at that slot's own width (few slots);
+- dense: every row takes two matmuls over the whole span of routed columns, masked by its weights
+  (many slots: three kernel calls per layer whatever the mix, instead of a per-row gather).
 """
 
 from __future__ import annotations
@@ -23,44 +25,43 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from adapter_fusion.delta import LowRankDelta
+
+GROUPED_SLOTS = 4  # a batch routed to at most this many slots runs slot by slot (bench/serve.py measures it)
 
 
-GROUPED_SLOTS = 4  # a batch with at most this many distinct adapter slots runs slot by slot
+@dataclass(frozen=True)
+class Group:
+    """One slot's share of a batch: its columns, its rows (None: all) and their column weights."""
+
+    slot: int
+    start: int
+    end: int
+    rows: Tensor | None  # (n,) row indices
+    weights: Tensor | None  # (n, 1, end - start) or None when every weight is 1
 
 
 @dataclass(frozen=True)
 class Routing:
-    """Which slot each batch row uses, computed once per forward and shared by every layer."""
+    """How a batch's rows use the column buffers, computed once per forward and shared by every layer."""
 
-    rows: Tensor  # (batch,) slot per row
-    source_weights: Tensor | None  # (batch, n_sources) or None
-    groups: list[tuple[int, Tensor | None]] | None  # (slot, its rows or None = all) per non-base slot; None: gather
-
-    @classmethod
-    def of(cls, rows: Tensor, source_weights: Tensor | None = None) -> Routing:
-        present = rows.unique().tolist()
-        if len(present) > GROUPED_SLOTS:
-            return cls(rows, source_weights, None)
-        groups = [(s, None if len(present) == 1 else (rows == s).nonzero()[:, 0]) for s in present if s != 0]
-        return cls(rows, source_weights, groups)
+    slots: frozenset[int]  # the slots some row uses
+    start: int  # the span of columns they occupy
+    end: int
+    weights: Tensor  # (batch, 1, end - start): each row's weight on each column, 0 outside its slots
+    groups: list[Group] | None  # per slot, when few; None: the dense way
 
 
 class MultiLoraLinear(nn.Module):
-    """A projection plus per-row LoRA deltas ΔW = B @ A, (out, in) whatever the base's layout:
-    peft's factors for a `Conv1D` (weight stored (in, out)) are shaped as for a Linear too."""
+    """A projection plus per-row LoRA deltas: rank column c adds the outer product B[c]ᵀ A[c],
+    (out, in) whatever the base's layout (peft's factors for a `Conv1D`, whose weight is stored
+    (in, out), are shaped as for a Linear too)."""
 
     def __init__(self, base: nn.Linear | Conv1D) -> None:
         super().__init__()
         self.base = base
-        out, inp = self.shape
-        self.rank = 0  # widest slot's rank R; 0: no slot touches this layer, forward is base(x)
-        self.register_buffer("A", torch.zeros(1, 0, inp), persistent=False)  # (slots, R, in)
-        self.register_buffer("B", torch.zeros(1, out, 0), persistent=False)  # (slots, out, R)
-        # which source of its slot each rank column came from; padding points one past the last source
-        self.register_buffer("column_source", torch.zeros(1, 0, dtype=torch.long), persistent=False)  # (slots, R)
-        # per slot, views at its own rank (the rest of its R columns are zero): A.T (in, r), B.T (r, out), column sources (r,)
-        self.slot_factors: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.A: Tensor | None = None  # (C, in); None until some slot writes this layer
+        self.B: Tensor | None = None  # (C, out)
+        self.holds: set[int] = set()  # slots with columns written here
         self.routing: Routing | None = None  # set by `route`
 
     @property
@@ -70,59 +71,24 @@ class MultiLoraLinear(nn.Module):
             return self.base.nf, self.base.nx
         return self.base.out_features, self.base.in_features
 
-    def set_slots(self, slots: list[list[LowRankDelta | None]]) -> None:
-        """Replace all slots at once. Slot i+1 holds slots[i]: its sources' deltas for this module
-        (None where a source lacks it), concatenated; slot 0 stays the base model. Stacked in
-        float32 on the CPU where the deltas live, then moved to the base's device and dtype once."""
-        out, inp = self.shape
-        ranks = [sum(d.rank for d in sources if d is not None) for sources in slots]
-        rank = max(ranks, default=0)
-        n_sources = max((len(sources) for sources in slots), default=0)
-        A = torch.zeros(len(slots) + 1, rank, inp)
-        B = torch.zeros(len(slots) + 1, out, rank)
-        column_source = torch.full((len(slots) + 1, rank), n_sources, dtype=torch.long)
-        for i, sources in enumerate(slots, start=1):
-            at = 0
-            for s, d in enumerate(sources):
-                if d is None:
-                    continue
-                A[i, at : at + d.rank] = d.A
-                B[i, :, at : at + d.rank] = d.B
-                column_source[i, at : at + d.rank] = s
-                at += d.rank
-        weight = self.base.weight
-        self.A, self.B = A.to(weight.device, weight.dtype), B.to(weight.device, weight.dtype)
-        self.column_source = column_source.to(weight.device)
-        self.rank = rank
-        self.slot_factors = [(self.A[i, :r].T, self.B[i, :, :r].T, self.column_source[i, :r]) for i, r in enumerate([0, *ranks])]
-
     def forward(self, x: Tensor) -> Tensor:  # x (batch, seq, in)
-        routing = self.routing
-        if routing is None or not self.rank:
-            return self.base(x)
         y = self.base(x)
+        routing = self.routing
+        if routing is None or self.holds.isdisjoint(routing.slots):
+            return y
         if routing.groups is None:
-            return y + self._gathered(x, routing)
-        for slot, picked in routing.groups:
-            A_t, B_t, columns = self.slot_factors[slot]
-            rows_x = x if picked is None else x[picked]  # (n, seq, in)
-            h = rows_x @ A_t  # (n, seq, r)
-            if routing.source_weights is not None:
-                weights = routing.source_weights if picked is None else routing.source_weights[picked]  # (n, n_sources)
-                h = h * weights[:, columns].unsqueeze(1).to(h.dtype)
-            delta = h @ B_t  # (n, seq, out)
-            y = y + delta if picked is None else y.index_add(0, picked, delta)
+            h = x @ self.A[routing.start : routing.end].T  # (batch, seq, W)
+            return y + (h * routing.weights) @ self.B[routing.start : routing.end]  # (batch, seq, out)
+        for group in routing.groups:
+            if group.slot not in self.holds:
+                continue
+            rows_x = x if group.rows is None else x[group.rows]  # (n, seq, in)
+            h = rows_x @ self.A[group.start : group.end].T  # (n, seq, w)
+            if group.weights is not None:
+                h = h * group.weights
+            delta = h @ self.B[group.start : group.end]  # (n, seq, out)
+            y = y + delta if group.rows is None else y.index_add(0, group.rows, delta)
         return y
-
-    def _gathered(self, x: Tensor, routing: Routing) -> Tensor:  # x (batch, seq, in) -> (batch, seq, out)
-        A = self.A[routing.rows]  # (batch, R, in)
-        B = self.B[routing.rows]  # (batch, out, R)
-        h = torch.bmm(x, A.transpose(1, 2))  # (batch, seq, R)
-        if routing.source_weights is not None:
-            weights = nn.functional.pad(routing.source_weights, (0, 1))  # (batch, n_sources + 1): padding weighs 0
-            index = self.column_source[routing.rows].clamp(max=weights.shape[1] - 1)  # (batch, R)
-            h = h * weights.gather(1, index)[:, None, :].to(h.dtype)
-        return torch.bmm(h, B.transpose(1, 2))
 
 
 def inject(model: nn.Module, targets: list[str] | None = None) -> dict[str, MultiLoraLinear]:
@@ -144,10 +110,8 @@ def inject(model: nn.Module, targets: list[str] | None = None) -> dict[str, Mult
 
 
 @contextmanager
-def route(layers: dict[str, MultiLoraLinear], rows: Tensor | None, source_weights: Tensor | None = None) -> Iterator[None]:
-    """Within the block, row b of every forward uses slot rows[b], each source of that slot
-    weighted by source_weights[b] if given (else weight 1)."""
-    routing = None if rows is None else Routing.of(rows, source_weights)
+def route(layers: dict[str, MultiLoraLinear], routing: Routing | None) -> Iterator[None]:
+    """Within the block every forward of these layers follows `routing` (None: the base model)."""
     for layer in layers.values():
         layer.routing = routing
     try:

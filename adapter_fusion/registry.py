@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from adapter_fusion.adapters import Adapter
 from adapter_fusion.errors import AlreadyExistsError, InvalidRequestError, LimitExceededError, NotFoundError, quoted
+from adapter_fusion.slots import Route
 
-SlotTable = list[list[Adapter]]  # slot i + 1 holds table[i]: its sources' factors, concatenated
+SlotTable = list[list[Adapter]]  # slot i + 1 holds table[i]: its sources' factors, side by side
+Choice = str | Sequence[tuple[str, float]] | None  # an adapter, a weighted mix of loaded adapters (no merge), or the base model
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,14 @@ class Entry:
     last_used: float = field(default_factory=time.monotonic)
 
 
+@dataclass(frozen=True)
+class Hold:
+    """What one request holds: its entries and, for a mix, each one's weight."""
+
+    entries: tuple[Entry, ...]
+    weights: tuple[float, ...] | None = None  # None: one adapter (or none) used as it is
+
+
 class AdapterRegistry:
     def __init__(
         self,
@@ -66,7 +76,7 @@ class AdapterRegistry:
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] = {}
         self._slots: list[Entry | None] = []
-        self._dirty = False
+        self._changed: set[int] = set()  # slots whose contents changed since `take_slot_changes`
         self.stats = {"loads": 0, "evictions": 0}
 
     # ---- names --------------------------------------------------------------------------------
@@ -135,35 +145,45 @@ class AdapterRegistry:
 
     # ---- references and slots -----------------------------------------------------------------
 
-    def acquire(self, name: str | None) -> Entry | None:
-        """Hold `name` for one request (None: the base model)."""
-        if name is None:
-            return None
+    def hold(self, choice: Choice) -> Hold:
+        """Hold an adapter, every adapter of a mix, or nothing (the base model) for one request;
+        nothing is held if a name is missing."""
+        if choice is None:
+            return Hold(())
+        names, weights = ([choice], None) if isinstance(choice, str) else ([n for n, _ in choice], tuple(float(w) for _, w in choice))
+        if weights is not None and not names:
+            raise InvalidRequestError("a mix needs at least one adapter")
         with self._lock:
-            entry = self._entry(name)
-            entry.refs += 1
-            entry.last_used = time.monotonic()
-            return entry
+            entries = tuple(self._entry(name) for name in names)
+            for entry in entries:
+                entry.refs += 1
+                entry.last_used = time.monotonic()
+        return Hold(entries, weights)
 
-    def release(self, entry: Entry | None) -> None:
-        if entry is None:
-            return
+    def release(self, hold: Hold) -> None:
         with self._lock:
-            entry.refs -= 1
-            if entry.refs == 0 and entry.removed:
-                self._free_slot(entry)
+            for entry in hold.entries:
+                entry.refs -= 1
+                if entry.refs == 0 and entry.removed:
+                    self._free_slot(entry)
 
-    def slot_for(self, entry: Entry | None) -> int:
-        """The slot an acquired entry runs in, assigned (and the budget checked) on first use."""
-        if entry is None:
-            return 0
+    def route_for(self, hold: Hold) -> Route:
+        """The slot (or mix of slots) a held request runs in, each made resident on first use."""
+        slots = [self.slot_for(entry) for entry in hold.entries]
+        if hold.weights is None:
+            return slots[0] if slots else 0
+        return tuple((slot, (w,) * len(e.sources)) for slot, e, w in zip(slots, hold.entries, hold.weights))
+
+    def slot_for(self, entry: Entry) -> int:
+        """The slot a held entry runs in, assigned (and the budget checked) on first use."""
         self._resident(entry)
         with self._lock:
             if entry.slot is None:
                 free = next((i for i, e in enumerate(self._slots) if e is None), len(self._slots))
                 if free == len(self._slots):
                     self._slots.append(None)
-                self._slots[free], entry.slot, self._dirty = entry, free + 1, True
+                self._slots[free], entry.slot = entry, free + 1
+                self._changed.add(entry.slot)
                 try:
                     self._enforce_budget(keep=entry)
                 except LimitExceededError:
@@ -171,18 +191,17 @@ class AdapterRegistry:
                     raise
             return entry.slot
 
-    def take_slot_table(self) -> SlotTable | None:
-        """The slots to install if they changed since the last call, else None."""
+    def take_slot_changes(self) -> list[tuple[int, list[Adapter] | None]]:
+        """(slot, its sources, or None: free it) for each slot changed since the last call."""
         with self._lock:
-            if not self._dirty:
-                return None
-            self._dirty = False
-            return [e.sources if e is not None and e.sources is not None else [] for e in self._slots]
+            changes = [(slot, self._slots[slot - 1].sources if self._slots[slot - 1] is not None else None) for slot in sorted(self._changed)]
+            self._changed.clear()
+            return changes
 
     def invalidate_slots(self) -> None:
-        """The model's slot buffers are in an unknown state (a fault): install them all again."""
+        """The model's slot buffers are in an unknown state (a fault): write every slot again."""
         with self._lock:
-            self._dirty = True
+            self._changed = set(range(1, len(self._slots) + 1))
 
     # ---- residency (lock held unless said) ----------------------------------------------------
 
@@ -216,8 +235,8 @@ class AdapterRegistry:
     def _free_slot(self, entry: Entry) -> None:
         if entry.slot is not None:
             self._slots[entry.slot - 1] = None
+            self._changed.add(entry.slot)
             entry.slot = None
-            self._dirty = True
 
     def _admit(self, entry: Entry) -> None:
         """Register a resident entry within the memory budget, or refuse it whole."""

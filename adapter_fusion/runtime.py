@@ -22,6 +22,7 @@ from transformers.cache_utils import DynamicCache
 from adapter_fusion.adapters import Adapter
 from adapter_fusion.errors import IncompatibleAdaptersError
 from adapter_fusion.lora_layers import inject, route
+from adapter_fusion.slots import Route, SlotBank, routes_of
 from adapter_fusion.models import resolve_device, resolve_dtype
 
 
@@ -31,7 +32,8 @@ class Runtime:
 
     device: cpu, cuda, cuda:N or mps (None: cuda if available); dtype: float32, bfloat16 or
     float16 (None: bfloat16 on cuda, else float32). Adapters stay float32 on the CPU (merges
-    compute there); slot factors are cast to the model's device and dtype when installed."""
+    compute there); slot factors are cast to the model's device and dtype when written.
+    slot_columns: the slot buffers' initial rank columns per layer (they double when full)."""
 
     def __init__(
         self,
@@ -39,6 +41,7 @@ class Runtime:
         targets: Sequence[str] | None = None,
         device: str | None = None,
         dtype: str | None = None,
+        slot_columns: int = 64,
     ) -> None:
         self.base_dir = Path(base_dir)
         self.device = resolve_device(device)
@@ -48,6 +51,7 @@ class Runtime:
         model_class = AutoModelForSeq2SeqLM if self.is_seq2seq else AutoModelForCausalLM
         self.model = model_class.from_pretrained(self.base_dir, dtype=self.dtype).to(self.device).eval()
         self.layers = inject(self.model, None if targets is None else list(targets))
+        self.slots = SlotBank(self.layers, self.device, self.dtype, slot_columns)
         self.shapes = {path: layer.shape for path, layer in self.layers.items()}
         eos = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
         self.stop_ids = {i for i in eos if isinstance(i, int) and i >= 0}
@@ -66,23 +70,24 @@ class Runtime:
                     f"{self.shapes[path][0]}x{self.shapes[path][1]}: it was made for another base model"
                 )
 
+    def write_slot(self, slot: int, sources: Sequence[Adapter]) -> None:
+        """Make `slot` (>= 1) hold these sources side by side; the other slots are not touched."""
+        for adapter in sources:
+            self.check(adapter)
+        self.slots.write(slot, sources)
+
+    def free_slot(self, slot: int) -> None:
+        self.slots.free(slot)
+
     def set_slots(self, slots: Sequence[Sequence[Adapter]]) -> None:
-        """Install slots 1..n (slot i+1 = slots[i], its sources concatenated); slot 0 is the base."""
-        for sources in slots:
-            for adapter in sources:
-                self.check(adapter)
-        for path, layer in self.layers.items():
-            layer.set_slots([[a.modules.get(path) for a in sources] for sources in slots])
+        """Only these: slot i+1 = slots[i], every other slot freed (evaluation, LoraHub, tests)."""
+        self.slots.clear()
+        for i, sources in enumerate(slots, start=1):
+            self.write_slot(i, sources)
 
     def slot_bytes(self, slots: Sequence[Sequence[Adapter]]) -> int:
-        """Bytes of the buffers `set_slots(slots)` stacks: per layer, (slots + 1) x R rank columns
-        of A (in), B (out) and a column-source index, R the layer's widest slot."""
-        total = 0
-        for path, layer in self.layers.items():
-            rank = max((sum(a.modules[path].rank for a in sources if path in a.modules) for sources in slots), default=0)
-            out, inp = layer.shape
-            total += (len(slots) + 1) * rank * ((out + inp) * layer.base.weight.element_size() + 8)
-        return total
+        """Bytes of the slot buffers with these slots resident (`slots.SlotBank.bytes_for`)."""
+        return self.slots.bytes_for(slots)
 
     def chat_ids(self, message: str | list[dict]) -> list[int]:
         messages = [{"role": "user", "content": message}] if isinstance(message, str) else message
@@ -95,14 +100,14 @@ class Runtime:
         with self._encoding:
             return self.tokenizer(text, add_special_tokens=self.is_seq2seq)["input_ids"]
 
-    def routed(self, rows: Sequence[int], source_weights: Tensor | None = None) -> AbstractContextManager[None]:
-        """`lora_layers.route` for these rows, its tensors on the model's device."""
-        weights = None if source_weights is None else source_weights.to(self.device)
-        return route(self.layers, torch.tensor(list(rows), device=self.device), weights)
+    def routed(self, rows: Sequence[Route], source_weights: Tensor | None = None) -> AbstractContextManager[None]:
+        """Within the block, row b uses rows[b]: a slot, or a mix of slots; `source_weights`
+        (batch, n_sources) weighs each row's slot's sources."""
+        return route(self.layers, self.slots.routing(routes_of(rows, source_weights)))
 
     @torch.inference_mode()
     def target_nll(
-        self, prompts: Sequence[list[int]], targets: Sequence[list[int]], rows: Sequence[int], source_weights: Tensor | None = None
+        self, prompts: Sequence[list[int]], targets: Sequence[list[int]], rows: Sequence[Route], source_weights: Tensor | None = None
     ) -> Tensor:
         """Per example, the summed negative log-likelihood of `targets` after `prompts`: (batch,),
         float32 on the CPU whatever the model's device and dtype.
@@ -138,10 +143,10 @@ class Runtime:
         return _summed_nll(out.logits, labels)
 
     @torch.no_grad()
-    def greedy(self, prompts: Sequence[list[int]], rows: Sequence[int], max_new_tokens: int) -> list[list[int]]:
+    def greedy(self, prompts: Sequence[list[int]], rows: Sequence[Route], max_new_tokens: int) -> list[list[int]]:
         """Batched greedy completion (stops at end-of-turn); a convenience over `Decoder`."""
         decoder = Decoder(self)
-        requests = [Request(prompt_ids=list(p), slot=s, max_new_tokens=max_new_tokens) for p, s in zip(prompts, rows)]
+        requests = [Request(prompt_ids=list(p), route=s, max_new_tokens=max_new_tokens) for p, s in zip(prompts, rows)]
         decoder.admit(requests)
         while decoder.active:
             decoder.step()
@@ -153,7 +158,7 @@ class Request:
     """One generation: its prompt, slot, sampling settings, and what it has produced."""
 
     prompt_ids: list[int]
-    slot: int = 0
+    route: Route = 0  # its slot (0: the base model), or a mix of slots
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
@@ -230,9 +235,9 @@ class Decoder:
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)  # (batch, L), 0 on left padding
         self.logits = torch.zeros(0, 0, device=device)  # (batch, vocab): next-token logits per row
 
-    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, slots: list[int], cache: list) -> tuple[Tensor, list]:
+    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, routes: list[Route], cache: list) -> tuple[Tensor, list]:
         past = DynamicCache(ddp_cache_data=cache) if cache else DynamicCache()
-        with self.runtime.routed(slots):
+        with self.runtime.routed(routes):
             out = self.runtime.model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True, logits_to_keep=1
             )  # only the last position's logits: the vocabulary projection is ~20% of a prefill
@@ -248,7 +253,7 @@ class Decoder:
         ids, mask = _padded([r.prompt_ids for r in requests], width, self.runtime.pad_id, left=True)
         ids, mask = ids.to(self.runtime.device), mask.to(self.runtime.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, kv = self._forward(ids, mask, positions, [r.slot for r in requests], [])
+        logits, kv = self._forward(ids, mask, positions, [r.route for r in requests], [])
         if self.active:
             length = max(width, self.mask.shape[1])
             kv = [
@@ -298,7 +303,7 @@ class Decoder:
             ids = torch.tensor([[r.output_ids[-1]] for r in self.active], device=self.runtime.device)
             self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.active), 1)], dim=1)
             positions = self.mask.sum(-1, keepdim=True) - 1
-            self.logits, self.cache = self._forward(ids, self.mask, positions, [r.slot for r in self.active], self.cache)
+            self.logits, self.cache = self._forward(ids, self.mask, positions, [r.route for r in self.active], self.cache)
         else:
             self._reset()
         return emitted

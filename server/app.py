@@ -55,6 +55,7 @@ class ServerConfig:
     insecure: bool = False  # allow a non-loopback host with neither token nor TLS
     device: str | None = None  # cpu, cuda, cuda:N, mps; None: cuda when available, else cpu
     dtype: str | None = None  # float32, bfloat16, float16; None: bfloat16 on cuda, else float32
+    slot_columns: int = 64  # rank columns per layer the slot buffers start with (`slots.SlotBank`)
 
 
 def _is_loopback(host: str) -> bool:
@@ -130,7 +131,7 @@ async def create_server(config: ServerConfig) -> Running:
 
     store = await asyncio.to_thread(AdapterStore, config.store_dir)
     recovered = await asyncio.to_thread(store.recover)
-    runtime = await asyncio.to_thread(Runtime, config.base_dir, device=config.device, dtype=config.dtype)
+    runtime = await asyncio.to_thread(Runtime, config.base_dir, device=config.device, dtype=config.dtype, slot_columns=config.slot_columns)
     engine = Engine(runtime, config.limits, reload=store.load, on_state=on_state)
     for info in recovered:  # everything registered before a restart, loaded on first use
         engine.registry.register(None, info)

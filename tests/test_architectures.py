@@ -76,7 +76,7 @@ def reference(base: Path, adapter_dir: Path | None) -> torch.nn.Module:
     return (PeftModel.from_pretrained(model, adapter_dir) if adapter_dir else model).eval()
 
 
-@pytest.mark.parametrize("grouped_slots", [4, 0], ids=["slot-by-slot", "gathered"])
+@pytest.mark.parametrize("grouped_slots", [4, 0], ids=["slot-by-slot", "dense"])
 def test_mixed_batch_equals_peft_per_adapter(
     architecture: tuple[Path, list[Path]], grouped_slots: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -84,7 +84,7 @@ def test_mixed_batch_equals_peft_per_adapter(
     base, adapter_dirs = architecture
     runtime = Runtime(base)
     runtime.set_slots([[load_adapter(d)] for d in adapter_dirs])
-    touched = {path for path, layer in runtime.layers.items() if layer.rank}
+    touched = {path for path, layer in runtime.layers.items() if layer.holds}
     assert touched == {path for d in adapter_dirs for path in load_adapter(d).modules}
     ids = torch.arange(100, 124).view(len(ROWS), 8) * 97 % len(runtime.tokenizer)  # (batch, seq): spread over the vocabulary
     with torch.no_grad(), runtime.routed(ROWS):

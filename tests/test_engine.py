@@ -190,7 +190,8 @@ def test_a_job_cancelled_by_its_caller_never_harms_the_engine(engine: Engine) ->
 def test_the_budget_counts_slot_buffers(runtime: Runtime, tiny_adapters: list[Path]) -> None:
     adapter = load_adapter(tiny_adapters[0], "a")
     slot_cost = runtime.slot_bytes([[adapter]])
-    assert slot_cost == sum(2 * 4 * ((o + i) * 4 + 8) for o, i in adapter.shapes.values())  # (1 slot + base) x r4
+    # every layer it touches holds the bank's preallocated columns (float32), whatever the rank
+    assert slot_cost == runtime.slots.capacity * 4 * sum(o + i for o, i in adapter.shapes.values())
     engine = Engine(runtime, Limits(memory_budget_bytes=adapter.size_bytes + slot_cost - 1))
     engine.registry.register(adapter, AdapterInfo.of(adapter, "a", pinned=True))  # the factors fit
     engine.start()

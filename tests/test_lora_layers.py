@@ -11,11 +11,24 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from adapter_fusion import load_adapter, lora_layers
-from adapter_fusion.lora_layers import inject, route
+from adapter_fusion.adapters import Adapter
+from adapter_fusion.lora_layers import MultiLoraLinear, inject, route
 from adapter_fusion.models import LLAMA_TARGETS
+from adapter_fusion.slots import Route, SlotBank, routes_of
 
 IDS = torch.arange(5, 29).view(3, 8)
-KERNELS = pytest.mark.parametrize("grouped_slots", [4, 0], ids=["slot-by-slot", "gathered"])
+KERNELS = pytest.mark.parametrize("grouped_slots", [4, 0], ids=["slot-by-slot", "dense"])
+
+
+def bank_of(layers: dict[str, MultiLoraLinear], slots: list[list[Adapter]], columns: int = 64) -> SlotBank:
+    bank = SlotBank(layers, torch.device("cpu"), torch.float32, columns)
+    for i, sources in enumerate(slots, start=1):
+        bank.write(i, sources)
+    return bank
+
+
+def routed_by(layers: dict[str, MultiLoraLinear], bank: SlotBank, rows: list[Route], weights: torch.Tensor | None = None):
+    return route(layers, bank.routing(routes_of(rows, weights)))
 
 
 @KERNELS
@@ -24,9 +37,8 @@ def test_mixed_batch_equals_peft_per_adapter(tiny_base: Path, tiny_adapters: lis
     adapters = [load_adapter(p) for p in tiny_adapters[2:]]  # rank 8 (all targets), rank 4 (q, v only)
     model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
     layers = inject(model, LLAMA_TARGETS)
-    for path, layer in layers.items():
-        layer.set_slots([[a.modules.get(path)] for a in adapters])
-    with torch.no_grad(), route(layers, torch.tensor([1, 0, 2])):
+    bank = bank_of(layers, [[a] for a in adapters])
+    with torch.no_grad(), routed_by(layers, bank, [1, 0, 2]):
         mixed = model(IDS).logits
         base_out = AutoModelForCausalLM.from_pretrained(tiny_base)(IDS).logits
     torch.testing.assert_close(mixed[1], base_out[1], rtol=1e-5, atol=1e-5)
@@ -44,10 +56,9 @@ def test_per_row_source_weights_are_the_exact_weighted_sum(
     sources = [load_adapter(p) for p in tiny_adapters[:2]]
     model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
     layers = inject(model, LLAMA_TARGETS)
-    for path, layer in layers.items():
-        layer.set_slots([[s.modules.get(path) for s in sources]])
+    bank = bank_of(layers, [sources])
     weights = torch.tensor([[0.7, -0.3], [0.0, 1.0], [1.0, 1.0]])
-    with torch.no_grad(), route(layers, torch.tensor([1, 1, 1]), weights):
+    with torch.no_grad(), routed_by(layers, bank, [1, 1, 1], weights):
         routed = model(IDS).logits
     for row in range(3):
         reference = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
@@ -68,10 +79,9 @@ def test_inject_wraps_every_projection_but_the_head_and_untouched_layers_stay_th
     layers = inject(model, None)
     assert set(layers) == projections and model.get_output_embeddings() is head
     subset = load_adapter(tiny_adapters[3])  # q_proj and v_proj only
-    for path, layer in layers.items():
-        layer.set_slots([[subset.modules.get(path)]])
+    bank = bank_of(layers, [[subset]])
     untouched = layers["model.layers.0.mlp.down_proj"]
-    assert untouched.rank == 0 and layers["model.layers.0.self_attn.q_proj"].rank == 4
+    assert untouched.A is None and not untouched.holds and layers["model.layers.0.self_attn.q_proj"].holds == {1}
     x = torch.randn(2, 3, untouched.shape[1])
-    with torch.no_grad(), route(layers, torch.tensor([1, 1])):
+    with torch.no_grad(), routed_by(layers, bank, [1, 1]):
         assert torch.equal(untouched(x), untouched.base(x))

@@ -20,7 +20,9 @@ from typer.testing import CliRunner
 from adapter_fusion import load_adapter, lora_layers
 from adapter_fusion.cli import app
 from adapter_fusion.errors import InvalidRequestError
+from adapter_fusion.adapters import Adapter
 from adapter_fusion.lora_layers import MultiLoraLinear, route
+from adapter_fusion.slots import SlotBank, routes_of
 from adapter_fusion.runtime import Runtime
 from tests.conftest import write_peft_adapter
 
@@ -132,7 +134,7 @@ def test_bfloat16_decoder_keeps_float32_greedy_tokens_where_rounding_cannot_flip
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("grouped_slots", [4, 0], ids=["slot-by-slot", "gathered"])
+@pytest.mark.parametrize("grouped_slots", [4, 0], ids=["slot-by-slot", "dense"])
 def test_bfloat16_kernel_stays_within_its_rounding_bound(
     device: str, grouped_slots: int, tiny_base: Path, tiny_adapters: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -145,13 +147,15 @@ def test_bfloat16_kernel_stays_within_its_rounding_bound(
     base.bias = torch.nn.Parameter(torch.randn(base.out_features, generator=torch.Generator().manual_seed(0)) * 0.1)
     deltas = [load_adapter(d).modules[path] for d in tiny_adapters[1:3]]  # ranks 4 and 8
     full, half = MultiLoraLinear(base), MultiLoraLinear(copy.deepcopy(base).to(device, torch.bfloat16))
-    for layer in (full, half):
-        layer.set_slots([[d] for d in deltas])
+    banks = [SlotBank({path: layer}, torch.device(where), dtype) for layer, where, dtype in ((full, "cpu", torch.float32), (half, device, torch.bfloat16))]
+    for bank in banks:
+        for slot, delta in enumerate(deltas, start=1):
+            bank.write(slot, [Adapter(f"a{slot}", {path: delta})])
     x = torch.randn(4, 5, base.in_features, generator=torch.Generator().manual_seed(1)).bfloat16()  # (batch, seq, in)
     rows = torch.tensor([1, 0, 2, 1])
-    with torch.no_grad(), route({"full": full}, rows):
+    with torch.no_grad(), route({"full": full}, banks[0].routing(routes_of(rows.tolist()))):
         want = full(x.float())
-    with torch.no_grad(), route({"half": half}, rows.to(device)):
+    with torch.no_grad(), route({"half": half}, banks[1].routing(routes_of(rows.tolist()))):
         got = half(x.to(device)).float().cpu()
     u = UNIT_ROUNDOFF[torch.bfloat16]
     ax = x.float().abs()
