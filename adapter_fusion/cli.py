@@ -235,7 +235,8 @@ def serve(
     adapter_root: Annotated[list[Path] | None, typer.Option(help="directory LoadAdapter may read from (repeat); default: the demo adapters")] = None,
     output_root: Annotated[list[Path] | None, typer.Option(help="directory ExportAdapter/BakeModel may write into (repeat); default: <cache>/exports")] = None,
     preload: Annotated[list[Path] | None, typer.Option(help="adapter dir registered (pinned) at start (repeat); default: the demo adapters when --base is the default")] = None,
-    memory_budget_mb: Annotated[int, typer.Option(help="resident adapter factors, MB")] = 1024,
+    memory_budget_mb: Annotated[int, typer.Option(help="resident adapter factors plus slot buffers, MB")] = 1024,
+    slot_columns: Annotated[int, typer.Option(help="rank columns per layer allocated for resident slots at start (they double when full)")] = 64,
     max_new_tokens: Annotated[int, typer.Option(help="cap on a request's max_new_tokens")] = 512,
     max_prompt_tokens: Annotated[int, typer.Option()] = 2048,
     max_queue: Annotated[int, typer.Option(help="waiting requests before RESOURCE_EXHAUSTED")] = 256,
@@ -289,6 +290,7 @@ def serve(
             insecure=insecure,
             device=device,
             dtype=dtype,
+            slot_columns=slot_columns,
         )
         asyncio.run(run_server(config))
     except AdapterFusionError as error:
