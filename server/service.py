@@ -22,7 +22,7 @@ from adapter_fusion.engine import Engine
 from adapter_fusion.errors import AdapterFormatError, AlreadyExistsError, InvalidRequestError, NotFoundError
 from adapter_fusion.merge import merge
 from adapter_fusion.recipe import Recipe, parse_recipe
-from adapter_fusion.registry import AdapterInfo
+from adapter_fusion.registry import AdapterInfo, Choice
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
 from server.calls import Calls, Done, NameLocks, Observer, reports_of
@@ -40,6 +40,9 @@ class ServiceLimits:
     inline_cache_size: int = 16  # inline compositions kept, least recently used dropped
     max_search_budget: int = 1000  # SearchWeights evaluations
     max_search_parallel: int = 64  # SearchWeights candidates per batched pass
+
+
+MERGE_FREE = {"linear", "task_arithmetic", "cat"}  # Σ wᵢ ΔWᵢ exactly: served as per-row weights over resident slots
 
 
 def recipe_dict(recipe: pb.Recipe) -> dict:
@@ -182,14 +185,18 @@ class AdapterFusionService(InferenceRPCs, pb_grpc.AdapterFusionServicer):
 
         return await self.calls.unary("ComposeAdapter", context, work)
 
-    async def _target(self, request) -> str | None:
-        """The adapter name a Generate/Score request runs with; inline recipes composed once."""
+    async def _target(self, request) -> Choice:
+        """What a Generate/Score request runs with: an adapter, the base model, or for an inline
+        recipe either a weighted mix of loaded adapters (an exact weighted sum: no merge at all)
+        or an adapter composed once and cached by the recipe's canonical hash."""
         which = request.WhichOneof("target")
         if which == "adapter":
             return request.adapter
         if which != "recipe":
             return None
-        _, key = self._canonical(request.recipe)
+        spec, key = self._canonical(request.recipe)
+        if spec.method in MERGE_FREE and spec.rank is None:
+            return [(s.adapter, s.weight) for s in spec.sources]
         async with self._inline_lock:
             name = self._inline.get(key)
             if name is not None and self.registry.has(name):
