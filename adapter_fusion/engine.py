@@ -35,7 +35,8 @@ from adapter_fusion.errors import (
     new_error_id,
 )
 from adapter_fusion.registry import AdapterRegistry, Choice
-from adapter_fusion.runtime import Decoder, Request, Runtime
+from adapter_fusion.decoding import Decoder, Request
+from adapter_fusion.runtime import Runtime
 from adapter_fusion.work import Event, Job, Pending
 
 __all__ = ["Engine", "Event", "Limits"]

@@ -9,7 +9,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from adapter_fusion.registry import Hold
-from adapter_fusion.runtime import Request
+from adapter_fusion.decoding import Request
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,16 @@
-"""Serving throughput on SmolLM2 with 8 distinct rank-8 adapters, side by side in one run:
+"""Serving throughput on SmolLM2 with 8 distinct near-base rank-8 adapters, side by side in one run:
 
-  (a) ours: the adapter-fusion gRPC server, N concurrent clients over loopback (mixed batches);
+  (d) the limit: the base model alone, the same batch through plain transformers `generate`;
+  in-process: our decoder on that batch with the base model, 2 adapters and 8 adapters mixed;
+  (a) ours through gRPC: 16 concurrent clients over 8 adapters, and the same clients on the base;
   (b) a naive gRPC server that serves requests one by one with peft `set_adapter` + `generate`;
-  (c) peft's mixed-batch `generate(adapter_names=...)` on the same N requests (no server).
+  (c) peft's mixed-batch `generate(adapter_names=...)` on the same requests (no server).
 
-Greedy, fixed prompts, up to --tokens new tokens each. Prints tokens/s, p50/p99 time to first
-token, and the ratios; then LoadAdapter latency and inline compose latency (linear, svd of 4).
+Adapters are random near-base ones on all 7 projections, so every row writes its full token
+budget on both sides. Greedy, fixed prompts. Then: the kernel crossover (`GROUPED_SLOTS`: slot by
+slot vs dense, per number of distinct slots), LoadAdapter latency, and composition until the
+first generated token (ComposeAdapter linear/svd of 4 demo adapters, then Generate; an inline
+linear recipe served with no merge).
 
     python bench/serve.py [--clients 16] [--tokens 32]
 """
@@ -14,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import queue
-import statistics
 import tempfile
 import threading
 import time
@@ -27,9 +31,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
+from adapter_fusion import load_adapter, lora_layers
 from adapter_fusion.client import Client, make_recipe
 from adapter_fusion.engine import Limits
+from adapter_fusion.lora_layers import GROUPED_SLOTS
 from adapter_fusion.models import DEMO_ADAPTERS, default_base
+from adapter_fusion.runtime import Runtime
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
 from server.app import BackgroundServer, ServerConfig
@@ -41,16 +48,21 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def make_adapters(base: Path, root: Path, n: int) -> list[Path]:
-    """The demo adapters, topped up with random rank-8 ones (q, v) written by peft to reach n."""
+    """n random rank-8 adapters on all 7 projections, written by peft, B scaled so the outputs
+    stay near the base model's (long answers: no row stops early)."""
     from peft import LoraConfig, get_peft_model
 
-    dirs = sorted(p for p in DEMO_ADAPTERS.glob("*") if (p / "adapter_config.json").is_file())[:n]
-    for i in range(n - len(dirs)):
+    dirs = []
+    for i in range(n):
         torch.manual_seed(100 + i)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-        out = root / f"random{i}"
-        model.save_pretrained(out)
-        dirs.append(out)
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], init_lora_weights=False)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(0.05)
+        model.save_pretrained(root / f"random{i}")
+        dirs.append(root / f"random{i}")
     return dirs
 
 
@@ -124,18 +136,86 @@ def drive(address: str, jobs: list[tuple[str, str]], tokens: int) -> tuple[float
         return time.perf_counter() - start, sum(counts), ttfts
 
 
-def peft_mixed_batch(model: PeftModel, tokenizer, jobs: list[tuple[str, str]], tokens: int) -> tuple[float, int]:
+def left_padded(tokenizer, jobs: list[tuple[str, str | None]]) -> dict:
     tokenizer.padding_side = "left"
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True, tokenize=False) for m, _ in jobs]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def generated(out: torch.Tensor, prompt_width: int, tokenizer) -> int:
+    """Tokens written per row up to and including its end-of-turn."""
+    eos = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    return sum(next((i + 1 for i, t in enumerate(row.tolist()) if t in eos), len(row)) for row in out[:, prompt_width:])
+
+
+def peft_mixed_batch(model: PeftModel, tokenizer, jobs: list[tuple[str, str]], tokens: int) -> tuple[float, int]:
+    batch = left_padded(tokenizer, jobs)
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=tokens, do_sample=False, adapter_names=[a for _, a in jobs], pad_token_id=tokenizer.pad_token_id)
-    seconds = time.perf_counter() - start
-    new = out[:, batch["input_ids"].shape[1] :]
-    eos = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    generated = sum(next((i + 1 for i, t in enumerate(row.tolist()) if t in eos), len(row)) for row in new)
-    return seconds, generated
+    return time.perf_counter() - start, generated(out, batch["input_ids"].shape[1], tokenizer)
+
+
+def base_generate(base: Path, tokenizer, jobs: list[tuple[str, str]], tokens: int) -> tuple[float, int]:
+    """(d) the limit: the plain base model, the whole batch in one transformers `generate`."""
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    batch = left_padded(tokenizer, jobs)
+    with torch.no_grad():
+        model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)  # warm up
+        start = time.perf_counter()
+        out = model.generate(**batch, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return time.perf_counter() - start, generated(out, batch["input_ids"].shape[1], tokenizer)
+
+
+def in_process(runtime: Runtime, prompts: list[list[int]], rows: list[int], tokens: int) -> tuple[float, int]:
+    """Our decoder on one batch, no server: (seconds, tokens written)."""
+    start = time.perf_counter()
+    out = runtime.greedy(prompts, rows, tokens)
+    return time.perf_counter() - start, sum(min(len(o) + 1, tokens) for o in out)  # + its end-of-turn, as `generated` counts
+
+
+def kernel_sweep(runtime: Runtime, prompts: list[list[int]], tokens: int) -> None:
+    """tok/s of the slot-by-slot and dense kernels per number of distinct slots in a batch."""
+    print("kernel: distinct slots -> tok/s slot by slot / dense (GROUPED_SLOTS is the largest count where slot by slot wins)")
+    best = 0
+    for k in (1, 2, 3, 4, 6, 8):
+        rows = [1 + i % k for i in range(len(prompts))]
+        rates = []
+        for grouped in (k, 0):
+            lora_layers.GROUPED_SLOTS = grouped
+            seconds, count = in_process(runtime, prompts, rows, tokens)
+            rates.append(count / seconds)
+        best = k if rates[0] > rates[1] else best
+        print(f"  {k} slots: {rates[0]:6.1f} / {rates[1]:6.1f}", flush=True)
+    print(f"  measured GROUPED_SLOTS = {best} (the code has {GROUPED_SLOTS})")
+    lora_layers.GROUPED_SLOTS = GROUPED_SLOTS
+
+
+def first_token(client: Client, **target) -> float:
+    start = time.perf_counter()
+    for response in client.generate(prompt="Say hi.", max_new_tokens=1, **target):
+        if response.token_ids:
+            break
+    return time.perf_counter() - start
+
+
+def composition_latency(client: Client, four: list[str]) -> None:
+    """ComposeAdapter (a new weighting each time) until Generate's first token, and an inline
+    linear recipe (served with no merge) until its first token; a plain adapter's as reference."""
+    plain = [first_token(client, adapter=four[0]) for _ in range(10)]
+    print(f"first token, a loaded adapter  p50 {1000 * percentile(plain, .5):6.1f} ms")
+    for method, rank in (("linear", None), ("svd", 8)):
+        times = []
+        for i in range(20):
+            recipe = make_recipe(method, {n: 0.25 + 0.01 * i for n in four}, rank=rank)  # new weights: a new composition
+            start = time.perf_counter()
+            client.compose(f"{method}{i}", recipe)
+            first_token(client, adapter=f"{method}{i}")
+            times.append(time.perf_counter() - start)
+            client.unload_adapter(f"{method}{i}")
+        print(f"ComposeAdapter {method:6} of 4 -> first token p50 {1000 * percentile(times, .5):6.1f} ms  p99 {1000 * percentile(times, .99):6.1f} ms")
+    free = [first_token(client, recipe=make_recipe("linear", {n: 0.3 + 0.01 * i for n in four})) for i in range(20)]
+    print(f"inline linear of 4 (no merge) -> first token p50 {1000 * percentile(free, .5):6.1f} ms  p99 {1000 * percentile(free, .99):6.1f} ms")
 
 
 def main() -> None:
@@ -145,23 +225,52 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=8)
     args = parser.parse_args()
     base = default_base()
+    tokenizer = AutoTokenizer.from_pretrained(base)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         dirs = make_adapters(base, root, args.adapters)
         names = [d.name for d in dirs]
         jobs = workload(args.clients, names)
-        print(f"SmolLM2-135M, {len(dirs)} rank-8 adapters, {args.clients} concurrent requests x <= {args.tokens} tokens, greedy, {torch.get_num_threads()} threads")
+        print(f"SmolLM2-135M, {len(dirs)} near-base rank-8 adapters (all 7 projections), {args.clients} requests x {args.tokens} tokens, greedy, {torch.get_num_threads()} threads")
 
-        # (a) ours
-        config = ServerConfig(base_dir=base, store_dir=root / "store", adapter_roots=[DEMO_ADAPTERS, root], preload=dirs, port=0, limits=Limits(max_batch=64))
+        seconds, count = base_generate(base, tokenizer, jobs, args.tokens)
+        limit = count / seconds
+        print(f"(d) base model, transformers generate  {limit:7.1f} tok/s  ({count} tokens in {seconds:.1f} s)", flush=True)
+        runtime = Runtime(base)
+        runtime.set_slots([[load_adapter(d)] for d in dirs])
+        prompts = [runtime.chat_ids(m) for m, _ in jobs]
+        in_process(runtime, prompts[:2], [1, 2], 2)  # warm up
+        rates = {}
+        for label, k in (("base model", 0), ("2 adapters mixed", 2), (f"{len(dirs)} adapters mixed", len(dirs))):
+            seconds, count = in_process(runtime, prompts, [1 + i % k if k else 0 for i in range(len(prompts))], args.tokens)
+            rates[k] = count / seconds
+            print(f"    ours in-process, {label:18} {rates[k]:7.1f} tok/s  = {rates[k] / limit:.2f}x the limit", flush=True)
+        kernel_sweep(runtime, prompts, 16)
+        del runtime
+
+        # (a) ours through gRPC
+        demo = [DEMO_ADAPTERS / n for n in ("uppercase", "reverse_words", "count_words", "caesar")]
+        config = ServerConfig(base_dir=base, store_dir=root / "store", adapter_roots=[DEMO_ADAPTERS, root], preload=dirs + demo, port=0, limits=Limits(max_batch=64))
         ours = BackgroundServer(config)
         drive(ours.address, jobs[:2], 4)  # warm up
         seconds, count, ttft = drive(ours.address, jobs, args.tokens)
         ours_rate = count / seconds
-        print(f"(a) ours        {ours_rate:7.1f} tok/s  TTFT p50 {percentile(ttft, .5):.2f} s p99 {percentile(ttft, .99):.2f} s  ({count} tokens in {seconds:.1f} s)", flush=True)
+        print(f"(a) ours, gRPC, {len(dirs)} adapters  {ours_rate:7.1f} tok/s  TTFT p50 {percentile(ttft, .5):.2f} s p99 {percentile(ttft, .99):.2f} s  ({count} tokens in {seconds:.1f} s)", flush=True)
+        seconds, count, _ = drive(ours.address, [(m, None) for m, _ in jobs], args.tokens)
+        ours_base = count / seconds
+        print(f"    ours, gRPC, base model  {ours_base:7.1f} tok/s; adapters / base = {ours_rate / ours_base:.2f}x; gRPC / in-process = {ours_rate / rates[len(dirs)]:.2f}x", flush=True)
+        with Client(ours.address) as client:
+            loads = []
+            for i in range(20):
+                start = time.perf_counter()
+                client.load_adapter(f"hot{i}", dirs[i % len(dirs)])
+                loads.append(time.perf_counter() - start)
+                client.unload_adapter(f"hot{i}")
+            print(f"LoadAdapter        p50 {1000 * percentile(loads, .5):6.1f} ms  p99 {1000 * percentile(loads, .99):6.1f} ms")
+            composition_latency(client, [d.name for d in demo])
+        ours.stop()
 
         # (b) naive server and (c) peft mixed batch share one PeftModel with all adapters
-        tokenizer = AutoTokenizer.from_pretrained(base)
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), dirs[0], adapter_name=names[0]).eval()
         for d in dirs[1:]:
             model.load_adapter(d, adapter_name=d.name)
@@ -176,32 +285,7 @@ def main() -> None:
         seconds, count = peft_mixed_batch(model, tokenizer, jobs, args.tokens)
         peft_rate = count / seconds
         print(f"(c) peft mixed  {peft_rate:7.1f} tok/s  (one generate call, {count} tokens in {seconds:.1f} s)", flush=True)
-        print(f"ours / naive = {ours_rate / naive_rate:.1f}x, ours / peft mixed batch = {ours_rate / peft_rate:.2f}x")
-
-        with Client(ours.address) as client:
-            loads = []
-            for i in range(20):
-                start = time.perf_counter()
-                client.load_adapter(f"hot{i}", dirs[i % len(dirs)])
-                loads.append(time.perf_counter() - start)
-                client.unload_adapter(f"hot{i}")
-            print(f"LoadAdapter        p50 {1000 * percentile(loads, .5):6.1f} ms  p99 {1000 * percentile(loads, .99):6.1f} ms")
-            four = names[:4]
-            probe = [("Say hi.", "hi")]
-            scoring = []
-            for _ in range(10):
-                start = time.perf_counter()
-                client.score(probe, adapter=four[0])
-                scoring.append(time.perf_counter() - start)
-            for method, rank in (("linear", None), ("svd", 8)):
-                times = []
-                for i in range(20):
-                    recipe = make_recipe(method, {n: 0.25 + 0.01 * i for n in four}, rank=rank)  # new weights: a new composition
-                    start = time.perf_counter()
-                    client.score(probe, recipe=recipe)
-                    times.append(time.perf_counter() - start - statistics.median(scoring))
-                print(f"inline {method:6} of 4 p50 {1000 * percentile(times, .5):6.1f} ms  p99 {1000 * percentile(times, .99):6.1f} ms  (a Score with an inline recipe, minus a plain Score's median)")
-        ours.stop()
+        print(f"ours gRPC / naive = {ours_rate / naive_rate:.1f}x, ours gRPC / peft mixed batch = {ours_rate / peft_rate:.2f}x")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from adapter_fusion.errors import AlreadyExistsError, InvalidRequestError, Limit
 from adapter_fusion.lorahub import SearchProgress, check_settings, search, weighted_objective
 from adapter_fusion.merge import merge
 from adapter_fusion.registry import AdapterInfo
-from adapter_fusion.runtime import Request
+from adapter_fusion.decoding import Request
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from server.calls import Done, reports_of, thread_safe_emit
 from server.store import check_name

@@ -16,7 +16,8 @@ from adapter_fusion import load_adapter
 from adapter_fusion.engine import Engine, Event, Limits
 from adapter_fusion.errors import EngineFaultError, LimitExceededError, RequestCancelledError, ShuttingDownError, UnavailableError
 from adapter_fusion.registry import AdapterInfo
-from adapter_fusion.runtime import Request, Runtime
+from adapter_fusion.decoding import Request
+from adapter_fusion.runtime import Runtime
 
 PROMPT = list(range(20, 32))
 

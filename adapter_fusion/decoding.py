@@ -1,0 +1,171 @@
+"""Continuous batching on a plain transformers model: requests join a running batch at step
+boundaries (their prompts prefilled, their KV caches left-padded and concatenated to the
+batch's) and leave when they finish (their rows dropped), each row routed to its own slot or
+mix of slots; text is detokenized incrementally."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import DynamicCache
+
+from adapter_fusion.runtime import Runtime, padded
+from adapter_fusion.slots import Route
+
+
+@dataclass
+class Request:
+    """One generation: its prompt, route, sampling settings, and what it has produced."""
+
+    prompt_ids: list[int]
+    route: Route = 0  # its slot (0: the base model), or a mix of slots
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""  # decoded so far (stop strings trimmed)
+    finish_reason: str | None = None  # "stop", "length", "cancelled"
+    cancelled: bool = False
+    generator: torch.Generator | None = None
+    decoded: tuple[int, int] = (0, 0)  # `detokenize`'s window: (prefix start, read end) in output_ids
+
+    def __post_init__(self) -> None:
+        if self.temperature > 0:
+            self.generator = torch.Generator().manual_seed(self.seed)
+
+
+def _sample(logits: Tensor, request: Request) -> int:  # logits (vocab,)
+    """One token drawn at the request's temperature, top-k and top-p; on the CPU, where the
+    request's generator is."""
+    logits = logits.float().nan_to_num(nan=float("-inf"), posinf=float("-inf"))
+    top = logits.max()
+    if not torch.isfinite(top):  # nothing finite to sample from: the best the model has
+        return int(logits.argmax())
+    logits = (logits - top) / request.temperature  # the best token at 0: no overflow at any temperature
+    if request.top_k > 0:
+        kth = torch.topk(logits, min(request.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if request.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(0) - sorted_probs > request.top_p  # keep the smallest set reaching top_p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+    return int(torch.multinomial(probs, 1, generator=request.generator))
+
+
+def detokenize(tokenizer, request: Request, final: bool = False) -> None:
+    """Extend request.text by the text of its newest tokens without decoding the whole output
+    each step: decode a short window (a few tokens before the new ones, for context such as a
+    leading space) and keep what it adds; wait while the window ends in a broken UTF-8 sequence
+    (vLLM's and TGI's incremental detokenizer). `final`: the output ends here, keep all of it."""
+    ids, (prefix, read) = request.output_ids, request.decoded
+    before = tokenizer.decode(ids[prefix:read], skip_special_tokens=True)
+    after = tokenizer.decode(ids[prefix:], skip_special_tokens=True)
+    if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+        request.text += after[len(before) :]
+        request.decoded = (read, len(ids))
+
+
+def _left_pad(t: Tensor, length: int, dim: int) -> Tensor:
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class Decoder:
+    """A running batch: admit requests at step boundaries, `step()` emits one token per row."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.active: list[Request] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        device = self.runtime.device
+        self.cache: list[tuple[Tensor, Tensor]] = []  # per layer (keys, values): (batch, heads, L, dim)
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)  # (batch, L), 0 on left padding
+        self.logits = torch.zeros(0, 0, device=device)  # (batch, vocab): next-token logits per row
+
+    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, routes: list[Route], cache: list) -> tuple[Tensor, list]:
+        past = DynamicCache(ddp_cache_data=cache) if cache else DynamicCache()
+        with self.runtime.routed(routes):
+            out = self.runtime.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True, logits_to_keep=1
+            )  # only the last position's logits: the vocabulary projection is ~20% of a prefill
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return out.logits[:, -1], kv
+
+    @torch.no_grad()
+    def admit(self, requests: Sequence[Request]) -> None:
+        """Prefill new requests together and join them to the running batch."""
+        if not requests:
+            return
+        width = max(len(r.prompt_ids) for r in requests)
+        ids, mask = padded([r.prompt_ids for r in requests], width, self.runtime.pad_id, left=True)
+        ids, mask = ids.to(self.runtime.device), mask.to(self.runtime.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, kv = self._forward(ids, mask, positions, [r.route for r in requests], [])
+        if self.active:
+            length = max(width, self.mask.shape[1])
+            kv = [
+                (torch.cat([_left_pad(k0, length, 2), _left_pad(k1, length, 2)]), torch.cat([_left_pad(v0, length, 2), _left_pad(v1, length, 2)]))
+                for (k0, v0), (k1, v1) in zip(self.cache, kv)
+            ]
+            mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(mask, length, 1)])
+            logits = torch.cat([self.logits, logits])
+        self.active = self.active + list(requests)
+        self.cache, self.mask, self.logits = kv, mask, logits
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[Request, int]]:
+        """Choose one token per active row, retire finished rows, run the next forward.
+
+        Returns (request, token) for every row this step, finished ones included."""
+        emitted: list[tuple[Request, int]] = []
+        keep: list[int] = []
+        tokenizer = self.runtime.tokenizer
+        # greedy rows' tokens: one device sync per step, not one per row
+        best = self.logits.argmax(-1).tolist() if self.active else []
+        for b, request in enumerate(self.active):
+            if request.cancelled:
+                request.finish_reason = "cancelled"
+                continue
+            token = best[b] if request.temperature <= 0 else _sample(self.logits[b].float().cpu(), request)
+            emitted.append((request, token))
+            if token in self.runtime.stop_ids:
+                detokenize(tokenizer, request, final=True)
+                request.finish_reason = "stop"
+                continue
+            request.output_ids.append(token)
+            at_length = len(request.output_ids) >= request.max_new_tokens
+            detokenize(tokenizer, request, final=at_length)
+            hit = next((s for s in request.stop if s and s in request.text), None)
+            if hit is not None:
+                request.text = request.text[: request.text.index(hit)]
+                request.finish_reason = "stop"
+            elif at_length:
+                request.finish_reason = "length"
+            else:
+                keep.append(b)
+        if len(keep) < len(self.active):
+            index = torch.tensor(keep, dtype=torch.long, device=self.runtime.device)
+            self.cache = [(k[index], v[index]) for k, v in self.cache]
+            self.mask = self.mask[index]
+            self.active = [self.active[b] for b in keep]
+        if self.active:
+            ids = torch.tensor([[r.output_ids[-1]] for r in self.active], device=self.runtime.device)
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.active), 1)], dim=1)
+            positions = self.mask.sum(-1, keepdim=True) - 1
+            self.logits, self.cache = self._forward(ids, self.mask, positions, [r.route for r in self.active], self.cache)
+        else:
+            self._reset()
+        return emitted
