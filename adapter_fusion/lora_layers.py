@@ -72,13 +72,14 @@ class MultiLoraLinear(nn.Module):
         return self.base.out_features, self.base.in_features
 
     def forward(self, x: Tensor) -> Tensor:  # x (batch, seq, in)
-        y = self.base(x)
+        y = self.base(x)  # a fresh tensor: the deltas are added into it in place
         routing = self.routing
         if routing is None or self.holds.isdisjoint(routing.slots):
             return y
         if routing.groups is None:
-            h = x @ self.A[routing.start : routing.end].T  # (batch, seq, W)
-            return y + (h * routing.weights) @ self.B[routing.start : routing.end]  # (batch, seq, out)
+            h = (x @ self.A[routing.start : routing.end].T) * routing.weights  # (batch, seq, W); not in place: autograd needs h
+            y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.B[routing.start : routing.end])  # += (batch·seq, out)
+            return y
         for group in routing.groups:
             if group.slot not in self.holds:
                 continue
@@ -86,8 +87,10 @@ class MultiLoraLinear(nn.Module):
             h = rows_x @ self.A[group.start : group.end].T  # (n, seq, w)
             if group.weights is not None:
                 h = h * group.weights
-            delta = h @ self.B[group.start : group.end]  # (n, seq, out)
-            y = y + delta if group.rows is None else y.index_add(0, group.rows, delta)
+            if group.rows is None:
+                y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.B[group.start : group.end])
+            else:
+                y.index_add_(0, group.rows, h @ self.B[group.start : group.end])  # (n, seq, out) into its rows
         return y
 
 

@@ -177,15 +177,17 @@ def in_process(runtime: Runtime, prompts: list[list[int]], rows: list[int], toke
 def kernel_sweep(runtime: Runtime, prompts: list[list[int]], tokens: int) -> None:
     """tok/s of the slot-by-slot and dense kernels per number of distinct slots in a batch."""
     print("kernel: distinct slots -> tok/s slot by slot / dense (GROUPED_SLOTS is the largest count where slot by slot wins)")
-    best = 0
+    best, losing = 0, False
     for k in (1, 2, 3, 4, 6, 8):
         rows = [1 + i % k for i in range(len(prompts))]
-        rates = []
-        for grouped in (k, 0):
-            lora_layers.GROUPED_SLOTS = grouped
-            seconds, count = in_process(runtime, prompts, rows, tokens)
-            rates.append(count / seconds)
-        best = k if rates[0] > rates[1] else best
+        rates = [0.0, 0.0]
+        for _ in range(2):  # alternated, best of two: a busy neighbour slows one run, not one kernel
+            for i, grouped in enumerate((k, 0)):
+                lora_layers.GROUPED_SLOTS = grouped
+                seconds, count = in_process(runtime, prompts, rows, tokens)
+                rates[i] = max(rates[i], count / seconds)
+        losing = losing or rates[0] <= rates[1]
+        best = best if losing else k
         print(f"  {k} slots: {rates[0]:6.1f} / {rates[1]:6.1f}", flush=True)
     print(f"  measured GROUPED_SLOTS = {best} (the code has {GROUPED_SLOTS})")
     lora_layers.GROUPED_SLOTS = GROUPED_SLOTS
@@ -242,10 +244,10 @@ def main() -> None:
         in_process(runtime, prompts[:2], [1, 2], 2)  # warm up
         rates = {}
         for label, k in (("base model", 0), ("2 adapters mixed", 2), (f"{len(dirs)} adapters mixed", len(dirs))):
-            seconds, count = in_process(runtime, prompts, [1 + i % k if k else 0 for i in range(len(prompts))], args.tokens)
-            rates[k] = count / seconds
+            runs = [in_process(runtime, prompts, [1 + i % k if k else 0 for i in range(len(prompts))], args.tokens) for _ in range(2)]
+            rates[k] = max(count / seconds for seconds, count in runs)
             print(f"    ours in-process, {label:18} {rates[k]:7.1f} tok/s  = {rates[k] / limit:.2f}x the limit", flush=True)
-        kernel_sweep(runtime, prompts, 16)
+        kernel_sweep(runtime, prompts, args.tokens)
         del runtime
 
         # (a) ours through gRPC
@@ -260,13 +262,14 @@ def main() -> None:
         ours_base = count / seconds
         print(f"    ours, gRPC, base model  {ours_base:7.1f} tok/s; adapters / base = {ours_rate / ours_base:.2f}x; gRPC / in-process = {ours_rate / rates[len(dirs)]:.2f}x", flush=True)
         with Client(ours.address) as client:
-            loads = []
-            for i in range(20):
-                start = time.perf_counter()
-                client.load_adapter(f"hot{i}", dirs[i % len(dirs)])
-                loads.append(time.perf_counter() - start)
-                client.unload_adapter(f"hot{i}")
-            print(f"LoadAdapter        p50 {1000 * percentile(loads, .5):6.1f} ms  p99 {1000 * percentile(loads, .99):6.1f} ms")
+            for label, pool in (("a demo adapter (q, v; 1.8 MB)", demo), ("a random one (7 projections; 9.8 MB)", dirs)):
+                loads = []
+                for i in range(20):
+                    start = time.perf_counter()
+                    client.load_adapter(f"hot{i}", pool[i % len(pool)])
+                    loads.append(time.perf_counter() - start)
+                    client.unload_adapter(f"hot{i}")
+                print(f"LoadAdapter, {label}: p50 {1000 * percentile(loads, .5):6.1f} ms  p99 {1000 * percentile(loads, .99):6.1f} ms")
             composition_latency(client, [d.name for d in demo])
         ours.stop()
 
