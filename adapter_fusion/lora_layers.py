@@ -9,10 +9,13 @@ slot bank's business (`adapter_fusion.slots`), the same in every layer.
 A forward is routed by per-row column weights: row b adds Σ_c w[b, c] · (x A[c]ᵀ) B[c]. A plain
 adapter row weighs its slot's columns 1; a LoraHub candidate or a merge-free composition weighs
 each source's columns by its weight, so one batch serves any number of different exact
-Σ wᵢ ΔWᵢ with no merge. Two ways to compute it, chosen per forward (`GROUPED_SLOTS`):
-- grouped: per routed slot, its rows take two matmuls at that slot's own width (few slots);
-- dense: every row takes two matmuls over the whole span of routed columns, masked by its weights
-  (many slots: three kernel calls per layer whatever the mix, instead of a per-row gather).
+Σ wᵢ ΔWᵢ with no merge. Two ways to compute it, chosen per forward:
+- grouped: per routed slot, its rows take two matmuls at that slot's own width: the fewest
+  FLOPs, so always for a prefill (many tokens per row: compute-bound), and for a decode step
+  routed to at most `GROUPED_SLOTS` slots;
+- dense: every row takes two matmuls over the whole span of routed columns, masked by its
+  weights: three kernel calls per layer whatever the mix, for decode steps over many slots
+  (one token per row: bound by the number of kernel calls, not by FLOPs).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 
-GROUPED_SLOTS = 4  # a batch routed to at most this many slots runs slot by slot (bench/serve.py measures it)
+GROUPED_SLOTS = 4  # a decode step routed to at most this many slots runs slot by slot (bench/serve.py measures it)
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,12 @@ class Routing:
     start: int  # the span of columns they occupy
     end: int
     weights: Tensor  # (batch, 1, end - start): each row's weight on each column, 0 outside its slots
-    groups: list[Group] | None  # per slot, when few; None: the dense way
+    groups: list[Group]  # per slot
+
+    @property
+    def dense_decode(self) -> bool:
+        """Decode steps (one token per row) go dense over more than `GROUPED_SLOTS` slots."""
+        return len(self.groups) > GROUPED_SLOTS
 
 
 class MultiLoraLinear(nn.Module):
@@ -76,7 +84,7 @@ class MultiLoraLinear(nn.Module):
         routing = self.routing
         if routing is None or self.holds.isdisjoint(routing.slots):
             return y
-        if routing.groups is None:
+        if x.shape[1] == 1 and routing.dense_decode:
             h = (x @ self.A[routing.start : routing.end].T) * routing.weights  # (batch, seq, W); not in place: autograd needs h
             y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.B[routing.start : routing.end])  # += (batch·seq, out)
             return y

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from adapter_fusion import lora_layers
 from adapter_fusion.adapters import Adapter
 from adapter_fusion.lora_layers import Group, MultiLoraLinear, Routing
 
@@ -134,9 +133,7 @@ class SlotBank:
                 for width, w in zip(p.widths, source_weights, strict=True):
                     weights[b, at : at + width] += w
                     at += width
-        groups = None
-        if len(slots) <= lora_layers.GROUPED_SLOTS:
-            groups = [self._group(slot, routes, weights, start) for slot in slots]
+        groups = [self._group(slot, routes, weights, start) for slot in slots]
         dense = weights.to(self.device, self.dtype)[:, None, :]  # (batch, 1, W)
         return Routing(frozenset(slots), start, end, dense, groups)
 

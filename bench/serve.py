@@ -156,12 +156,10 @@ def peft_mixed_batch(model: PeftModel, tokenizer, jobs: list[tuple[str, str]], t
     return time.perf_counter() - start, generated(out, batch["input_ids"].shape[1], tokenizer)
 
 
-def base_generate(base: Path, tokenizer, jobs: list[tuple[str, str]], tokens: int) -> tuple[float, int]:
+def base_generate(model, tokenizer, jobs: list[tuple[str, str]], tokens: int) -> tuple[float, int]:
     """(d) the limit: the plain base model, the whole batch in one transformers `generate`."""
-    model = AutoModelForCausalLM.from_pretrained(base).eval()
     batch = left_padded(tokenizer, jobs)
     with torch.no_grad():
-        model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)  # warm up
         start = time.perf_counter()
         out = model.generate(**batch, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return time.perf_counter() - start, generated(out, batch["input_ids"].shape[1], tokenizer)
@@ -235,31 +233,37 @@ def main() -> None:
         jobs = workload(args.clients, names)
         print(f"SmolLM2-135M, {len(dirs)} near-base rank-8 adapters (all 7 projections), {args.clients} requests x {args.tokens} tokens, greedy, {torch.get_num_threads()} threads")
 
-        seconds, count = base_generate(base, tokenizer, jobs, args.tokens)
-        limit = count / seconds
-        print(f"(d) base model, transformers generate  {limit:7.1f} tok/s  ({count} tokens in {seconds:.1f} s)", flush=True)
         runtime = Runtime(base)
         runtime.set_slots([[load_adapter(d)] for d in dirs])
         prompts = [runtime.chat_ids(m) for m, _ in jobs]
         in_process(runtime, prompts[:2], [1, 2], 2)  # warm up
-        rates = {}
-        for label, k in (("base model", 0), ("2 adapters mixed", 2), (f"{len(dirs)} adapters mixed", len(dirs))):
-            runs = [in_process(runtime, prompts, [1 + i % k if k else 0 for i in range(len(prompts))], args.tokens) for _ in range(2)]
-            rates[k] = max(count / seconds for seconds, count in runs)
+        plain = AutoModelForCausalLM.from_pretrained(base).eval()
+        configs = {"base model": 0, "2 adapters mixed": 2, f"{len(dirs)} adapters mixed": len(dirs)}
+        limit, rates = 0.0, dict.fromkeys(configs.values(), 0.0)
+        for _ in range(3):  # rounds, each side once per round, best of each: drift on a shared machine hits all alike
+            seconds, count = base_generate(plain, tokenizer, jobs, args.tokens)
+            limit = max(limit, count / seconds)
+            for k in configs.values():
+                seconds, count = in_process(runtime, prompts, [1 + i % k if k else 0 for i in range(len(prompts))], args.tokens)
+                rates[k] = max(rates[k], count / seconds)
+        print(f"(d) base model, transformers generate  {limit:7.1f} tok/s (best of 3 rounds, as every line below)", flush=True)
+        for label, k in configs.items():
             print(f"    ours in-process, {label:18} {rates[k]:7.1f} tok/s  = {rates[k] / limit:.2f}x the limit", flush=True)
         kernel_sweep(runtime, prompts, args.tokens)
-        del runtime
+        del runtime, plain
 
         # (a) ours through gRPC
         demo = [DEMO_ADAPTERS / n for n in ("uppercase", "reverse_words", "count_words", "caesar")]
         config = ServerConfig(base_dir=base, store_dir=root / "store", adapter_roots=[DEMO_ADAPTERS, root], preload=dirs + demo, port=0, limits=Limits(max_batch=64))
         ours = BackgroundServer(config)
         drive(ours.address, jobs[:2], 4)  # warm up
-        seconds, count, ttft = drive(ours.address, jobs, args.tokens)
-        ours_rate = count / seconds
-        print(f"(a) ours, gRPC, {len(dirs)} adapters  {ours_rate:7.1f} tok/s  TTFT p50 {percentile(ttft, .5):.2f} s p99 {percentile(ttft, .99):.2f} s  ({count} tokens in {seconds:.1f} s)", flush=True)
-        seconds, count, _ = drive(ours.address, [(m, None) for m, _ in jobs], args.tokens)
-        ours_base = count / seconds
+        ours_rate = ours_base = 0.0
+        for _ in range(2):  # alternated rounds, best of each
+            seconds, count, ttft = drive(ours.address, jobs, args.tokens)
+            ours_rate = max(ours_rate, count / seconds)
+            seconds, count, _ = drive(ours.address, [(m, None) for m, _ in jobs], args.tokens)
+            ours_base = max(ours_base, count / seconds)
+        print(f"(a) ours, gRPC, {len(dirs)} adapters  {ours_rate:7.1f} tok/s  TTFT p50 {percentile(ttft, .5):.2f} s p99 {percentile(ttft, .99):.2f} s", flush=True)
         print(f"    ours, gRPC, base model  {ours_base:7.1f} tok/s; adapters / base = {ours_rate / ours_base:.2f}x; gRPC / in-process = {ours_rate / rates[len(dirs)]:.2f}x", flush=True)
         with Client(ours.address) as client:
             for label, pool in (("a demo adapter (q, v; 1.8 MB)", demo), ("a random one (7 projections; 9.8 MB)", dirs)):

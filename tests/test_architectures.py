@@ -76,9 +76,9 @@ def reference(base: Path, adapter_dir: Path | None) -> torch.nn.Module:
     return (PeftModel.from_pretrained(model, adapter_dir) if adapter_dir else model).eval()
 
 
-@pytest.mark.parametrize("grouped_slots", [4, 0], ids=["slot-by-slot", "dense"])
+@pytest.mark.parametrize(("grouped_slots", "tokens"), [(4, 8), (0, 1)], ids=["prefill", "dense-decode"])
 def test_mixed_batch_equals_peft_per_adapter(
-    architecture: tuple[Path, list[Path]], grouped_slots: int, monkeypatch: pytest.MonkeyPatch
+    architecture: tuple[Path, list[Path]], grouped_slots: int, tokens: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(lora_layers, "GROUPED_SLOTS", grouped_slots)
     base, adapter_dirs = architecture
@@ -86,7 +86,7 @@ def test_mixed_batch_equals_peft_per_adapter(
     runtime.set_slots([[load_adapter(d)] for d in adapter_dirs])
     touched = {path for path, layer in runtime.layers.items() if layer.holds}
     assert touched == {path for d in adapter_dirs for path in load_adapter(d).modules}
-    ids = torch.arange(100, 124).view(len(ROWS), 8) * 97 % len(runtime.tokenizer)  # (batch, seq): spread over the vocabulary
+    ids = (torch.arange(100, 124).view(len(ROWS), 8) * 97 % len(runtime.tokenizer))[:, :tokens]  # (batch, seq): spread over the vocabulary
     with torch.no_grad(), runtime.routed(ROWS):
         ours = runtime.model(input_ids=ids).logits  # (batch, seq, vocab)
     for b, slot in enumerate(ROWS):

@@ -17,7 +17,8 @@ from adapter_fusion.models import LLAMA_TARGETS
 from adapter_fusion.slots import Route, SlotBank, routes_of
 
 IDS = torch.arange(5, 29).view(3, 8)
-KERNELS = pytest.mark.parametrize("grouped_slots", [4, 0], ids=["slot-by-slot", "dense"])
+# the dense kernel runs for one-token forwards (decode steps) over more than GROUPED_SLOTS slots
+KERNELS = pytest.mark.parametrize(("grouped_slots", "tokens"), [(4, 8), (4, 1), (0, 1)], ids=["prefill", "slot-by-slot", "dense"])
 
 
 def bank_of(layers: dict[str, MultiLoraLinear], slots: list[list[Adapter]], columns: int = 64) -> SlotBank:
@@ -32,41 +33,45 @@ def routed_by(layers: dict[str, MultiLoraLinear], bank: SlotBank, rows: list[Rou
 
 
 @KERNELS
-def test_mixed_batch_equals_peft_per_adapter(tiny_base: Path, tiny_adapters: list[Path], grouped_slots: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mixed_batch_equals_peft_per_adapter(
+    tiny_base: Path, tiny_adapters: list[Path], grouped_slots: int, tokens: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(lora_layers, "GROUPED_SLOTS", grouped_slots)
+    ids = IDS[:, :tokens]  # (batch, seq)
     adapters = [load_adapter(p) for p in tiny_adapters[2:]]  # rank 8 (all targets), rank 4 (q, v only)
     model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
     layers = inject(model, LLAMA_TARGETS)
     bank = bank_of(layers, [[a] for a in adapters])
     with torch.no_grad(), routed_by(layers, bank, [1, 0, 2]):
-        mixed = model(IDS).logits
-        base_out = AutoModelForCausalLM.from_pretrained(tiny_base)(IDS).logits
+        mixed = model(ids).logits
+        base_out = AutoModelForCausalLM.from_pretrained(tiny_base)(ids).logits
     torch.testing.assert_close(mixed[1], base_out[1], rtol=1e-5, atol=1e-5)
     for row, adapter_dir in ((0, tiny_adapters[2]), (2, tiny_adapters[3])):
         peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), adapter_dir).eval()
         with torch.no_grad():
-            torch.testing.assert_close(mixed[row], peft(IDS[row : row + 1]).logits[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(mixed[row], peft(ids[row : row + 1]).logits[0], rtol=1e-4, atol=1e-4)
 
 
 @KERNELS
 def test_per_row_source_weights_are_the_exact_weighted_sum(
-    tiny_base: Path, tiny_adapters: list[Path], grouped_slots: int, monkeypatch: pytest.MonkeyPatch
+    tiny_base: Path, tiny_adapters: list[Path], grouped_slots: int, tokens: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(lora_layers, "GROUPED_SLOTS", grouped_slots)
+    ids = IDS[:, :tokens]  # (batch, seq)
     sources = [load_adapter(p) for p in tiny_adapters[:2]]
     model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
     layers = inject(model, LLAMA_TARGETS)
     bank = bank_of(layers, [sources])
     weights = torch.tensor([[0.7, -0.3], [0.0, 1.0], [1.0, 1.0]])
     with torch.no_grad(), routed_by(layers, bank, [1, 1, 1], weights):
-        routed = model(IDS).logits
+        routed = model(ids).logits
     for row in range(3):
         reference = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
         with torch.no_grad():
             for path in sources[0].modules:
                 w = weights[row]
                 reference.get_submodule(path).weight += w[0] * sources[0].modules[path].dense() + w[1] * sources[1].modules[path].dense()
-            torch.testing.assert_close(routed[row], reference(IDS[row : row + 1]).logits[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(routed[row], reference(ids[row : row + 1]).logits[0], rtol=1e-4, atol=1e-4)
 
 
 def test_inject_wraps_every_projection_but_the_head_and_untouched_layers_stay_the_base(

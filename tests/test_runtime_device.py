@@ -134,9 +134,9 @@ def test_bfloat16_decoder_keeps_float32_greedy_tokens_where_rounding_cannot_flip
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("grouped_slots", [4, 0], ids=["slot-by-slot", "dense"])
+@pytest.mark.parametrize(("grouped_slots", "tokens"), [(4, 5), (4, 1), (0, 1)], ids=["prefill", "slot-by-slot", "dense"])
 def test_bfloat16_kernel_stays_within_its_rounding_bound(
-    device: str, grouped_slots: int, tiny_base: Path, tiny_adapters: list[Path], monkeypatch: pytest.MonkeyPatch
+    device: str, grouped_slots: int, tokens: int, tiny_base: Path, tiny_adapters: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """|Δy| ≤ 3u(|W||x| + |b|) + 5u·|B||A||x| to first order in u = 2^-8: the base path rounds
     W, W·x and the final sum (3); the LoRA path A, A·x, B, B·A·x and the sum (5); the products
@@ -151,7 +151,7 @@ def test_bfloat16_kernel_stays_within_its_rounding_bound(
     for bank in banks:
         for slot, delta in enumerate(deltas, start=1):
             bank.write(slot, [Adapter(f"a{slot}", {path: delta})])
-    x = torch.randn(4, 5, base.in_features, generator=torch.Generator().manual_seed(1)).bfloat16()  # (batch, seq, in)
+    x = torch.randn(4, tokens, base.in_features, generator=torch.Generator().manual_seed(1)).bfloat16()  # (batch, seq, in)
     rows = torch.tensor([1, 0, 2, 1])
     with torch.no_grad(), route({"full": full}, banks[0].routing(routes_of(rows.tolist()))):
         want = full(x.float())
