@@ -19,8 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 
@@ -34,28 +33,15 @@ from adapter_fusion.errors import (
     UnavailableError,
     new_error_id,
 )
-from adapter_fusion.registry import AdapterRegistry, Choice
 from adapter_fusion.decoding import Decoder, Request
+from adapter_fusion.registry import AdapterRegistry, Choice
 from adapter_fusion.runtime import Runtime
+from adapter_fusion.limits import Limits
 from adapter_fusion.work import Event, Job, Pending
 
 __all__ = ["Engine", "Event", "Limits"]
 
 log = logging.getLogger("adapter_fusion.engine")
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_new_tokens: int = 512  # cap on a request's max_new_tokens
-    default_new_tokens: int = 64  # used when a request leaves it 0
-    max_prompt_tokens: int = 2048  # prompts of Generate, inputs of Score and SearchWeights
-    max_target_tokens: int = 512  # targets of Score and SearchWeights examples
-    max_queue: int = 256  # requests waiting to join the batch
-    max_batch: int = 32  # rows decoded (or scored) together
-    memory_budget_bytes: int = 1 << 30  # resident adapter factors plus the slot buffers stacked from them
-    max_faults: int = 3  # faults within fault_window_s before the engine gives up ("failed")
-    fault_window_s: float = 60.0
-    restart_delay_s: float = 0.5  # NOT_SERVING this long after a fault, so balancers see it
 
 
 class Engine:
@@ -87,7 +73,7 @@ class Engine:
         """Queue a generation with an adapter, a weighted mix of loaded adapters (served with no
         merge) or None (the base model); tokens arrive through `emit` (called on the engine
         thread; it must not raise)."""
-        self._validate(request)
+        self.limits.check(request)
         with self._wake:
             self._check_open()
             if len(self._waiting) >= self.limits.max_queue:
@@ -96,22 +82,6 @@ class Engine:
             self.stats["requests"] += 1
             self._wake.notify()
         return request
-
-    def _validate(self, request: Request) -> None:
-        if not request.prompt_ids:
-            raise InvalidRequestError("the prompt is empty")
-        if len(request.prompt_ids) > self.limits.max_prompt_tokens:
-            raise LimitExceededError(f"the prompt has {len(request.prompt_ids)} tokens; the limit is {self.limits.max_prompt_tokens}")
-        if request.max_new_tokens == 0:
-            request.max_new_tokens = self.limits.default_new_tokens
-        if not 0 < request.max_new_tokens <= self.limits.max_new_tokens:
-            raise LimitExceededError(f"max_new_tokens {request.max_new_tokens} is outside 1..{self.limits.max_new_tokens}")
-        if not (request.temperature >= 0 and request.temperature <= 100):
-            raise InvalidRequestError(f"temperature must be in [0, 100], got {request.temperature}")
-        if not (0 < request.top_p <= 1):
-            raise InvalidRequestError(f"top_p must be in (0, 1] (0 is read as 1), got {request.top_p}")
-        if request.top_k < 0:
-            raise InvalidRequestError(f"top_k must be >= 0, got {request.top_k}")
 
     def score(
         self, adapter: Choice, prompts: list[list[int]], targets: list[list[int]], source_weights: torch.Tensor | None = None

@@ -14,8 +14,8 @@ each source's columns by its weight, so one batch serves any number of different
   FLOPs, so always for a prefill (many tokens per row: compute-bound), and for a decode step
   routed to at most `GROUPED_SLOTS` slots;
 - dense: every row takes two matmuls over the whole span of routed columns, masked by its
-  weights: three kernel calls per layer whatever the mix, for decode steps over many slots
-  (one token per row: bound by the number of kernel calls, not by FLOPs).
+  weights: three kernel calls per layer whatever the mix, no gathers, for decode steps (one
+  token per row: bound by the number of kernel calls, not by FLOPs).
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 
-GROUPED_SLOTS = 4  # a decode step routed to at most this many slots runs slot by slot (bench/serve.py measures it)
+GROUPED_SLOTS = 0  # a decode step routed to at most this many slots runs slot by slot; bench/serve.py measured dense faster at 1-8 slots on CPU
 
 
 @dataclass(frozen=True)

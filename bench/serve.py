@@ -19,27 +19,32 @@ from __future__ import annotations
 
 import argparse
 import queue
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent import futures
 from pathlib import Path
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
 from adapter_fusion import load_adapter, lora_layers
 from adapter_fusion.client import Client, make_recipe
-from adapter_fusion.engine import Limits
 from adapter_fusion.lora_layers import GROUPED_SLOTS
 from adapter_fusion.models import DEMO_ADAPTERS, default_base
 from adapter_fusion.runtime import Runtime
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
-from server.app import BackgroundServer, ServerConfig
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -218,6 +223,37 @@ def composition_latency(client: Client, four: list[str]) -> None:
     print(f"inline linear of 4 (no merge) -> first token p50 {1000 * percentile(free, .5):6.1f} ms  p99 {1000 * percentile(free, .99):6.1f} ms")
 
 
+@contextmanager
+def serve_process(base: Path, root: Path, preload: list[Path], log: Path) -> Iterator[str]:
+    """`adapter-fusion serve` in its own process, as deployed: its engine thread does not share
+    a GIL with the 16 client threads of this bench. Yields its address once health says SERVING."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = ["serve", "--base", str(base), "--port", str(port), "--store", str(root / "store"), "--max-batch", "64"]
+    args += [a for r in (DEMO_ADAPTERS, root) for a in ("--adapter-root", str(r))] + [a for p in preload for a in ("--preload", str(p))]
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "adapter_fusion.cli", *args], stdout=out, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    try:
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 300
+            while True:
+                try:
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"the server did not start; see {log}")
+                time.sleep(0.5)
+        yield address
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16)
@@ -252,30 +288,28 @@ def main() -> None:
         kernel_sweep(runtime, prompts, args.tokens)
         del runtime, plain
 
-        # (a) ours through gRPC
+        # (a) ours through gRPC, the server in its own process
         demo = [DEMO_ADAPTERS / n for n in ("uppercase", "reverse_words", "count_words", "caesar")]
-        config = ServerConfig(base_dir=base, store_dir=root / "store", adapter_roots=[DEMO_ADAPTERS, root], preload=dirs + demo, port=0, limits=Limits(max_batch=64))
-        ours = BackgroundServer(config)
-        drive(ours.address, jobs[:2], 4)  # warm up
-        ours_rate = ours_base = 0.0
-        for _ in range(2):  # alternated rounds, best of each
-            seconds, count, ttft = drive(ours.address, jobs, args.tokens)
-            ours_rate = max(ours_rate, count / seconds)
-            seconds, count, _ = drive(ours.address, [(m, None) for m, _ in jobs], args.tokens)
-            ours_base = max(ours_base, count / seconds)
-        print(f"(a) ours, gRPC, {len(dirs)} adapters  {ours_rate:7.1f} tok/s  TTFT p50 {percentile(ttft, .5):.2f} s p99 {percentile(ttft, .99):.2f} s", flush=True)
-        print(f"    ours, gRPC, base model  {ours_base:7.1f} tok/s; adapters / base = {ours_rate / ours_base:.2f}x; gRPC / in-process = {ours_rate / rates[len(dirs)]:.2f}x", flush=True)
-        with Client(ours.address) as client:
-            for label, pool in (("a demo adapter (q, v; 1.8 MB)", demo), ("a random one (7 projections; 9.8 MB)", dirs)):
-                loads = []
-                for i in range(20):
-                    start = time.perf_counter()
-                    client.load_adapter(f"hot{i}", pool[i % len(pool)])
-                    loads.append(time.perf_counter() - start)
-                    client.unload_adapter(f"hot{i}")
-                print(f"LoadAdapter, {label}: p50 {1000 * percentile(loads, .5):6.1f} ms  p99 {1000 * percentile(loads, .99):6.1f} ms")
-            composition_latency(client, [d.name for d in demo])
-        ours.stop()
+        with serve_process(base, root, dirs + demo, root / "serve.log") as address:
+            drive(address, jobs[:2], 4)  # warm up
+            ours_rate = ours_base = 0.0
+            for _ in range(2):  # alternated rounds, best of each
+                seconds, count, ttft = drive(address, jobs, args.tokens)
+                ours_rate = max(ours_rate, count / seconds)
+                seconds, count, _ = drive(address, [(m, None) for m, _ in jobs], args.tokens)
+                ours_base = max(ours_base, count / seconds)
+            print(f"(a) ours, gRPC, {len(dirs)} adapters  {ours_rate:7.1f} tok/s  TTFT p50 {percentile(ttft, .5):.2f} s p99 {percentile(ttft, .99):.2f} s", flush=True)
+            print(f"    ours, gRPC, base model  {ours_base:7.1f} tok/s; adapters / base = {ours_rate / ours_base:.2f}x; gRPC / in-process = {ours_rate / rates[len(dirs)]:.2f}x", flush=True)
+            with Client(address) as client:
+                for label, pool in (("a demo adapter (q, v; 1.8 MB)", demo), ("a random one (7 projections; 9.8 MB)", dirs)):
+                    loads = []
+                    for i in range(20):
+                        start = time.perf_counter()
+                        client.load_adapter(f"hot{i}", pool[i % len(pool)])
+                        loads.append(time.perf_counter() - start)
+                        client.unload_adapter(f"hot{i}")
+                    print(f"LoadAdapter, {label}: p50 {1000 * percentile(loads, .5):6.1f} ms  p99 {1000 * percentile(loads, .99):6.1f} ms")
+                composition_latency(client, [d.name for d in demo])
 
         # (b) naive server and (c) peft mixed batch share one PeftModel with all adapters
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), dirs[0], adapter_name=names[0]).eval()
