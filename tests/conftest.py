@@ -54,7 +54,7 @@ def write_peft_adapter(
         **config,
     )
     peft_model = get_peft_model(model, lora)
-    with torch.no_grad():  # peft's random B is tiny; `b_scale` makes deltas comparable to the weights
+    with torch.no_grad():  # `b_scale` scales B so that each adapter moves the outputs clearly
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.mul_(b_scale)

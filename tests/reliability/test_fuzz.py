@@ -641,7 +641,7 @@ def test_garbage_bytes_are_invalid_argument(fuzz: Fuzz) -> None:
     assert health_status(fuzz.address) == SERVING
 
 
-# ---- what the fuzzer found, pinned: each of these answers INTERNAL today -----------------------
+# ---- what the fuzzer found, pinned: each of these answered INTERNAL before its fix ---------------
 
 
 def _not_internal(f: Fuzz, rpc: str, call, allowed: set[grpc.StatusCode]) -> list[str]:
