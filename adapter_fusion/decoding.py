@@ -109,6 +109,7 @@ class Decoder:
         """Prefill new requests together and join them to the running batch."""
         if not requests:
             return
+        requests = sorted(requests, key=lambda r: repr(r.route))  # each slot's rows side by side: its prefill reads views, not gathers
         width = max(len(r.prompt_ids) for r in requests)
         ids, mask = padded([r.prompt_ids for r in requests], width, self.runtime.pad_id, left=True)
         ids, mask = ids.to(self.runtime.device), mask.to(self.runtime.device)

@@ -38,7 +38,7 @@ class Group:
     slot: int
     start: int
     end: int
-    rows: Tensor | None  # (n,) row indices
+    rows: slice | Tensor | None  # its rows: side by side (a view), or (n,) indices; None: every row
     weights: Tensor | None  # (n, 1, end - start) or None when every weight is 1
 
 
@@ -90,14 +90,15 @@ class MultiLoraLinear(nn.Module):
         for group in routing.groups:
             if group.slot not in self.holds:
                 continue
-            rows_x = x if group.rows is None else x[group.rows]  # (n, seq, in)
+            rows_x = x if group.rows is None else x[group.rows]  # (n, seq, in); a view for a slice
             h = rows_x @ self.A[group.start : group.end].T  # (n, seq, w)
             if group.weights is not None:
                 h = h * group.weights
-            if group.rows is None:
-                y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.B[group.start : group.end])
-            else:
+            if isinstance(group.rows, Tensor):
                 y.index_add_(0, group.rows, h @ self.B[group.start : group.end])  # (n, seq, out) into its rows
+            else:
+                rows_y = y if group.rows is None else y[group.rows]  # a view of y
+                rows_y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.B[group.start : group.end])
         return y
 
 

@@ -141,7 +141,12 @@ class SlotBank:
         p = self.placements[slot]
         rows = [b for b, mix in enumerate(routes) if any(s == slot for s, _ in mix)]
         block = weights[rows, p.start - start : p.end - start]  # (n, w)
-        index = None if len(rows) == len(routes) else torch.tensor(rows, device=self.device)
+        if len(rows) == len(routes):
+            index = None
+        elif rows == list(range(rows[0], rows[-1] + 1)):
+            index = slice(rows[0], rows[-1] + 1)  # side by side: views, no gathers
+        else:
+            index = torch.tensor(rows, device=self.device)
         scale = None if bool((block == 1).all()) else block.to(self.device, self.dtype)[:, None, :]
         return Group(slot, p.start, p.end, index, scale)
 
