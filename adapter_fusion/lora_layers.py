@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 
-GROUPED_SLOTS = 0  # a decode step routed to at most this many slots runs slot by slot; bench/serve.py measured dense faster at 1-8 slots on CPU
+GROUPED_SLOTS = 1  # a decode step routed to at most this many slots runs slot by slot; measured by bench/serve.py (CPU: dense from 2 slots)
 
 
 @dataclass(frozen=True)
