@@ -66,7 +66,7 @@ class SlotBank:
         self.placements[slot] = placement
         for path, layer in self.layers.items():
             deltas = [a.modules.get(path) for a in sources]
-            touched = any(d is not None for d in deltas)
+            touched = any(d is not None and d.rank > 0 for d in deltas)  # a rank-0 module (all pruned) adds nothing
             if layer.A is None and not touched:
                 continue
             out, inp = layer.shape

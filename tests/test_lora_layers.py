@@ -90,3 +90,23 @@ def test_inject_wraps_every_projection_but_the_head_and_untouched_layers_stay_th
     x = torch.randn(2, 3, untouched.shape[1])
     with torch.no_grad(), routed_by(layers, bank, [1, 1]):
         assert torch.equal(untouched(x), untouched.base(x))
+
+
+@pytest.mark.parametrize("tokens", [8, 1])
+def test_a_slot_whose_modules_are_all_rank_zero_adds_nothing(tiny_base: Path, tiny_adapters: list[Path], tokens: int) -> None:
+    """A merge that prunes everything (DARE-TIES at a tiny density) gives rank-0 modules: served, they are the base model."""
+    from adapter_fusion.delta import LowRankDelta
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    layers = inject(model, LLAMA_TARGETS)
+    real = load_adapter(tiny_adapters[0])
+    empty = Adapter("empty", {path: LowRankDelta.zeros(delta.shape) for path, delta in real.modules.items()})
+    bank = bank_of(layers, [[empty], [real]])
+    ids = IDS[:, :tokens]
+    with torch.no_grad():
+        base_out = model(ids).logits
+        with routed_by(layers, bank, [1, 1, 2]):  # its rows side by side: the kernel's view path
+            mixed = model(ids).logits
+        with routed_by(layers, bank, [1, 1, 1]):  # every row
+            alone = model(ids).logits
+    assert torch.equal(mixed[:2], base_out[:2]) and torch.equal(alone, base_out)
