@@ -41,15 +41,19 @@ def _progress() -> Progress:
 
 @app.command()
 def merge(
-    recipe: Annotated[Path | None, typer.Argument(help="YAML recipe; omitted: the built-in demo recipe")] = None,
+    recipe: Annotated[Path | None, typer.Argument(help="YAML recipe or mergekit config; omitted: the built-in demo recipe")] = None,
     output: Annotated[Path | None, typer.Option(help="output dir (overrides the recipe's)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+    base: Annotated[Path | None, typer.Option(help="base model dir the examples run through (regmean, fisher); overrides the recipe's")] = None,
+    device: DeviceOption = None,
 ) -> None:
     """Compose the recipe's adapters and write the result as a PEFT adapter."""
-    from adapter_fusion.recipe import load_recipe, merge_to_disk
+    from adapter_fusion.recipe import load_recipe, merge_to_disk, parse_recipe
 
     try:
         parsed = load_recipe(recipe or DEFAULT_RECIPE)
+        if base is not None:  # validated again: a base is refused for methods that run no model
+            parsed = parse_recipe({**parsed.model_dump(), "base": str(base)})
         if recipe is None:
             overwrite = True  # the demo's output is ours to replace
             console.print(f"no recipe given: running the built-in demo recipe {DEFAULT_RECIPE}")
@@ -59,7 +63,10 @@ def merge(
             def tick(done: int, total: int, path: str) -> None:
                 progress.update(task, completed=done, total=total, module=path)
 
-            result, path = merge_to_disk(parsed, output, overwrite=overwrite, on_module=tick)
+            def example(done: int, total: int, source: str) -> None:
+                progress.update(task, description=f"{parsed.method}: examples", completed=done, total=total, module=source)
+
+            result, path = merge_to_disk(parsed, output, overwrite=overwrite, on_module=tick, device=device, on_example=example)
     except AdapterFusionError as error:
         _fail(error)
     table = Table(title=f"{parsed.method} of {len(parsed.sources)} adapters -> {path}")

@@ -2,7 +2,14 @@
 
 Unknown keys and unknown methods are errors that name the key and list the valid ones; method
 parameters are checked by the method's own parameter model when the recipe is parsed, before
-any adapter is read. Relative adapter and output paths resolve against the recipe's folder.
+any adapter is read. Relative adapter, examples, base and output paths resolve against the
+recipe's folder. A mergekit config (it has `merge_method`) is read too, through
+`adapter_fusion.mergekit`.
+
+Data-aware methods (regmean, fisher) take `sources[i].examples` (a JSONL file of input/target)
+and `base` (the model the examples run through; default: the default base model). Over gRPC a
+recipe has neither (the proto carries no paths, and the server never reads a client's path), so
+those methods are refused there by the same validation, as INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from adapter_fusion.adapters import load_adapter, save_adapter
 from adapter_fusion.errors import OutputExistsError, RecipeError
 from adapter_fusion.merge import MergeResult, get_method, merge, parse_parameters
 from adapter_fusion.merge.driver import ProgressCallback, check_weights
+from adapter_fusion.merge.registry import data_methods
 
 
 class Source(BaseModel):
@@ -24,6 +32,7 @@ class Source(BaseModel):
 
     adapter: str  # a PEFT adapter dir (or, over gRPC, the name of a loaded adapter)
     weight: float = 1.0
+    examples: str | None = None  # JSONL of {"input", "target"}: this source's data (regmean, fisher)
 
 
 class Recipe(BaseModel):
@@ -37,17 +46,35 @@ class Recipe(BaseModel):
     output: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     name: str | None = None
+    base: str | None = None  # model dir the examples run through (data-aware methods); default: the default base
+    chat: bool = True  # examples' inputs as chat user messages (the base tokenizer's template); false: raw text
 
     @model_validator(mode="after")
     def _method_and_parameters(self) -> Recipe:
         method = get_method(self.method)  # RecipeError lists the valid methods
         parse_parameters(method, self.parameters)
         check_weights(self.weights)
+        _check_data(self, method.data is not None)
         return self
 
     @property
     def weights(self) -> list[float]:
         return [s.weight for s in self.sources]
+
+
+def _check_data(recipe: Recipe, data_aware: bool) -> None:
+    """Examples and a base exactly where the method learns from data."""
+    for i, source in enumerate(recipe.sources):
+        if data_aware and not source.examples:
+            raise RecipeError(
+                f"sources.{i}.examples: method {recipe.method!r} learns from each source's examples; give a JSONL file of "
+                '{"input": ..., "target": ...} per source (data-aware methods are not available over gRPC: compose with the CLI '
+                "or Python, then load the result)"
+            )
+        if not data_aware and source.examples:
+            raise RecipeError(f"sources.{i}.examples: method {recipe.method!r} uses no examples (only {', '.join(data_methods())} do)")
+    if not data_aware and recipe.base:
+        raise RecipeError(f"base: method {recipe.method!r} runs no model (only {', '.join(data_methods())} do)")
 
 
 def _describe(error: ValidationError, model: type[BaseModel]) -> str:
@@ -88,23 +115,42 @@ def load_recipe(path: str | Path) -> Recipe:
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: not valid YAML ({error})") from None
     try:
-        recipe = parse_recipe(data)
+        if isinstance(data, dict) and "merge_method" in data:
+            from adapter_fusion.mergekit import to_recipe
+
+            recipe = to_recipe(data)
+        else:
+            recipe = parse_recipe(data)
     except RecipeError as error:
         raise RecipeError(f"{path}: {error}") from None
-    base = path.parent
+    folder = path.parent
 
-    def resolve(p: str) -> str:
-        return str(Path(p) if Path(p).is_absolute() else base / p)
+    def resolve(p: str | None) -> str | None:
+        return None if p is None else str(Path(p) if Path(p).is_absolute() else folder / p)
 
-    sources = [s.model_copy(update={"adapter": resolve(s.adapter)}) for s in recipe.sources]
-    output = resolve(recipe.output) if recipe.output else None
-    return recipe.model_copy(update={"sources": sources, "output": output})
+    sources = [s.model_copy(update={"adapter": resolve(s.adapter), "examples": resolve(s.examples)}) for s in recipe.sources]
+    return recipe.model_copy(update={"sources": sources, "output": resolve(recipe.output), "base": resolve(recipe.base)})
 
 
-def run_recipe(recipe: Recipe, on_module: ProgressCallback | None = None, allow_pickle: bool = False) -> MergeResult:
-    """Load the recipe's source adapters (paths) and merge them."""
+def run_recipe(
+    recipe: Recipe,
+    on_module: ProgressCallback | None = None,
+    allow_pickle: bool = False,
+    device: str | None = None,
+    on_example: ProgressCallback | None = None,
+) -> MergeResult:
+    """Load the recipe's source adapters (paths) and merge them; a data-aware method first runs
+    each source's examples through the base model (on `device`)."""
     adapters = [load_adapter(s.adapter, allow_pickle=allow_pickle) for s in recipe.sources]
     name = recipe.name or (Path(recipe.output).name if recipe.output else "merged")
+    if get_method(recipe.method).data is not None:
+        from adapter_fusion.data_merge import load_examples, merge_with_data
+
+        examples = [load_examples(s.examples) for s in recipe.sources]
+        return merge_with_data(
+            adapters, recipe.method, examples, recipe.base, recipe.weights, recipe.parameters, recipe.rank, recipe.seed, name,
+            chat=recipe.chat, device=device, on_module=on_module, on_example=on_example,
+        )
     return merge(
         adapters,
         method=recipe.method,
@@ -117,13 +163,20 @@ def run_recipe(recipe: Recipe, on_module: ProgressCallback | None = None, allow_
     )
 
 
-def merge_to_disk(recipe: Recipe, output: str | Path | None = None, overwrite: bool = False, on_module: ProgressCallback | None = None) -> tuple[MergeResult, Path]:
+def merge_to_disk(
+    recipe: Recipe,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    on_module: ProgressCallback | None = None,
+    device: str | None = None,
+    on_example: ProgressCallback | None = None,
+) -> tuple[MergeResult, Path]:
     """Run a recipe and save the result (atomically) to `output` or the recipe's output."""
     target = output or recipe.output
     if target is None:
         raise RecipeError("no output: set `output:` in the recipe or pass --output")
     if Path(target).exists() and not overwrite:  # fail before the work, not after it
         raise OutputExistsError(f"{target} already exists; choose another output or pass --overwrite")
-    result = run_recipe(recipe, on_module=on_module)
+    result = run_recipe(recipe, on_module=on_module, device=device, on_example=on_example)
     path = save_adapter(result.adapter, target, dtype=recipe.dtype, overwrite=overwrite)
     return result, path

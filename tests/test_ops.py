@@ -79,3 +79,23 @@ def test_streamed_kth_largest_is_exact_even_when_the_sample_misleads() -> None:
         assert _ops.kth_largest_streamed(blocks, values.numel(), k, values[:2000]) == float(ordered[k - 1]), k
     misleading = torch.zeros(100)  # a sample of zeros brackets nothing useful: the fallback still finds it
     assert _ops.kth_largest_streamed(blocks, values.numel(), 777, misleading) == float(ordered[776])
+
+
+def test_disjoint_merge_without_division_and_with_a_zero_divisor() -> None:
+    stacked = torch.tensor([[2.0, 1.0], [2.0, -4.0]])  # (n=2, entries)
+    weights = torch.tensor([1.0, -1.0])
+    agree = torch.tensor([[True, True], [True, False]])
+    # entry 0: both agree, weights sum to 0; entry 1: only source 0, weight sum 1
+    none = _ops.disjoint_merge(stacked, weights, agree, divide_by="none")
+    torch.testing.assert_close(none, torch.tensor([0.0, 1.0]))
+    stacked = torch.tensor([[2.0, 1.0], [3.0, -4.0]])
+    zero = _ops.disjoint_merge(stacked, weights, agree, divide_by="weights", zero_divisor="zero")
+    one = _ops.disjoint_merge(stacked, weights, agree, divide_by="weights", zero_divisor="one")
+    torch.testing.assert_close(zero, torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(one, torch.tensor([2.0 - 3.0, 1.0]))  # the agreeing sum, divided by 1
+
+
+def test_l1_rescale_factor_and_its_guard() -> None:
+    assert _ops.l1_rescale_factor(6.0, 2.0) == 3.0
+    assert _ops.l1_rescale_factor(6.0, 0.0) == 1.0  # nothing kept: mergekit leaves the (zero) tensor
+    assert _ops.l1_rescale_factor(5e-8, 1e-8) == 1.0  # below mergekit's eps = 1e-7

@@ -59,7 +59,7 @@ def test_inspect_command(tiny_adapters: list[Path]) -> None:
     [
         ({"method": "tiess"}, "unknown method 'tiess'; valid methods: linear, task_arithmetic"),
         ({"ranks": 4}, "ranks: unknown key \\(valid keys: method, sources, parameters, rank"),
-        ({"sources": [{"adapter": "x", "wieght": 1}]}, "sources.0.wieght: unknown key \\(valid keys: adapter, weight\\)"),
+        ({"sources": [{"adapter": "x", "wieght": 1}]}, "sources.0.wieght: unknown key \\(valid keys: adapter, weight, examples\\)"),
         ({"parameters": {"density": 0.3, "sign": "total"}}, "sign: unknown parameter \\(valid parameters: density, majority_sign"),
         ({"parameters": {"majority_sign": "most"}}, "majority_sign: Input should be 'total' or 'frequency'"),
         ({"rank": 0}, "rank: Input should be greater than or equal to 1"),

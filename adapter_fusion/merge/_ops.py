@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 SignRule = Literal["total", "frequency"]
-Divisor = Literal["count", "weights"]
+Divisor = Literal["count", "weights", "none"]
+ZeroDivisor = Literal["zero", "one"]
 
 
 def kth_largest(values: Tensor, k: int) -> Tensor:
@@ -97,15 +98,29 @@ def majority_sign_mask(stacked: Tensor, rule: SignRule = "total") -> Tensor:
     return signs == elected
 
 
-def disjoint_merge(stacked: Tensor, weights: Tensor, agree: Tensor, divide_by: Divisor = "count") -> Tensor:
-    """Σ w_i·t_i over agreeing sources, divided by how many agree (`count`, PEFT) or by the sum of
-    their weights (`weights`, mergekit's normalisation)."""
+def disjoint_merge(
+    stacked: Tensor, weights: Tensor, agree: Tensor, divide_by: Divisor = "count", zero_divisor: ZeroDivisor = "zero"
+) -> Tensor:
+    """Σ w_i·t_i over agreeing sources, divided by how many agree (`count`, PEFT), by the sum of
+    their weights (`weights`, mergekit's `normalize: true`) or not at all (`none`, mergekit's
+    `normalize: false`). Where the agreeing weights sum to 0, `zero_divisor` gives 0 (`zero`) or
+    divides by 1 as mergekit does (`one`, which keeps the agreeing sum)."""
     total = weighted_sum(torch.where(agree, stacked, 0.0), weights)
+    if divide_by == "none":
+        return total
     if divide_by == "count":
         return total / agree.sum(dim=0, dtype=stacked.dtype).clamp(min=1)
     w = weights.view(-1, *([1] * (stacked.dim() - 1)))  # (n, 1, 1)
     norm = (w * agree).sum(dim=0)
-    return torch.where(norm.abs() > 0, total / torch.where(norm.abs() > 0, norm, 1.0), 0.0)
+    nonzero = norm != 0
+    divided = total / torch.where(nonzero, norm, 1.0)
+    return divided if zero_divisor == "one" else torch.where(nonzero, divided, 0.0)
+
+
+def l1_rescale_factor(before: float, after: float, eps: float = 1e-7) -> float:
+    """mergekit's norm-matching rescale after a drop: ‖t‖₁ / ‖t ⊙ mask‖₁, or 1 when either norm
+    is below `eps` (mergekit's guard), in place of DARE's exact 1/density."""
+    return 1.0 if before < eps or after < eps else before / after
 
 
 def weighted_sum(stacked: Tensor, weights: Tensor) -> Tensor:

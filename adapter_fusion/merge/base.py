@@ -34,6 +34,9 @@ class ModuleSources:
     deltas: list[LowRankDelta | None]
     weights: list[float]
     seed: int
+    # data-aware methods only: per source, what its examples say about this module (see
+    # `MergeMethod.data`); None for every other method
+    statistics: list[Tensor] | None = None
 
     def dense_stack(self) -> Tensor:
         """(n_sources, out, in), zeros for missing sources."""
@@ -71,3 +74,7 @@ class MergeMethod:
     # rank (PEFT's svd default), "keep" = no re-factoring at all (cat, factor_linear).
     default_rank: Literal["exact", "max", "keep"] = "max"
     sources: int | None = None  # exact number of sources required, None = any
+    # what a data-aware method needs per module and source, collected by `adapter_fusion.data_merge`
+    # from each source's examples: "gram" = mean x xᵀ of the module's inputs (in, in), "fisher" =
+    # mean squared per-example gradient of the target log-likelihood w.r.t. ΔW (out, in)
+    data: Literal["gram", "fisher"] | None = None

@@ -57,6 +57,13 @@ def check_weights(weights: Sequence[float]) -> None:
             raise RecipeError(f"weight of source {i} is {w!r}; weights must be finite and within ±{MAX_ABS_WEIGHT:g}")
 
 
+def _statistics_of(statistics: dict[str, list[Tensor]], path: str, n: int) -> list[Tensor]:
+    stats = statistics.get(path)
+    if stats is None or len(stats) != n:
+        raise RecipeError(f"statistics for module {path!r} are missing or not one per source ({n} sources)")
+    return stats
+
+
 def _target_rank(method: MergeMethod, rank: int | None, sources: list[Adapter], path: str) -> int | None:
     """The rank to re-factor one module to; None means exact (low-rank) or untouched."""
     if rank is not None or method.default_rank in ("exact", "keep"):
@@ -86,12 +93,14 @@ def merge(
     seed: int = 0,
     name: str = "merged",
     on_module: ProgressCallback | None = None,
+    statistics: dict[str, list[Tensor]] | None = None,
 ) -> MergeResult:
     """Compose `sources` with `method`, module by module; see `adapter_fusion.METHODS`.
 
     `rank` is the output rank (omitted: the method's default, see each method's summary);
     `weights` default to 1 each. Peak memory is one module's dense deltas for elementwise
-    methods, and only factors for the low-rank ones.
+    methods, and only factors for the low-rank ones. `statistics` ({module: one tensor per
+    source}) feeds the data-aware methods; `adapter_fusion.data_merge` collects it from examples.
     """
     spec = get_method(method)
     params = parse_parameters(spec, parameters)
@@ -109,13 +118,19 @@ def merge(
     if rank is not None and method == "cat":
         raise RecipeError("cat keeps every source's rank (Σr); use svd or linear to choose a rank")
     check_compatible(sources)
+    if spec.data is not None and statistics is None:
+        raise RecipeError(
+            f"method {method!r} learns from data: give each source `examples` (a JSONL file of input/target) in a "
+            "recipe, or call adapter_fusion.data_merge.merge_with_data; data-aware methods are not available over gRPC"
+        )
 
     paths = sorted(set().union(*(a.modules for a in sources)))
     shapes = {path: a.modules[path].shape for a in sources for path in a.modules}
     modules: dict[str, LowRankDelta] = {}
     report: list[ModuleReport] = []
     for done, path in enumerate(paths):
-        group = ModuleSources(path, shapes[path], [a.modules.get(path) for a in sources], weights, seed)
+        stats = None if spec.data is None else _statistics_of(statistics, path, len(sources))
+        group = ModuleSources(path, shapes[path], [a.modules.get(path) for a in sources], weights, seed, stats)
         target = _target_rank(spec, rank, sources, path)
         delta, kept = _finish(spec, spec.combine(group, params), target, seed, path)
         modules[path] = delta

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from adapter_fusion.errors import RecipeError
-from adapter_fusion.merge import factor, linear, slerp, sparse
+from adapter_fusion.merge import factor, fisher, linear, regmean, slerp, sparse, stock
 from adapter_fusion.merge.base import MergeMethod, Params
 
 METHODS: dict[str, MergeMethod] = {
@@ -23,8 +23,16 @@ METHODS: dict[str, MergeMethod] = {
         sparse.DELLA,
         slerp.SLERP,
         factor.FACTOR_LINEAR,
+        stock.MODEL_STOCK,
+        regmean.REGMEAN,
+        fisher.FISHER,
     ]
 }
+
+
+def data_methods() -> list[str]:
+    """The methods that learn from each source's examples (they need `statistics`)."""
+    return [m.name for m in METHODS.values() if m.data is not None]
 
 
 def get_method(name: str) -> MergeMethod:

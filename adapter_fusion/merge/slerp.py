@@ -3,6 +3,14 @@
 Spherical interpolation of the flattened ΔW_0, ΔW_1 yields c_0·ΔW_0 + c_1·ΔW_1 with scalar
 coefficients that depend only on their norms and inner product, and those come from the r×r
 Gram matrices. So SLERP, like linear, is a concatenation of scaled factors: no dense matrix.
+
+Parallel threshold: we fall back to lerp when |cos θ| > 1 − `parallel_threshold` (default 1e-6:
+the angle is computed in float64 from exact Gram matrices, so only truly (anti)parallel deltas,
+where sin θ loses every digit, need the fallback). mergekit's `slerp` lerps when |cos θ| >
+DOT_THRESHOLD = 0.9995, the same strict test with `parallel_threshold: 5e-4`. Two differences
+remain: mergekit leaves a vector unnormalised when its norm is <= 1e-8 (we lerp only when a norm
+is exactly 0), and mergekit interpolates whole weights W0 + ΔW, not the deltas, which is not a
+low-rank update at all; so its SLERP configs are not translated (see `adapter_fusion.mergekit`).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from adapter_fusion.merge.base import MergeMethod, ModuleSources, Params
 
 class SlerpParams(Params):
     t: Annotated[float, Field(ge=0.0, le=1.0, description="0 = first source, 1 = second")] = 0.5
-    parallel_threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 1e-6  # |cos θ| > 1 − this: use lerp
+    parallel_threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 1e-6  # |cos θ| > 1 − this: lerp (mergekit: 5e-4)
 
 
 def slerp_coefficients(x: LowRankDelta, y: LowRankDelta, t: float, threshold: float) -> tuple[float, float]:

@@ -8,45 +8,66 @@ requested rank.
 
 Defaults follow PEFT's dense-delta rules (its `*_svd` variants): prune each source's tensor
 separately, elect signs on the unweighted pruned deltas, weight, and divide the agreeing sum by
-the number of agreeing sources; `divide_by: weights` gives mergekit's normalisation by the
-agreeing weights instead. Random drops are seeded per (seed, module, source) and drawn in row
-order, so they equal one whole-tensor draw from the same generator.
+the number of agreeing sources. mergekit's rules (generalized_task_arithmetic.py, sparsify.py)
+are options: `sign_from: weighted` (vote on w·delta), `divide_by: weights` (its `normalize:
+true`) or `none` (`normalize: false`), `zero_divisor: one` (a zero agreeing-weight sum divides by
+1), `lambda`, DARE's `rescale_norm: l1` (match the L1 norm instead of 1/density), and `on_empty:
+error` (mergekit asserts when int(density·n) = 0; `keep_one` keeps the largest entry instead).
+Thresholds keep every entry tied with the k-th largest where mergekit's argsort keeps exactly k;
+with continuous values there are no ties. Random drops are seeded per (seed, module, source) and
+drawn in row order, so they equal one whole-tensor draw from the same generator (mergekit's are
+unseeded: only the rule, not the draw, can match).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
+from adapter_fusion.errors import RecipeError
 from adapter_fusion.merge import _ops
 from adapter_fusion.merge.base import MergeMethod, ModuleSources, Params
 
 Density = Annotated[float, Field(gt=0.0, le=1.0, description="fraction of entries kept")]
 SAMPLE_ROWS = 64  # rows per source sampled to bracket a magnitude threshold
+SignFrom = Literal["deltas", "weighted"]  # vote on the pruned deltas (PEFT) or on w·delta (mergekit)
+OnEmpty = Literal["zero", "keep_one", "error"]  # what int(density·n) = 0 entries kept means
+RescaleNorm = Literal["inverse", "l1"]  # DARE's exact 1/density, or mergekit's L1 norm matching
+Lambda = Annotated[float, Field(alias="lambda", ge=-1e4, le=1e4)]
 
 
 class PruneParams(Params):
     density: Density = 0.2
+    on_empty: OnEmpty = "zero"
 
 
-class TiesParams(PruneParams):
+class TiesParams(Params):
+    density: Density = 0.2
     majority_sign: _ops.SignRule = "total"
     divide_by: _ops.Divisor = "count"
+    sign_from: SignFrom = "deltas"
+    zero_divisor: _ops.ZeroDivisor = "zero"
+    lambda_: Lambda = 1.0  # scales the merged update (mergekit's `lambda`)
+    on_empty: OnEmpty = "zero"
 
 
 class DareParams(Params):
     density: Density = 0.5  # keep probability; DARE's drop rate p = 1 - density
-    rescale: bool = True  # divide survivors by density = exact 1/(1-p)
+    rescale: bool = True  # rescale the survivors (how: rescale_norm)
+    rescale_norm: RescaleNorm = "inverse"
 
 
 class DareTiesParams(DareParams):
     majority_sign: _ops.SignRule = "total"
     divide_by: _ops.Divisor = "count"
+    sign_from: SignFrom = "deltas"
+    zero_divisor: _ops.ZeroDivisor = "zero"
+    lambda_: Lambda = 1.0
 
 
 class BreadcrumbsParams(PruneParams):
@@ -63,9 +84,11 @@ class BreadcrumbsParams(PruneParams):
 class DellaParams(Params):
     density: Density = 0.7
     epsilon: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
-    lambda_: Annotated[float, Field(alias="lambda")] = 1.0
+    lambda_: Lambda = 1.0
     majority_sign: _ops.SignRule = "total"
     divide_by: _ops.Divisor = "count"
+    sign_from: SignFrom = "deltas"
+    zero_divisor: _ops.ZeroDivisor = "zero"
 
     @model_validator(mode="after")
     def _probabilities(self) -> DellaParams:
@@ -73,6 +96,9 @@ class DellaParams(Params):
         if low <= 0.0 or high > 1.0:
             raise ValueError(f"keep probabilities density±epsilon/2 = [{low:g}, {high:g}] must lie in (0, 1]")
         return self
+
+
+Consensus = TiesParams | DareTiesParams | DellaParams
 
 
 def _weights(module: ModuleSources) -> Tensor:
@@ -103,27 +129,43 @@ def _blockwise(module: ModuleSources, rule: Callable[[Tensor], Tensor]) -> Tenso
     return out
 
 
-def _top(module: ModuleSources, density: float) -> list[float]:
-    keep = int(density * module.shape[0] * module.shape[1]) if density < 1.0 else module.shape[0] * module.shape[1]
+def kept_count(module: ModuleSources, density: float, on_empty: OnEmpty) -> int:
+    """How many entries of each source's tensor a magnitude rule keeps: int(density·n), with
+    `on_empty` deciding what a density too small to keep any entry means."""
+    n = module.shape[0] * module.shape[1]
+    keep = n if density >= 1.0 else int(density * n)
+    if keep > 0 or on_empty == "zero":
+        return keep
+    if on_empty == "keep_one":
+        return 1
+    raise RecipeError(
+        f"density {density:g} keeps no entry of module {module.path!r} ({n} entries, int(density·n) = 0); "
+        "raise the density, or set on_empty: keep_one (or zero)"
+    )
+
+
+def _top(module: ModuleSources, density: float, on_empty: OnEmpty) -> list[float]:
+    keep = kept_count(module, density, on_empty)
     return [magnitude_threshold(module, i, keep) for i in range(len(module.deltas))]
 
 
-def _elect_and_merge(stacked: Tensor, module: ModuleSources, rule: _ops.SignRule, divide_by: _ops.Divisor) -> Tensor:
-    return _ops.disjoint_merge(stacked, _weights(module), _ops.majority_sign_mask(stacked, rule), divide_by)
+def _elect_and_merge(stacked: Tensor, module: ModuleSources, p: Consensus) -> Tensor:
+    """Sign election on the deltas or on w·delta (`sign_from`), disjoint merge, times lambda."""
+    w = _weights(module)
+    voters = stacked * w.view(-1, *([1] * (stacked.dim() - 1))) if p.sign_from == "weighted" else stacked
+    agree = _ops.majority_sign_mask(voters, p.majority_sign)
+    return p.lambda_ * _ops.disjoint_merge(stacked, w, agree, p.divide_by, p.zero_divisor)
 
 
 def ties(module: ModuleSources, p: TiesParams) -> Tensor:
     """TIES (Yadav et al. 2023): trim to top-`density` per source, elect sign, disjoint mean."""
-    low = _top(module, p.density)
-    return _blockwise(
-        module,
-        lambda block: _elect_and_merge(torch.stack([_ops.keep_band(t, lo) for t, lo in zip(block, low)]), module, p.majority_sign, p.divide_by),
-    )
+    low = _top(module, p.density, p.on_empty)
+    return _blockwise(module, lambda block: _elect_and_merge(torch.stack([_ops.keep_band(t, lo) for t, lo in zip(block, low)]), module, p))
 
 
 def magnitude_prune(module: ModuleSources, p: PruneParams) -> Tensor:
     """Keep each source's top-`density` entries by magnitude, then the weighted sum (PEFT)."""
-    low = _top(module, p.density)
+    low = _top(module, p.density, p.on_empty)
     w = _weights(module)
     return _blockwise(module, lambda block: _ops.weighted_sum(torch.stack([_ops.keep_band(t, lo) for t, lo in zip(block, low)]), w))
 
@@ -133,7 +175,7 @@ def breadcrumbs(module: ModuleSources, p: BreadcrumbsParams) -> Tensor:
     (outliers) and keep the next `density` fraction; smaller ones are dropped too. Weighted sum."""
     n = module.shape[0] * module.shape[1]
     top = int(p.gamma * n)
-    keep = min(int(p.density * n), n - top)
+    keep = min(kept_count(module, p.density, p.on_empty), n - top)
     low = [magnitude_threshold(module, i, top + keep) for i in range(len(module.deltas))]
     high = [magnitude_threshold(module, i, top) if top > 0 else math.inf for i in range(len(module.deltas))]
     w = _weights(module)
@@ -142,9 +184,28 @@ def breadcrumbs(module: ModuleSources, p: BreadcrumbsParams) -> Tensor:
     )
 
 
+def _l1_factors(module: ModuleSources, density: float) -> list[float]:
+    """Per source, mergekit's ‖t‖₁ / ‖t ⊙ mask‖₁, from a first pass that draws the same masks
+    (same generators, same row order) as the merge pass that follows."""
+    factors = []
+    for i in range(len(module.deltas)):
+        g, before, after = module.generator(i), 0.0, 0.0
+        for rows in module.row_blocks():
+            t = module.dense_rows(i, rows)
+            kept = t * (torch.rand(t.shape, generator=g) < density)
+            before, after = before + float(t.abs().double().sum()), after + float(kept.abs().double().sum())
+        factors.append(_ops.l1_rescale_factor(before, after))
+    return factors
+
+
 def _dare_drop(module: ModuleSources, p: DareParams) -> Callable[[Tensor], Tensor]:
+    l1 = p.rescale and p.rescale_norm == "l1" and p.density < 1.0
+    factors = _l1_factors(module, p.density) if l1 else [1.0] * len(module.deltas)
     generators = [module.generator(i) for i in range(len(module.deltas))]  # consumed in row order
-    return lambda block: torch.stack([_ops.prune_random(t, p.density, g, p.rescale) for t, g in zip(block, generators)])
+    inverse = p.rescale and not l1
+    return lambda block: torch.stack(
+        [_ops.prune_random(t, p.density, g, inverse) * f for t, g, f in zip(block, generators, factors)]
+    )
 
 
 def dare_linear(module: ModuleSources, p: DareParams) -> Tensor:
@@ -156,7 +217,7 @@ def dare_linear(module: ModuleSources, p: DareParams) -> Tensor:
 def dare_ties(module: ModuleSources, p: DareTiesParams) -> Tensor:
     """DARE's random drop, then TIES's sign election and disjoint mean."""
     drop = _dare_drop(module, p)
-    return _blockwise(module, lambda block: _elect_and_merge(drop(block), module, p.majority_sign, p.divide_by))
+    return _blockwise(module, lambda block: _elect_and_merge(drop(block), module, p))
 
 
 def della(module: ModuleSources, p: DellaParams) -> Tensor:
@@ -169,7 +230,7 @@ def della(module: ModuleSources, p: DellaParams) -> Tensor:
             for i, t in enumerate(module.dense_stack())
         ]
     )
-    return p.lambda_ * _elect_and_merge(stacked, module, p.majority_sign, p.divide_by)
+    return _elect_and_merge(stacked, module, p)
 
 
 TIES = MergeMethod("ties", ties, TiesParams, "TIES: trim, elect sign, disjoint mean; re-factored to `rank`")

@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from adapter_fusion.client import Client
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
-from server.app import SERVICE_NAME, BackgroundServer, ServerConfig
+from server.app import BackgroundServer, ServerConfig
 from tests.conftest import write_peft_adapter
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import grpc
-import pytest
 
 from adapter_fusion.client import Client
 from adapter_fusion.engine import Limits

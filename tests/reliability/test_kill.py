@@ -157,7 +157,7 @@ class Workload:
         try:
             with Client(self.address) as client:
                 for i in range(200):  # bounded; a kill ends it far sooner
-                    first, second = self.rng.choice(SOURCES), None
+                    first = self.rng.choice(SOURCES)
                     second_source = pair_of(first)
                     a, b = f"r{r}l{i}a", f"r{r}l{i}b"
                     for name, source in ((a, first), (b, second_source)):
