@@ -224,6 +224,8 @@ def merge_with_data(
     spec = get_method(method)
     if spec.data is None:
         raise RecipeError(f"method {method!r} uses no examples; examples go only with {', '.join(data_methods())}")
+    if spec.data == "coefficients":
+        raise RecipeError(f"method {method!r} fits coefficients on one shared set of examples: use adapter_fusion.learned.merge_learned")
     if len(examples) != len(sources):
         raise RecipeError(f"got examples for {len(examples)} sources, but {len(sources)} sources: every source needs its own")
     if any(len(rows) == 0 for rows in examples):

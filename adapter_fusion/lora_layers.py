@@ -70,6 +70,9 @@ class MultiLoraLinear(nn.Module):
         self.B: Tensor | None = None  # (C, out)
         self.holds: set[int] = set()  # slots with columns written here
         self.routing: Routing | None = None  # set by `route`
+        # (end - start,) over the routed span: this layer's own factor per column, on top of the
+        # routing's per-row weights (learned per-module coefficients); None: 1. Set by `scale_columns`
+        self.column_scale: Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -85,6 +88,8 @@ class MultiLoraLinear(nn.Module):
             return y
         if x.shape[1] == 1 and routing.dense_decode:
             h = (x @ self.A[routing.start : routing.end].T) * routing.weights  # (batch, seq, W); not in place: autograd needs h
+            if self.column_scale is not None:
+                h = h * self.column_scale
             y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.B[routing.start : routing.end])  # += (batch·seq, out)
             return y
         for group in routing.groups:
@@ -94,6 +99,8 @@ class MultiLoraLinear(nn.Module):
             h = rows_x @ self.A[group.start : group.end].T  # (n, seq, w)
             if group.weights is not None:
                 h = h * group.weights
+            if self.column_scale is not None:
+                h = h * self.column_scale[group.start - routing.start : group.end - routing.start]
             if isinstance(group.rows, Tensor):
                 y.index_add_(0, group.rows, h @ self.B[group.start : group.end])  # (n, seq, out) into its rows
             else:
@@ -130,3 +137,16 @@ def route(layers: dict[str, MultiLoraLinear], routing: Routing | None) -> Iterat
     finally:
         for layer in layers.values():
             layer.routing = None
+
+
+@contextmanager
+def scale_columns(layers: dict[str, MultiLoraLinear], scales: dict[str, Tensor]) -> Iterator[None]:
+    """Within the block, layer `path` multiplies its routed columns by scales[path] ((end - start,)
+    over the routing's span; differentiable): one coefficient per source and module, exactly."""
+    for path, scale in scales.items():
+        layers[path].column_scale = scale
+    try:
+        yield
+    finally:
+        for path in scales:
+            layers[path].column_scale = None

@@ -6,10 +6,11 @@ any adapter is read. Relative adapter, examples, base and output paths resolve a
 recipe's folder. A mergekit config (it has `merge_method`) is read too, through
 `adapter_fusion.mergekit`.
 
-Data-aware methods (regmean, fisher) take `sources[i].examples` (a JSONL file of input/target)
-and `base` (the model the examples run through; default: the default base model). Over gRPC a
-recipe has neither (the proto carries no paths, and the server never reads a client's path), so
-those methods are refused there by the same validation, as INVALID_ARGUMENT.
+Data-aware methods take examples (JSONL files of input/target): regmean and fisher one per source
+(`sources[i].examples`), learned one shared file (top-level `examples`); and `base` (the model the
+examples run through; default: the default base model). Over gRPC a recipe carries no paths (the
+server never reads a client's path): those methods are refused there as INVALID_ARGUMENT, and
+SearchWeights (examples inline) offers the learned fit.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Recipe(BaseModel):
     output: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     name: str | None = None
+    examples: str | None = None  # JSONL of {"input", "target"} shared by all sources (learned)
     base: str | None = None  # model dir the examples run through (data-aware methods); default: the default base
     chat: bool = True  # examples' inputs as chat user messages (the base tokenizer's template); false: raw text
 
@@ -54,7 +56,7 @@ class Recipe(BaseModel):
         method = get_method(self.method)  # RecipeError lists the valid methods
         parse_parameters(method, self.parameters)
         check_weights(self.weights)
-        _check_data(self, method.data is not None)
+        _check_data(self, method.data)
         return self
 
     @property
@@ -62,18 +64,29 @@ class Recipe(BaseModel):
         return [s.weight for s in self.sources]
 
 
-def _check_data(recipe: Recipe, data_aware: bool) -> None:
-    """Examples and a base exactly where the method learns from data."""
+def _check_data(recipe: Recipe, data: str | None) -> None:
+    """Examples and a base exactly where the method learns from data: per source for regmean and
+    fisher, one shared file for learned."""
+    shared = data == "coefficients"
     for i, source in enumerate(recipe.sources):
-        if data_aware and not source.examples:
+        if data is not None and not shared and not source.examples:
             raise RecipeError(
                 f"sources.{i}.examples: method {recipe.method!r} learns from each source's examples; give a JSONL file of "
                 '{"input": ..., "target": ...} per source (data-aware methods are not available over gRPC: compose with the CLI '
                 "or Python, then load the result)"
             )
-        if not data_aware and source.examples:
+        if source.examples and data is None:
             raise RecipeError(f"sources.{i}.examples: method {recipe.method!r} uses no examples (only {', '.join(data_methods())} do)")
-    if not data_aware and recipe.base:
+        if source.examples and shared:
+            raise RecipeError(f"sources.{i}.examples: method {recipe.method!r} takes one shared top-level `examples` file, not one per source")
+    if shared and not recipe.examples:
+        raise RecipeError(
+            f"examples: method {recipe.method!r} fits its coefficients on examples; give a JSONL file of "
+            '{"input": ..., "target": ...} (over gRPC, use SearchWeights, which takes them inline)'
+        )
+    if recipe.examples and not shared:
+        raise RecipeError(f"examples: method {recipe.method!r} takes no shared examples (only learned does)")
+    if data is None and recipe.base:
         raise RecipeError(f"base: method {recipe.method!r} runs no model (only {', '.join(data_methods())} do)")
 
 
@@ -129,7 +142,8 @@ def load_recipe(path: str | Path) -> Recipe:
         return None if p is None else str(Path(p) if Path(p).is_absolute() else folder / p)
 
     sources = [s.model_copy(update={"adapter": resolve(s.adapter), "examples": resolve(s.examples)}) for s in recipe.sources]
-    return recipe.model_copy(update={"sources": sources, "output": resolve(recipe.output), "base": resolve(recipe.base)})
+    paths = {key: resolve(getattr(recipe, key)) for key in ("output", "base", "examples")}
+    return recipe.model_copy(update={"sources": sources, **paths})
 
 
 def run_recipe(
@@ -143,7 +157,20 @@ def run_recipe(
     each source's examples through the base model (on `device`)."""
     adapters = [load_adapter(s.adapter, allow_pickle=allow_pickle) for s in recipe.sources]
     name = recipe.name or (Path(recipe.output).name if recipe.output else "merged")
-    if get_method(recipe.method).data is not None:
+    data = get_method(recipe.method).data
+    if data == "coefficients":
+        from adapter_fusion.data_merge import load_examples
+        from adapter_fusion.learned import merge_learned
+
+        def step(done: int, total: int, loss: float) -> None:
+            if on_example is not None:
+                on_example(done, total, f"loss {loss:.4f}")
+
+        return merge_learned(
+            adapters, load_examples(recipe.examples), recipe.base, recipe.weights, recipe.parameters, recipe.rank, recipe.seed,
+            name, chat=recipe.chat, device=device, on_module=on_module, on_step=step,
+        )
+    if data is not None:
         from adapter_fusion.data_merge import load_examples, merge_with_data
 
         examples = [load_examples(s.examples) for s in recipe.sources]

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from adapter_fusion.adapters import Adapter
 from adapter_fusion.errors import IncompatibleAdaptersError
-from adapter_fusion.lora_layers import inject, route
+from adapter_fusion.lora_layers import inject, route, scale_columns
 from adapter_fusion.models import resolve_device, resolve_dtype
 from adapter_fusion.slots import Route, SlotBank, routes_of
 
@@ -42,7 +42,8 @@ class Runtime:
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
         self.is_seq2seq = bool(AutoConfig.from_pretrained(self.base_dir).is_encoder_decoder)
         model_class = AutoModelForSeq2SeqLM if self.is_seq2seq else AutoModelForCausalLM
-        self.model = model_class.from_pretrained(self.base_dir, dtype=self.dtype).to(self.device).eval()
+        # never trained: gradients (learned coefficients) reach only the column scales
+        self.model = model_class.from_pretrained(self.base_dir, dtype=self.dtype).to(self.device).eval().requires_grad_(False)
         self.layers = inject(self.model, None if targets is None else list(targets))
         self.slots = SlotBank(self.layers, self.device, self.dtype, slot_columns)
         self.shapes = {path: layer.shape for path, layer in self.layers.items()}
@@ -93,19 +94,33 @@ class Runtime:
         with self._encoding:
             return self.tokenizer(text, add_special_tokens=self.is_seq2seq)["input_ids"]
 
+    def scaled(self, scales: dict[str, Tensor]) -> AbstractContextManager[None]:
+        """Within the block, each listed layer scales its routed columns (`lora_layers.scale_columns`)."""
+        return scale_columns(self.layers, scales)
+
     def routed(self, rows: Sequence[Route], source_weights: Tensor | None = None) -> AbstractContextManager[None]:
         """Within the block, row b uses rows[b]: a slot, or a mix of slots; `source_weights`
         (batch, n_sources) weighs each row's slot's sources."""
         return route(self.layers, self.slots.routing(routes_of(rows, source_weights)))
 
-    @torch.inference_mode()
     def target_nll(
-        self, prompts: Sequence[list[int]], targets: Sequence[list[int]], rows: Sequence[Route], source_weights: Tensor | None = None
+        self,
+        prompts: Sequence[list[int]],
+        targets: Sequence[list[int]],
+        rows: Sequence[Route],
+        source_weights: Tensor | None = None,
+        differentiable: bool = False,
     ) -> Tensor:
         """Per example, the summed negative log-likelihood of `targets` after `prompts`: (batch,),
         float32 on the CPU whatever the model's device and dtype.
 
-        For a seq2seq model the prompt is the encoder input and the target the decoder's labels."""
+        For a seq2seq model the prompt is the encoder input and the target the decoder's labels.
+        `differentiable`: computed outside inference mode, so gradients reach the column scales
+        (`lora_layers.scale_columns`)."""
+        with torch.inference_mode(not differentiable):
+            return self._target_nll(prompts, targets, rows, source_weights)
+
+    def _target_nll(self, prompts, targets, rows, source_weights) -> Tensor:
         if self.is_seq2seq:
             return self._seq2seq_nll(prompts, targets, rows, source_weights)
         seqs = [p + t for p, t in zip(prompts, targets)]

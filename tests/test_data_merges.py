@@ -247,7 +247,7 @@ def test_bad_example_files(text, message, tmp_path: Path) -> None:
     ("recipe", "message"),
     [
         ({"method": "regmean", "sources": [{"adapter": "a", "examples": "e"}, {"adapter": "b"}]}, "sources.1.examples: method 'regmean' learns from each source's examples"),
-        ({"method": "ties", "sources": [{"adapter": "a", "examples": "e"}]}, "sources.0.examples: method 'ties' uses no examples (only regmean, fisher do)"),
+        ({"method": "ties", "sources": [{"adapter": "a", "examples": "e"}]}, "sources.0.examples: method 'ties' uses no examples (only regmean, fisher, learned do)"),
         ({"method": "linear", "sources": [{"adapter": "a"}], "base": "m"}, "base: method 'linear' runs no model"),
         ({"method": "fisher", "sources": [{"adapter": "a", "examples": "e"}], "parameters": {"fisher_floor": 0}}, "fisher_floor: Input should be greater than 0"),
         ({"method": "regmean", "sources": [{"adapter": "a", "examples": "e"}], "parameters": {"alpha": 1.5}}, "alpha: Input should be less than or equal to 1"),
@@ -259,7 +259,7 @@ def test_bad_recipes(recipe, message) -> None:
 
 
 def test_refusals_at_merge_time(tiny_chat_base, sources) -> None:
-    with pytest.raises(RecipeError, match="method 'regmean' learns from data.*not available over gRPC"):
+    with pytest.raises(RecipeError, match="method 'regmean' learns from data: give it examples"):
         merge(sources, "regmean")
     with pytest.raises(RecipeError, match="regmean weighs each source's examples: weights must be > 0, source 1 has -1.0"):
         merge_with_data(sources[:2], "regmean", EXAMPLES[:2], tiny_chat_base, weights=[1.0, -1.0])

@@ -76,5 +76,6 @@ class MergeMethod:
     sources: int | None = None  # exact number of sources required, None = any
     # what a data-aware method needs per module and source, collected by `adapter_fusion.data_merge`
     # from each source's examples: "gram" = mean x xᵀ of the module's inputs (in, in), "fisher" =
-    # mean squared per-example gradient of the target log-likelihood w.r.t. ΔW (out, in)
-    data: Literal["gram", "fisher"] | None = None
+    # mean squared per-example gradient of the target log-likelihood w.r.t. ΔW (out, in);
+    # "coefficients" = the fitted coefficient of each source (a 0-d tensor), from one shared set of examples
+    data: Literal["gram", "fisher", "coefficients"] | None = None

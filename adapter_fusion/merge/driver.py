@@ -120,8 +120,8 @@ def merge(
     check_compatible(sources)
     if spec.data is not None and statistics is None:
         raise RecipeError(
-            f"method {method!r} learns from data: give each source `examples` (a JSONL file of input/target) in a "
-            "recipe, or call adapter_fusion.data_merge.merge_with_data; data-aware methods are not available over gRPC"
+            f"method {method!r} learns from data: give it examples (JSONL files of input/target) in a recipe, or call "
+            "adapter_fusion.data_merge.merge_with_data (regmean, fisher) or adapter_fusion.learned.merge_learned (learned)"
         )
 
     paths = sorted(set().union(*(a.modules for a in sources)))

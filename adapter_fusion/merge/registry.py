@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from adapter_fusion.errors import RecipeError
-from adapter_fusion.merge import factor, fisher, linear, regmean, slerp, sparse, stock
+from adapter_fusion.merge import factor, fisher, learned, linear, regmean, slerp, sparse, stock
 from adapter_fusion.merge.base import MergeMethod, Params
 
 METHODS: dict[str, MergeMethod] = {
@@ -26,12 +26,13 @@ METHODS: dict[str, MergeMethod] = {
         stock.MODEL_STOCK,
         regmean.REGMEAN,
         fisher.FISHER,
+        learned.LEARNED,
     ]
 }
 
 
 def data_methods() -> list[str]:
-    """The methods that learn from each source's examples (they need `statistics`)."""
+    """The methods that learn from examples (they need `statistics`)."""
     return [m.name for m in METHODS.values() if m.data is not None]
 
 

@@ -1,0 +1,38 @@
+"""`learned`: Σ cᵢΔWᵢ with coefficients fitted on examples (gradient-based LoraHub), exact in low
+rank. The fitting runs the model (`adapter_fusion.learned`); this rule only applies the fitted
+coefficients, one per source and module (equal across modules when fitted `per: source`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from adapter_fusion.delta import LowRankDelta
+from adapter_fusion.merge.base import MergeMethod, ModuleSources, Params
+
+
+class LearnedParams(Params):
+    per: Literal["source", "layer", "module"] = "source"  # one coefficient per source, per (block, source) or per (module, source)
+    steps: Annotated[int, Field(ge=1, le=10_000)] = 30  # Adam steps
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.1
+    l1: Annotated[float, Field(ge=0.0, le=1e3)] = 0.05  # LoraHub's penalty on mean |c|
+    bound: Annotated[float, Field(gt=0.0, le=1e3)] = 1.5  # coefficients clamped to ±bound, as LoraHub's search range
+    batch_size: Annotated[int, Field(ge=1)] | None = None  # None: every example each step
+
+
+def learned(module: ModuleSources, p: LearnedParams) -> LowRankDelta:
+    present = [(d, float(c)) for d, c in zip(module.deltas, module.statistics) if d is not None]
+    if not present:
+        return LowRankDelta.zeros(module.shape)
+    return LowRankDelta.concat([delta.scaled(c) for delta, c in present])
+
+
+LEARNED = MergeMethod(
+    "learned",
+    learned,
+    LearnedParams,
+    "Σ c·ΔW, coefficients (per source, layer or module) fitted by Adam on a few examples from the recipe weights; exact",
+    default_rank="exact",
+    data="coefficients",
+)
