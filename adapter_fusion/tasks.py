@@ -34,9 +34,10 @@ class Example:
 @dataclass(frozen=True)
 class Task:
     name: str
-    instruction: str
+    instruction: str  # "" for a mixture: each example carries its own part's instruction
     make: Callable[[random.Random], Example]
-    composite: bool = False
+    composite: bool = False  # no adapter of its own: what composition is for
+    parts: tuple[str, ...] = ()  # a mixture's tasks
 
 
 def number_words(n: int) -> str:
@@ -119,6 +120,19 @@ def _last_word_upper(rng: random.Random) -> Example:
     return Example(" ".join(words), words[-1].upper())
 
 
+def _mixture(*parts: str) -> Callable[[random.Random], Example]:
+    """Requests of several tasks interleaved, each with its own instruction: one endpoint serving
+    two kinds of requests with one adapter. A weighted sum of the parts' adapters can solve it
+    (each adapter is what its own requests need); any single adapter solves only its share."""
+
+    def make(rng: random.Random) -> Example:
+        task = TASKS[rng.choice(parts)]
+        example = task.make(rng)
+        return Example(f"{task.instruction}\n{example.input}", example.target)
+
+    return make
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
@@ -137,6 +151,8 @@ TASKS: dict[str, Task] = {
         Task("last_word_upper", "Write only the last word of the text, in uppercase letters.", _last_word_upper, True),
     ]
 }
+MIXTURES = {"json_or_upper": ("kv_json", "uppercase"), "digits_or_words": ("number_to_words", "words_to_number"), "add_or_last": ("add", "last_word")}
+TASKS |= {name: Task(name, "", _mixture(*parts), True, parts) for name, parts in MIXTURES.items()}
 
 
 def examples(task: str, split: str = "train", n: int = 100) -> list[Example]:
@@ -150,4 +166,5 @@ def examples(task: str, split: str = "train", n: int = 100) -> list[Example]:
 
 
 def user_message(task: str, example: Example) -> str:
-    return f"{TASKS[task].instruction}\n{example.input}"
+    instruction = TASKS[task].instruction
+    return f"{instruction}\n{example.input}" if instruction else example.input

@@ -1,14 +1,8 @@
-"""LoraHub: quality on the held-out composite tasks, and speed against the original package.
+"""LoraHub speed against the original package (quality: bench/composition.py, every method in one table).
 
-    python bench/lorahub.py quality [--seeds 3 --test 20]   # -> bench/results/lorahub_quality.md
-    python bench/lorahub.py speed   [--budget 40]           # -> bench/results/lorahub_speed.md
+    python bench/lorahub.py [--budget 40]           # -> bench/results/lorahub_speed.md
 
-quality: SmolLM2 with the demo adapters; for each composite task, 5 and 20 examples, 3 seeds:
-zero-shot base, uniform average of all adapters, LoraHub in delta space (exact weighted sum),
-LoraHub in factor space (the original's (Σw·B)(Σw·A)), and the best single adapter, as exact
-match on the test split. All composed adapters are judged together in mixed batches.
-
-speed: small random T5s (seq2seq, as the original requires) with 20 rank-16 LoRA adapters and the
+Small random T5s (seq2seq, as the original requires) with 20 rank-16 LoRA adapters and the
 same examples; the original `lorahub` package (PyPI lorahub==0.1.0, installed with the project's
 `bench` extra: `pip install -e '.[bench]'`) rebuilds and reloads a merged state dict per
 evaluation; ours installs the sources once and changes only per-row weights. Per evaluation,
@@ -21,7 +15,6 @@ both final weights are scored with one objective (mean target cross-entropy per 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -30,12 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapter_fusion import load_adapter, merge
-from adapter_fusion.evaluate import evaluate
+from adapter_fusion import load_adapter
 from adapter_fusion.lorahub import lorahub_search, runtime_objective
-from adapter_fusion.models import DEMO_ADAPTERS, default_base, tiny_t5
+from adapter_fusion.models import default_base, tiny_t5
 from adapter_fusion.runtime import Runtime
-from adapter_fusion.tasks import TASKS, examples, user_message
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = ["q", "k", "v", "o"]  # T5 attention projections
@@ -45,53 +36,6 @@ def _version(package: str) -> str:
     from importlib.metadata import version
 
     return version(package)
-
-
-def quality(args: argparse.Namespace) -> None:
-    dirs = {p.name: p for p in sorted(DEMO_ADAPTERS.glob("*")) if (p / "adapter_config.json").is_file()}
-    adapters = {n: load_adapter(p) for n, p in dirs.items()}
-    sources = list(adapters.values())
-    runtime = Runtime(default_base())
-    composites = [t for t, spec in TASKS.items() if spec.composite]
-    judged: dict[str, object] = {"base": None, "uniform": merge(sources, "linear", [1.0 / len(sources)] * len(sources)).adapter, **adapters}
-    plan = []  # (task, n examples, seed, rule, name)
-    for task in composites:
-        for n in args.examples:
-            shots = [(user_message(task, ex), ex.target) for ex in examples(task, "train", n)]
-            for seed in range(args.seeds):
-                for rule in ("linear", "factor_linear"):
-                    start = time.perf_counter()
-                    result = lorahub_search(runtime, sources, shots, budget=args.budget, seed=seed, rule=rule, parallel=args.parallel)
-                    name = f"{task}/{n}/{seed}/{rule}"
-                    judged[name] = result.adapter
-                    plan.append((task, n, seed, rule, name))
-                    print(f"{name}: best loss {result.best_loss:.3f} in {time.perf_counter() - start:.1f} s", flush=True)
-    scores = {}  # (adapter, task) -> (exact match, mean target loss per token)
-    for task in composites:  # everything judged on this task, in mixed batches
-        names = ["base", "uniform", *adapters, *[p[4] for p in plan if p[0] == task]]
-        for s in evaluate(runtime, {k: judged[k] for k in names}, [task], limit=args.test):
-            scores[(s.adapter, task)] = (s.accuracy, s.mean_loss)
-    lines = [f"# LoraHub on held-out composite tasks ({args.test} test examples, budget {args.budget})", ""]
-    lines += ["Each cell: exact-match accuracy, then (mean target cross-entropy per token on the test split).", ""]
-    lines += ["| task | examples | zero-shot | uniform | LoraHub delta (mean ± sd over seeds) | LoraHub factor | best single adapter |", "|---|---|---|---|---|---|---|"]
-
-    def cell(name: str, task: str) -> str:
-        accuracy, loss = scores[(name, task)]
-        return f"{accuracy:.2f} ({loss:.2f})"
-
-    for task in composites:
-        best_single = max(adapters, key=lambda a: (scores[(a, task)][0], -scores[(a, task)][1]))
-        for n in args.examples:
-            cells = []
-            for rule in ("linear", "factor_linear"):
-                runs = [scores[(p[4], task)] for p in plan if p[0] == task and p[1] == n and p[3] == rule]
-                accuracy, loss = [a for a, _ in runs], [x for _, x in runs]
-                cells.append(f"{statistics.mean(accuracy):.2f} ± {statistics.pstdev(accuracy):.2f} ({statistics.mean(loss):.2f} ± {statistics.pstdev(loss):.2f})")
-            lines.append(
-                f"| {task} | {n} | {cell('base', task)} | {cell('uniform', task)} | {cells[0]} | {cells[1]} | {cell(best_single, task)} {best_single} |"
-            )
-    (RESULTS / "lorahub_quality.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 def speed(args: argparse.Namespace) -> None:
@@ -199,22 +143,14 @@ def _per_vector(score, vectors: np.ndarray, k: int = 1) -> tuple[float, list[flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="part", required=True)
-    q = sub.add_parser("quality")
-    q.add_argument("--seeds", type=int, default=3)
-    q.add_argument("--examples", type=int, nargs="*", default=[5, 20])
-    q.add_argument("--budget", type=int, default=40)
-    q.add_argument("--parallel", type=int, default=4)
-    q.add_argument("--test", type=int, default=20)
-    s = sub.add_parser("speed")
-    s.add_argument("--budget", type=int, default=40)
-    s.add_argument("--evaluations", type=int, default=40)
-    s.add_argument("--n-examples", type=int, default=5)
-    s.add_argument("--d-models", type=int, nargs="+", default=[64, 384])
-    s.add_argument("--adapters", type=int, default=20)  # LoraHub's default pool size
+    parser.add_argument("--budget", type=int, default=40)
+    parser.add_argument("--evaluations", type=int, default=40)
+    parser.add_argument("--n-examples", type=int, default=5)
+    parser.add_argument("--d-models", type=int, nargs="+", default=[64, 384])
+    parser.add_argument("--adapters", type=int, default=20)  # LoraHub's default pool size
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
-    quality(args) if args.part == "quality" else speed(args)
+    speed(args)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from adapter_fusion.cli import app
 from adapter_fusion.evaluate import evaluate
 from adapter_fusion.models import tiny_llama, tiny_t5
 from adapter_fusion.runtime import Runtime
-from adapter_fusion.tasks import TASKS, examples, number_words
+from adapter_fusion.tasks import MIXTURES, TASKS, examples, number_words, user_message
 
 DEMO = Path(__file__).parent.parent / "examples" / "adapters"
 
@@ -35,6 +35,32 @@ def test_tasks_are_fixed_and_correct() -> None:
             assert ex.input and ex.target
     with pytest.raises(KeyError, match="unknown task"):
         examples("nope")
+
+
+def test_mixtures_interleave_their_parts_requests_each_with_its_own_instruction() -> None:
+    """A mixture's example is one of its parts' examples, prefixed by that part's instruction (the
+    user message is the input as is): what the parts' adapters were trained on, so their sum can answer."""
+    for name, parts in MIXTURES.items():
+        spec = TASKS[name]
+        assert spec.composite and spec.parts == parts and spec.instruction == ""
+        seen = set()
+        for ex in examples(name, "test", 30):
+            part = next(p for p in parts if ex.input.startswith(TASKS[p].instruction + "\n"))
+            seen.add(part)
+            assert user_message(name, ex) == ex.input
+            plain = ex.input.split("\n", 1)[1]
+            assert RULES[part](plain, ex.target), (name, part, plain, ex.target)
+        assert seen == set(parts), name
+
+
+RULES = {  # the parts' answers, written out
+    "kv_json": lambda x, y: json.loads(y) == {k: int(v) for k, v in (p.split("=") for p in x.split(", "))},
+    "uppercase": lambda x, y: y == x.upper(),
+    "number_to_words": lambda x, y: y == number_words(int(x)),
+    "words_to_number": lambda x, y: number_words(int(y)) == x,
+    "add": lambda x, y: int(y) == sum(int(n) for n in x.split(" + ")),
+    "last_word": lambda x, y: y == x.split()[-1],
+}
 
 
 @pytest.mark.parametrize("kind", ["causal", "seq2seq"])
