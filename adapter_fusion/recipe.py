@@ -9,8 +9,8 @@ recipe's folder. A mergekit config (it has `merge_method`) is read too, through
 Data-aware methods take examples (JSONL files of input/target): regmean and fisher one per source
 (`sources[i].examples`), learned one shared file (top-level `examples`); and `base` (the model the
 examples run through; default: the default base model). Over gRPC a recipe carries no paths (the
-server never reads a client's path): those methods are refused there as INVALID_ARGUMENT, and
-SearchWeights (examples inline) offers the learned fit.
+server never reads a client's path): those methods are refused there as INVALID_ARGUMENT; over
+gRPC, SearchWeights fits per-source weights from inline examples (LoraHub's search).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _check_data(recipe: Recipe, data: str | None) -> None:
     if shared and not recipe.examples:
         raise RecipeError(
             f"examples: method {recipe.method!r} fits its coefficients on examples; give a JSONL file of "
-            '{"input": ..., "target": ...} (over gRPC, use SearchWeights, which takes them inline)'
+            '{"input": ..., "target": ...} (over gRPC, SearchWeights searches per-source weights from inline examples)'
         )
     if recipe.examples and not shared:
         raise RecipeError(f"examples: method {recipe.method!r} takes no shared examples (only learned does)")
