@@ -3,25 +3,13 @@ mergekit's ModelStockMergeTask with the base at 0), its identity and its refusal
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
-import torch
 
-from adapter_fusion import load_adapter, merge
+from adapter_fusion import merge
 from adapter_fusion.errors import RecipeError
 from tests.mergekit_formulas import stock_reference
-from tests.test_merge_methods import check_against, raw_deltas
-
-
-@pytest.fixture(scope="module")
-def sources(tiny_adapters: list[Path]):
-    return [load_adapter(p) for p in tiny_adapters]
-
-
-@pytest.fixture(scope="module")
-def raw(tiny_adapters: list[Path]) -> list[dict[str, torch.Tensor]]:
-    return [raw_deltas(p) for p in tiny_adapters]
+from tests.test_merge_methods import check_against, raw, sources  # noqa: F401  (fixtures shared with the merge tests)
 
 
 @pytest.mark.parametrize("average", ["angle", "cosine"])

@@ -4,12 +4,14 @@ coefficients, one per source and module (equal across modules when fitted `per: 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Literal
 
 from pydantic import Field
 
 from adapter_fusion.delta import LowRankDelta
 from adapter_fusion.merge.base import MergeMethod, ModuleSources, Params
+from adapter_fusion.merge.linear import weighted_concat
 
 
 class LearnedParams(Params):
@@ -22,10 +24,8 @@ class LearnedParams(Params):
 
 
 def learned(module: ModuleSources, p: LearnedParams) -> LowRankDelta:
-    present = [(d, float(c)) for d, c in zip(module.deltas, module.statistics) if d is not None]
-    if not present:
-        return LowRankDelta.zeros(module.shape)
-    return LowRankDelta.concat([delta.scaled(c) for delta, c in present])
+    """Linear's exact Σ w·ΔW with this module's fitted coefficients as the weights."""
+    return weighted_concat(dataclasses.replace(module, weights=[float(c) for c in module.statistics]), p)
 
 
 LEARNED = MergeMethod(
