@@ -85,7 +85,7 @@ def test_serve_defaults_example_client_metrics_and_graceful_drain(serve_process)
     wait_serving(address)
     example = subprocess.run([sys.executable, str(ROOT / "examples" / "grpc_client.py"), "--address", address], capture_output=True, text=True, timeout=300)
     assert example.returncode == 0, example.stdout + example.stderr
-    assert "registered digits-or-words" in example.stdout and "exact: number_to_words" in example.stdout
+    assert "registered json-or-upper" in example.stdout and "composed (no merge) 4/4" in example.stdout  # each single: its half
     scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     for metric in ("adapter_fusion_rpcs_total", "adapter_fusion_generated_tokens_total", "adapter_fusion_queue_depth", "adapter_fusion_time_to_first_token_seconds"):
         assert metric in scraped
