@@ -304,6 +304,75 @@ def serve(
         _fail(error)
 
 
+@app.command()
+def cluster(
+    replicas: Annotated[int, typer.Option(help="replicas, each a server core on its own base model copy")] = 2,
+    address: Annotated[str | None, typer.Option(help="join this Ray cluster ('auto', 'ray://host:10001'); default: start Ray here")] = None,
+    port: Annotated[int, typer.Option(envvar="ADAPTER_FUSION_PORT", help="gRPC port of Ray Serve's proxy, on every node and interface")] = 50051,
+    http_port: Annotated[int, typer.Option(help="Ray Serve's HTTP proxy (on 127.0.0.1; unused by adapter-fusion)")] = 8000,
+    base: Annotated[Path | None, typer.Option(envvar="ADAPTER_FUSION_BASE", help="base model dir every node can read; default: SmolLM2-135M-Instruct")] = None,
+    store: Annotated[Path | None, typer.Option(envvar="ADAPTER_FUSION_STORE", help="the shared adapter store (a shared filesystem for several machines); default: <cache>/store")] = None,
+    adapter_root: Annotated[list[Path] | None, typer.Option(help="directory LoadAdapter may read from (repeat); default: the demo adapters")] = None,
+    output_root: Annotated[list[Path] | None, typer.Option(help="directory ExportAdapter/BakeModel may write into (repeat); default: <cache>/exports")] = None,
+    preload: Annotated[list[Path] | None, typer.Option(help="adapter dir registered (pinned) at start (repeat); default: the demo adapters when --base is the default")] = None,
+    adapters_per_replica: Annotated[int, typer.Option(help="adapters (routing keys) each replica keeps resident; Ray routes by them")] = 8,
+    cpus_per_replica: Annotated[float, typer.Option(help="Ray CPUs each replica reserves")] = 1.0,
+    memory_budget_mb: Annotated[int, typer.Option(help="per replica: resident adapter factors plus slot buffers, MB")] = 1024,
+    max_new_tokens: Annotated[int, typer.Option(help="cap on a request's max_new_tokens")] = 512,
+    max_batch: Annotated[int, typer.Option(help="rows each replica decodes together")] = 32,
+    token: Annotated[str | None, typer.Option(envvar="ADAPTER_FUSION_TOKEN", help="require 'authorization: Bearer <token>'")] = None,
+    insecure: Annotated[bool, typer.Option(help="serve without --token (the proxy listens on every interface)")] = False,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+) -> None:
+    """Serve the same gRPC API from N replicas on a Ray cluster (needs the `cluster` extra)."""
+    import logging
+    import signal
+    import time
+
+    from adapter_fusion.engine import Limits
+    from adapter_fusion.models import DEMO_ADAPTERS, cache_dir, default_base
+    from server.app import ServerConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        from adapter_fusion.cluster.launch import ClusterConfig, check, deploy, undeploy
+    except ImportError as error:
+        _fail(RuntimeError(f"the cluster command needs Ray Serve: pip install 'adapter-fusion[cluster]' ({error})"))
+    demo = sorted(p for p in DEMO_ADAPTERS.glob("*") if (p / "adapter_config.json").is_file())
+
+    def absolute(paths: list[Path]) -> list[Path]:  # replicas run in other working directories
+        return [p.resolve() for p in paths]
+
+    server = ServerConfig(
+        base_dir=Path(),  # set after the checks below: finding the default base may convert it (~25 s)
+        store_dir=(store or cache_dir() / "store").resolve(),
+        adapter_roots=absolute(adapter_root or [DEMO_ADAPTERS]),
+        output_roots=absolute(output_root or [cache_dir() / "exports"]),
+        preload=absolute((demo if base is None else []) if preload is None else preload),
+        limits=Limits(max_new_tokens=max_new_tokens, default_new_tokens=min(64, max_new_tokens), max_batch=max_batch, memory_budget_bytes=memory_budget_mb << 20),
+        token=token,
+        insecure=insecure,
+        device=device,
+        dtype=dtype,
+    )
+    config = ClusterConfig(server, replicas, address, port, http_port, adapters_per_replica=adapters_per_replica, cpus_per_replica=cpus_per_replica)
+    try:
+        check(config)  # refusals before the base model is converted or Ray starts
+        server.base_dir = (base or default_base()).resolve()
+        started = deploy(config)
+    except AdapterFusionError as error:
+        _fail(error)
+    console.print(f"adapter-fusion cluster: {replicas} replica(s) on port {port}; Ctrl-C stops it")
+    stopping: list[int] = []  # a handler may only append here: it runs between bytecodes of this loop
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stopping.append(signum))
+    while not stopping:
+        time.sleep(0.5)
+    console.print("stopping: draining the replicas")
+    undeploy(config, started)
+
+
 def main() -> None:
     app()
 

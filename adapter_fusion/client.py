@@ -1,4 +1,8 @@
-"""A small typed client over the generated stub (synchronous; one channel per client)."""
+"""A small typed client over the generated stub (synchronous; one channel per client).
+
+The same client talks to one server and to a cluster (`adapter-fusion cluster`): Generate and
+Score carry the routing key Ray Serve multiplexes on (`adapter_fusion.cluster.routing`); a single
+server ignores it."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from pathlib import Path
 
 import grpc
 
+from adapter_fusion.cluster.routing import APPLICATION_KEY, MULTIPLEXED_KEY, routing_key
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
 
@@ -28,13 +33,32 @@ def make_recipe(method: str, sources: dict[str, float], rank: int | None = None,
 
 
 class Client:
-    def __init__(self, address: str = "127.0.0.1:50051", token: str | None = None, root_certificate: Path | None = None) -> None:
+    """`application`: the Ray Serve application to call, needed only when a cluster runs several.
+    `multiplex=False` sends no routing key (a cluster then routes Generate and Score at random:
+    the benchmark's baseline)."""
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        token: str | None = None,
+        root_certificate: Path | None = None,
+        application: str | None = None,
+        multiplex: bool = True,
+    ) -> None:
         if root_certificate is not None:
             self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(Path(root_certificate).read_bytes()))
         else:
             self.channel = grpc.insecure_channel(address)
         self.stub = pb_grpc.AdapterFusionStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        if application:
+            self.metadata += ((APPLICATION_KEY, application),)
+        self.multiplex = multiplex
+
+    def routed(self, request: pb.GenerateRequest | pb.ScoreRequest) -> tuple[tuple[str, str], ...]:
+        """The metadata for a Generate or Score call: ours plus its routing key."""
+        key = routing_key(request) if self.multiplex else ""
+        return self.metadata + (((MULTIPLEXED_KEY, key),) if key else ())
 
     def close(self) -> None:
         self.channel.close()
@@ -72,7 +96,7 @@ class Client:
             request.messages.CopyFrom(pb.Messages(messages=[pb.ChatMessage(**m) for m in messages]))
         else:
             request.prompt = prompt or ""
-        return self.stub.Generate(request, metadata=self.metadata, timeout=timeout)
+        return self.stub.Generate(request, metadata=self.routed(request), timeout=timeout)
 
     def chat(self, message: str, adapter: str | None = None, recipe: pb.Recipe | None = None, **sampling) -> str:
         """The whole reply to one user message."""
@@ -81,7 +105,7 @@ class Client:
 
     def score(self, examples: list[tuple[str, str]], adapter: str | None = None, recipe: pb.Recipe | None = None, raw: bool = False) -> pb.ScoreResponse:
         request = pb.ScoreRequest(adapter=adapter, recipe=recipe, raw=raw, examples=[pb.Example(input=i, target=t) for i, t in examples])
-        return self.stub.Score(request, metadata=self.metadata)
+        return self.stub.Score(request, metadata=self.routed(request))
 
     def export_adapter(self, name: str, path: str | Path, dtype: str = "float32", overwrite: bool = False) -> pb.ExportAdapterResponse:
         request = pb.ExportAdapterRequest(name=name, path=str(path), dtype=dtype, overwrite=overwrite)

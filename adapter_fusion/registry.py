@@ -120,6 +120,30 @@ class AdapterRegistry:
             if entry.refs == 0:
                 self._free_slot(entry)
 
+    def discard(self, name: str) -> bool:
+        """Unregister `name` if it is registered; whether it was."""
+        with self._lock:
+            if name not in self._entries:
+                return False
+        try:
+            self.unregister(name)
+        except NotFoundError:  # another thread was first
+            return False
+        return True
+
+    def evict(self, name: str) -> bool:
+        """Drop a resident adapter's factors now (they are reloaded from the store on next use),
+        unless it is pinned, in use or not in the store: a cluster replica keeps resident what
+        Ray Serve routes to it, not more. Whether it was evicted."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or entry.sources is None or entry.info.pinned or entry.refs > 0 or not entry.persisted or self.reload is None:
+                return False
+            entry.sources = None
+            self._free_slot(entry)
+            self.stats["evictions"] += 1
+            return True
+
     def listing(self, include_hidden: bool = False) -> list[tuple[AdapterInfo, bool]]:
         """(info, resident) for every registered name."""
         with self._lock:

@@ -1,5 +1,7 @@
 """Build and run the gRPC server: `create_server(config)` for tests and embedding, `serve(config)`
-for the command line (signals, graceful drain, a non-zero exit when the engine gives up)."""
+for the command line (signals, graceful drain, a non-zero exit when the engine gives up).
+`build_core(config)` is what a server holds without its gRPC transport (store, model, engine,
+service); a cluster replica (`adapter_fusion.cluster.replica`) builds the same."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import asyncio
 import ipaddress
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,14 +17,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from adapter_fusion.adapters import load_adapter
-from adapter_fusion.atomic import sweep_leftovers
 from adapter_fusion.engine import Engine, Limits
 from adapter_fusion.errors import AdapterFusionError
-from adapter_fusion.registry import AdapterInfo
 from adapter_fusion.runtime import Runtime
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
+from server.calls import Observer
+from server.catalog import LocalCatalog
 from server.interceptors import BearerAuth, DecodeGuard
 from server.paths import PathPolicy
 from server.service import AdapterFusionService, ServiceLimits
@@ -89,7 +91,33 @@ class Running:
         await asyncio.to_thread(self.engine.stop)
 
 
-def _check_exposure(config: ServerConfig) -> None:
+@dataclass
+class Core:
+    engine: Engine
+    service: AdapterFusionService
+
+
+async def build_core(
+    config: ServerConfig,
+    on_state: Callable[[str], None],
+    catalog_class: type[LocalCatalog] = LocalCatalog,
+    observer: Callable[[Engine], Observer | None] = lambda engine: None,
+) -> Core:
+    """Load the model, repair and register the store, preload, and build the service; the engine
+    is not started yet. Disk and model work run in worker threads."""
+    store = await asyncio.to_thread(AdapterStore, config.store_dir)
+    runtime = await asyncio.to_thread(Runtime, config.base_dir, device=config.device, dtype=config.dtype, slot_columns=config.slot_columns)
+    engine = Engine(runtime, config.limits, reload=store.load, on_state=on_state)
+    catalog = catalog_class(store, engine.registry, config.output_roots)
+    await asyncio.to_thread(catalog.recover)  # everything registered before a restart, loaded on first use
+    await asyncio.to_thread(catalog.preload, config.preload)
+    paths = PathPolicy.of(config.adapter_roots, config.output_roots, protected=[config.store_dir, config.base_dir])
+    service = AdapterFusionService(engine, store, paths, config.service_limits, observer(engine), catalog)
+    return Core(engine, service)
+
+
+def check_exposure(config: ServerConfig) -> None:
+    """Refuse to serve a non-loopback address in plaintext without a token, unless told to."""
     if not (_is_loopback(config.host) or config.token or config.tls_cert or config.insecure):
         raise InsecureBindError(
             f"refusing to serve {config.host} in plaintext without a token: anyone who reaches it could load, "
@@ -99,7 +127,7 @@ def _check_exposure(config: ServerConfig) -> None:
 
 async def create_server(config: ServerConfig) -> Running:
     """Load the model and the store, start serving on config.host:config.port (0 = pick one)."""
-    _check_exposure(config)
+    check_exposure(config)
     options = [("grpc.max_receive_message_length", config.max_request_bytes), ("grpc.so_reuseport", 0)]
     interceptors = ([BearerAuth(config.token)] if config.token else []) + [DecodeGuard(SERVICE_NAME)]
     server = grpc.aio.server(options=options, interceptors=interceptors)
@@ -129,27 +157,15 @@ async def create_server(config: ServerConfig) -> Running:
         if not loop.is_closed():
             asyncio.run_coroutine_threadsafe(apply(), loop)
 
-    store = await asyncio.to_thread(AdapterStore, config.store_dir)
-    recovered = await asyncio.to_thread(store.recover)
-    runtime = await asyncio.to_thread(Runtime, config.base_dir, device=config.device, dtype=config.dtype, slot_columns=config.slot_columns)
-    engine = Engine(runtime, config.limits, reload=store.load, on_state=on_state)
-    for info in recovered:  # everything registered before a restart, loaded on first use
-        engine.registry.register(None, info)
-    for directory in config.preload:
-        if not engine.registry.has(directory.name):
-            adapter = await asyncio.to_thread(load_adapter, directory, directory.name)
-            engine.registry.register(adapter, AdapterInfo.of(adapter, str(directory.resolve()), pinned=True))
-    for root in config.output_roots:  # this server owns its write roots: a killed export or bake left only hidden temp dirs
-        Path(root).mkdir(parents=True, exist_ok=True)
-        for line in await asyncio.to_thread(sweep_leftovers, Path(root)):
-            log.info("output root %s: %s", root, line)
-    paths = PathPolicy.of(config.adapter_roots, config.output_roots, protected=[config.store_dir, config.base_dir])
-    observer = None
-    if config.metrics_port is not None:
+    def metrics(engine: Engine) -> Observer | None:
+        if config.metrics_port is None:
+            return None
         from server.metrics import start_metrics
 
-        observer = start_metrics(engine, config.metrics_port, config.host)
-    service = AdapterFusionService(engine, store, paths, config.service_limits, observer)
+        return start_metrics(engine, config.metrics_port, config.host)
+
+    core = await build_core(config, on_state, observer=metrics)
+    engine, service = core.engine, core.service
     pb_grpc.add_AdapterFusionServicer_to_server(service, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     await server.start()

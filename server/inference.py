@@ -145,6 +145,7 @@ class InferenceRPCs:
 
     async def _search(self: AdapterFusionService, request: pb.SearchWeightsRequest) -> AsyncIterator[pb.SearchWeightsProgress]:
         name = check_name(request.output_name)
+        await self._synced([name, *request.adapters])
         if self.registry.has(name):
             raise AlreadyExistsError(f"adapter {name!r} already exists; pick another output_name")
         budget, optimizer, parallel, l1 = self._search_settings(request)
@@ -169,8 +170,10 @@ class InferenceRPCs:
             adapter = merge(sources, "linear", weights, None, None, 0, name).adapter
             adapter.extra["lorahub"] = {"weights": weights, "best_loss": best_loss, "sources": list(request.adapters)}
             info = AdapterInfo.of(adapter, f"lorahub over {', '.join(request.adapters)}", request.pin)
-            self.registry.register(adapter, info)
-            self._persist(adapter, info)
+            with self.catalog.writing(name):
+                self.catalog.sync([name])
+                self.registry.register(adapter, info)  # ALREADY_EXISTS if the name was taken meanwhile
+                self._persist(adapter, info)
             return info
 
         try:

@@ -12,6 +12,14 @@ import grpc
 from google.protobuf.message import DecodeError
 
 PUBLIC_METHODS = ("/grpc.health.v1.Health/",)  # probes need no token
+NO_TOKEN = "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'"
+UNPARSABLE = "the request does not parse (a string field must be valid UTF-8)"
+
+
+def token_matches(metadata, token: str) -> bool:
+    """Whether call metadata carries `authorization: Bearer <token>` (compared in constant time)."""
+    sent = dict(metadata or ()).get("authorization", "")
+    return hmac.compare_digest(sent.encode() if isinstance(sent, str) else bytes(sent), f"Bearer {token}".encode())
 
 
 def _replace(handler: grpc.RpcMethodHandler, unary, streaming, deserializer=None) -> grpc.RpcMethodHandler:
@@ -40,17 +48,15 @@ class BearerAuth(grpc.aio.ServerInterceptor):
     is compared in constant time."""
 
     def __init__(self, token: str) -> None:
-        self.expected = f"Bearer {token}".encode()
+        self.token = token
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if details.method.startswith(PUBLIC_METHODS) or handler is None:
             return handler
-        sent = dict(details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(sent.encode() if isinstance(sent, str) else bytes(sent), self.expected):
+        if token_matches(details.invocation_metadata, self.token):
             return handler
-        message = "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'"
-        return _replace(handler, *_refusal(grpc.StatusCode.UNAUTHENTICATED, message))
+        return _replace(handler, *_refusal(grpc.StatusCode.UNAUTHENTICATED, NO_TOKEN))
 
 
 class _Undecodable:
@@ -75,8 +81,7 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
             except (DecodeError, UnicodeDecodeError, ValueError):
                 return _Undecodable()
 
-        message = "the request does not parse (a string field must be valid UTF-8)"
-        refuse_unary, refuse_stream = _refusal(grpc.StatusCode.INVALID_ARGUMENT, message)
+        refuse_unary, refuse_stream = _refusal(grpc.StatusCode.INVALID_ARGUMENT, UNPARSABLE)
 
         async def unary(request, context):
             if isinstance(request, _Undecodable):

@@ -3,7 +3,9 @@ generation, scoring and weight search in `server.inference`.
 
 No maths here and nothing slow on the event loop: loading, merging, exporting, baking and every
 store or path check run in worker threads; generation and scoring go to the engine's thread.
-Writers of one adapter name (Load, Compose, Unload, Export) run one at a time.
+Writers of one adapter name (Load, Compose, Unload, Export) run one at a time. Names are checked
+against the catalog (`server.catalog`) before use: free on one server, the shared store's view on
+a cluster replica.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from adapter_fusion.registry import AdapterInfo, Choice
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
 from server.calls import Calls, Done, NameLocks, Observer, reports_of
+from server.catalog import LocalCatalog
 from server.inference import InferenceRPCs
 from server.paths import PathPolicy
 from server.store import AdapterStore, check_name
@@ -79,11 +82,18 @@ def _check_dtype(dtype: str) -> str:
 
 class AdapterFusionService(InferenceRPCs, pb_grpc.AdapterFusionServicer):
     def __init__(
-        self, engine: Engine, store: AdapterStore, paths: PathPolicy, limits: ServiceLimits = ServiceLimits(), observer: Observer | None = None
+        self,
+        engine: Engine,
+        store: AdapterStore,
+        paths: PathPolicy,
+        limits: ServiceLimits = ServiceLimits(),
+        observer: Observer | None = None,
+        catalog: LocalCatalog | None = None,
     ) -> None:
         self.engine = engine
         self.registry = engine.registry
         self.store = store
+        self.catalog = catalog or LocalCatalog(store, engine.registry)
         self.paths = paths
         self.limits = limits
         self.calls = Calls(observer)
@@ -100,10 +110,15 @@ class AdapterFusionService(InferenceRPCs, pb_grpc.AdapterFusionServicer):
     def _persist(self, adapter: Adapter, info: AdapterInfo) -> None:
         """Write a just-registered adapter to the store (durably); if that fails, take the name back."""
         try:
-            self.store.save(adapter, info)
+            self.catalog.persist(adapter, info)
         except BaseException:
             self.registry.unregister(info.name)
             raise
+
+    async def _synced(self, names: list[str]) -> None:
+        """Bring these names up to date with the catalog (reads the shared store on a cluster)."""
+        if self.catalog.shared:
+            await asyncio.to_thread(self.catalog.sync, names)
 
     # ---- registry ------------------------------------------------------------------------------
 
@@ -115,10 +130,12 @@ class AdapterFusionService(InferenceRPCs, pb_grpc.AdapterFusionServicer):
             except AdapterFormatError as error:  # said with the client's path, not where a link led
                 raise type(error)(str(error).replace(str(path), request.path)) from None
             info = AdapterInfo.of(adapter, str(path), request.pin)
-            known = self.registry.has(name)
-            self.registry.register(adapter, info)  # no-op for the same path, ALREADY_EXISTS for another
-            if not known:
-                self._persist(adapter, info)
+            with self.catalog.writing(name):
+                self.catalog.sync([name])
+                known = self.registry.has(name)
+                self.registry.register(adapter, info)  # no-op for the same path, ALREADY_EXISTS for another
+                if not known:
+                    self._persist(adapter, info)
 
         async def work() -> pb.AdapterInfo:
             name = check_name(request.name)
@@ -130,9 +147,10 @@ class AdapterFusionService(InferenceRPCs, pb_grpc.AdapterFusionServicer):
 
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context) -> pb.UnloadAdapterResponse:
         def unload(name: str) -> None:
-            self.registry.info(name)  # NOT_FOUND before touching the store
-            self.store.delete(name)  # the store first: a crash after it cannot bring the name back
-            self.registry.unregister(name)
+            with self.catalog.writing(name):
+                self.catalog.sync([name])
+                self.registry.info(name)  # NOT_FOUND before touching the store
+                self.catalog.delete(name)
 
         async def work() -> pb.UnloadAdapterResponse:
             name = check_name(request.name)
@@ -144,6 +162,8 @@ class AdapterFusionService(InferenceRPCs, pb_grpc.AdapterFusionServicer):
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context) -> pb.ListAdaptersResponse:
         async def work() -> pb.ListAdaptersResponse:
+            if self.catalog.shared:
+                await asyncio.to_thread(self.catalog.sync_all)
             rows = sorted(self.registry.listing(), key=lambda row: row[0].name)
             return pb.ListAdaptersResponse(adapters=[info_message(i, r) for i, r in rows])
 
@@ -157,11 +177,19 @@ class AdapterFusionService(InferenceRPCs, pb_grpc.AdapterFusionServicer):
         return spec, hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     async def _compose(self, name: str, recipe: pb.Recipe, pin: bool, hidden: bool) -> tuple[AdapterInfo, list]:
+        await self._synced([s.adapter for s in recipe.sources] + ([] if hidden else [name]))
         spec, key = self._canonical(recipe)
 
         described = f"composed: {spec.method} of {', '.join(s.adapter for s in spec.sources)} (recipe {key})"
 
         def compose() -> tuple[AdapterInfo, list]:
+            if hidden:
+                return register()
+            with self.catalog.writing(name):
+                self.catalog.sync([name])
+                return register()
+
+        def register() -> tuple[AdapterInfo, list]:
             if self.registry.has(name):  # the same canonical recipe again is a no-op; another is refused
                 if self.registry.info(name).source == described:
                     return self.registry.info(name), []
@@ -191,9 +219,11 @@ class AdapterFusionService(InferenceRPCs, pb_grpc.AdapterFusionServicer):
         or an adapter composed once and cached by the recipe's canonical hash."""
         which = request.WhichOneof("target")
         if which == "adapter":
+            await self._synced([request.adapter])
             return request.adapter
         if which != "recipe":
             return None
+        await self._synced([s.adapter for s in request.recipe.sources])
         spec, key = self._canonical(request.recipe)
         if spec.method in MERGE_FREE and spec.rank is None:
             return [(s.adapter, s.weight) for s in spec.sources]
@@ -216,7 +246,12 @@ class AdapterFusionService(InferenceRPCs, pb_grpc.AdapterFusionServicer):
     async def ExportAdapter(self, request: pb.ExportAdapterRequest, context) -> pb.ExportAdapterResponse:
         def export(dtype: str) -> pb.ExportAdapterResponse:
             path = self.paths.writable(request.path, request.overwrite)
-            out = save_adapter(self.registry.get(request.name), path, dtype, request.overwrite)
+            with self.catalog.writing(request.name):
+                self.catalog.sync([request.name])
+                adapter = self.registry.get(request.name)
+                with self.catalog.writing_output(path):
+                    path = self.paths.writable(request.path, request.overwrite)  # again: now nobody else writes there
+                    out = save_adapter(adapter, path, dtype, request.overwrite)
             return pb.ExportAdapterResponse(path=str(out), size_bytes=sum(f.stat().st_size for f in out.iterdir() if f.is_file()))
 
         async def work() -> pb.ExportAdapterResponse:
@@ -236,6 +271,7 @@ class AdapterFusionService(InferenceRPCs, pb_grpc.AdapterFusionServicer):
 
         def work(report: Callable[[tuple[int, int]], None]):
             path = self.paths.writable(request.output_path, request.overwrite)
+            self.catalog.sync([request.adapter])
             adapter = self.registry.get(request.adapter)
 
             def tick(done: int, total: int) -> None:
@@ -244,7 +280,9 @@ class AdapterFusionService(InferenceRPCs, pb_grpc.AdapterFusionServicer):
                 report((done, total))
 
             base = self.engine.runtime.base_dir
-            return bake(base, adapter, path, dtype, request.max_shard_bytes or "5GB", request.overwrite, tick)
+            with self.catalog.writing_output(path):
+                path = self.paths.writable(request.output_path, request.overwrite)  # again: now nobody else writes there
+                return bake(base, adapter, path, dtype, request.max_shard_bytes or "5GB", request.overwrite, tick)
 
         last = 0.0
         try:

@@ -7,6 +7,10 @@ entry aside first, so a crash mid-delete never leaves half an entry. `recover()`
 removes what a crash left (temp dirs, half-deleted entries), puts back an entry whose replace
 was interrupted, and moves any entry that does not parse or validate to `.quarantine/` with
 one log line, so a damaged store never stops the server.
+
+Each save gives the entry a fresh id (`ENTRY_KEY` in its metadata): replicas that share a store
+(`adapter_fusion.cluster.catalog`) compare it to tell "the same adapter" from "unloaded and
+loaded again under the same name".
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from adapter_fusion.registry import AdapterInfo
 log = logging.getLogger("adapter_fusion.store")
 META = "adapter_fusion_store.json"
 QUARANTINE = ".quarantine"
+ENTRY_KEY = "entry"  # a fresh id per save; not part of AdapterInfo
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -46,11 +51,27 @@ class AdapterStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def save(self, adapter: Adapter, info: AdapterInfo) -> None:
-        """Write adapter and metadata as one durable entry (replacing a previous one of the name)."""
+    def save(self, adapter: Adapter, info: AdapterInfo) -> str:
+        """Write adapter and metadata as one durable entry (replacing a previous one of the name);
+        returns the entry's id."""
+        entry = uuid.uuid4().hex
         with atomic_directory(self.root / check_name(info.name), overwrite=True) as tmp:
             write_adapter_files(adapter, tmp)
-            (tmp / META).write_text(json.dumps(asdict(info), indent=2))
+            (tmp / META).write_text(json.dumps({**asdict(info), ENTRY_KEY: entry}, indent=2))
+        return entry
+
+    def read(self, name: str) -> tuple[AdapterInfo, str] | None:
+        """An entry's metadata and id, or None if there is no readable entry of that name (the
+        factors are not read)."""
+        try:
+            info, entry = _parse_meta(self.root / check_name(name))
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+        return (info, entry) if info.name == name else None
+
+    def names(self) -> list[str]:
+        """The entries' names (hidden temp, aside and quarantine dirs excluded)."""
+        return sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".") and NAME.match(p.name))
 
     def load(self, name: str) -> Adapter:
         return load_adapter(self.root / check_name(name), name=name)
@@ -80,7 +101,7 @@ class AdapterStore:
     def _validate(self, entry: Path) -> AdapterInfo:
         if not entry.is_dir() or entry.is_symlink():
             raise AdapterFormatError("not an adapter directory")
-        info = AdapterInfo(**json.loads((entry / META).read_text()))
+        info, _ = _parse_meta(entry)
         if info.name != entry.name or check_name(info.name) != info.name:
             raise AdapterFormatError(f"metadata names {quoted(str(info.name))}, the directory is {quoted(entry.name)}")
         read_config(entry)
@@ -95,3 +116,11 @@ class AdapterStore:
         entry.rename(aside)
         fsync_path(self.root)
         log.warning("store: entry %s does not validate (%s: %s); moved to %s", entry.name, type(error).__name__, error, aside)
+
+
+def _parse_meta(entry: Path) -> tuple[AdapterInfo, str]:
+    """(info, entry id) from an entry's metadata; an entry written before ids existed gets one
+    from its metadata file's mtime, which changes whenever the entry is replaced."""
+    meta = json.loads((entry / META).read_text())
+    entry_id = meta.pop(ENTRY_KEY, None) or f"mtime-{(entry / META).stat().st_mtime_ns}"
+    return AdapterInfo(**meta), str(entry_id)
