@@ -120,14 +120,21 @@ class Client:
         adapters: list[str],
         examples: list[tuple[str, str]],
         output_name: str,
-        budget: int = 40,
-        optimizer: str = "NGOpt",
+        budget: int = 0,
+        optimizer: str = "",
         seed: int = 0,
         l1: float | None = None,
-        parallel: int = 1,
+        parallel: int = 0,
         raw: bool = False,
+        method: str = "",
+        per: str = "",
+        lr: float | None = None,
+        bound: float | None = None,
+        batch_size: int = 0,
     ) -> Iterator[pb.SearchWeightsProgress]:
-        """LoraHub over loaded adapters: a stream of progress, the last message with the result."""
+        """Composition weights fitted on examples (`method` "lorahub", the default, or "learned"):
+        a stream of progress, the last message with the registered result. Zero or empty means
+        the server's default (lorahub: 40 evaluations by NGOpt; learned: 30 Adam steps)."""
         request = pb.SearchWeightsRequest(
             adapters=adapters,
             examples=[pb.Example(input=i, target=t) for i, t in examples],
@@ -137,7 +144,11 @@ class Client:
             output_name=output_name,
             parallel=parallel,
             raw=raw,
+            method=method,
+            per=per,
+            batch_size=batch_size,
+            l1=l1,
+            lr=lr,
+            bound=bound,
         )
-        if l1 is not None:
-            request.l1 = l1
         return self.stub.SearchWeights(request, metadata=self.metadata)

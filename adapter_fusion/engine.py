@@ -102,6 +102,12 @@ class Engine:
                 out.append(self.runtime.target_nll(prompts[chunk], targets[chunk], [route] * len(prompts[chunk]), weights))
             return torch.cat(out)
 
+        return self.run(adapter, work)
+
+    def run(self, adapter: Choice, work: Callable[[object, Job], object]) -> Job:
+        """Run `work(route, job)` on the engine thread between decode steps, with `adapter` placed
+        in a slot (`route`); its result or error arrives in `job.future`. Keep each piece short:
+        streams wait while it runs."""
         with self._wake:
             self._check_open()
             job = Job(self.registry.hold(adapter), work)

@@ -26,6 +26,7 @@ from adapter_fusion.errors import RecipeError
 from adapter_fusion.lorahub import SearchCancelled, tokenize_examples
 from adapter_fusion.merge import MergeResult, get_method, merge, parse_parameters
 from adapter_fusion.merge.driver import ProgressCallback
+from adapter_fusion.merge.learned import LearnedParams
 from adapter_fusion.runtime import Runtime
 
 Granularity = Literal["source", "layer", "module"]
@@ -70,6 +71,82 @@ def check_fit(n_sources: int, n_examples: int, steps: int, lr: float, l1: float,
         raise RecipeError(f"batch_size must be >= 1, got {batch_size}")
 
 
+class CoefficientFit:
+    """One fit's state, advanced an Adam step at a time by whoever owns the runtime: the loop in
+    `fit_coefficients`, or the server's engine thread between decode steps (one job per step, so
+    streams keep flowing). Each step needs the sources side by side in the slot `route`."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        adapters: Sequence[Adapter],
+        prompts: list[list[int]],
+        targets: list[list[int]],
+        per: Granularity = "source",
+        init: Sequence[float] | None = None,
+        lr: float = 0.1,
+        l1: float = 0.05,
+        bound: float = 1.5,
+        batch_size: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        check_compatible(adapters)
+        check_fit(len(adapters), len(prompts), 1, lr, l1, bound, batch_size)
+        init = [1.0] * len(adapters) if init is None else [float(w) for w in init]
+        if len(init) != len(adapters):
+            raise RecipeError(f"got {len(init)} initial coefficients for {len(adapters)} adapters")
+        self.runtime, self.prompts, self.targets = runtime, prompts, targets
+        self.l1, self.bound, self.batch_size = l1, bound, batch_size
+        paths = [path for path in runtime.layers if any(path in a.modules for a in adapters)]
+        self.groups = coefficient_groups(paths, per)
+        self.coefficients = torch.tensor([init] * (max(self.groups.values()) + 1), requires_grad=True)  # (groups, n)
+        self.optimizer = torch.optim.Adam([self.coefficients], lr=lr)
+        self.order = torch.Generator().manual_seed(seed)
+        self.result = FitResult(coefficients={})
+        self.best: torch.Tensor | None = None  # (groups, n): the best step's coefficients
+
+    def step(self, route: int) -> float:
+        """One Adam step over every example (in minibatches if asked); the objective at the
+        coefficients the step started from."""
+        runtime, prompts, targets = self.runtime, self.prompts, self.targets
+        start = time.perf_counter()
+        widths = torch.tensor(runtime.slots.placements[route].widths)  # rank columns per source
+        shuffled = torch.randperm(len(prompts), generator=self.order).tolist() if self.batch_size else list(range(len(prompts)))
+        size = self.batch_size or len(prompts)
+        total = 0.0
+        for at in range(0, len(shuffled), size):
+            batch = shuffled[at : at + size]
+            self.optimizer.zero_grad()
+            scales = {path: self.coefficients[g].repeat_interleave(widths).to(runtime.device, runtime.dtype) for path, g in self.groups.items()}
+            with runtime.scaled(scales):
+                nll = runtime.target_nll([prompts[i] for i in batch], [targets[i] for i in batch], [route] * len(batch), differentiable=True)
+            loss = nll.sum() / sum(len(targets[i]) for i in batch)
+            objective = loss + self.l1 * self.coefficients.abs().mean()
+            total += float(loss.detach()) * len(batch) / len(prompts)
+            if at == 0:  # the state this step started from
+                snapshot = self.coefficients.detach().clone()
+            objective.backward()
+            self.optimizer.step()
+            with torch.no_grad():
+                self.coefficients.clamp_(-self.bound, self.bound)
+        value = total + self.l1 * float(snapshot.abs().mean())
+        self.result.losses.append(value)
+        if math.isfinite(value) and value < self.result.best_loss:
+            self.result.best_loss, self.best = value, snapshot
+            self.result.coefficients = {path: snapshot[g].tolist() for path, g in self.groups.items()}
+        self.result.seconds += time.perf_counter() - start
+        return value
+
+    def source_weights(self) -> list[float]:
+        """The best step's coefficient per source (the mean over layers or modules when finer)."""
+        return [] if self.best is None else self.best.mean(dim=0).tolist()
+
+    def finish(self) -> FitResult:
+        if not self.result.coefficients:
+            raise RecipeError("the loss was not finite at any step; lower lr or check the examples")
+        return self.result
+
+
 def fit_coefficients(
     runtime: Runtime,
     adapters: Sequence[Adapter],
@@ -90,52 +167,35 @@ def fit_coefficients(
     Adam on the examples' target loss, clamped to ±`bound`; full batch unless `batch_size`
     (minibatches in a seeded order). Returns the coefficients of the best step seen."""
     adapters = list(adapters)
-    check_compatible(adapters)
     check_fit(len(adapters), len(examples), steps, lr, l1, bound, batch_size)
-    init = [1.0] * len(adapters) if init is None else [float(w) for w in init]
-    if len(init) != len(adapters):
-        raise RecipeError(f"got {len(init)} initial coefficients for {len(adapters)} adapters")
     prompts, targets = tokenize_examples(runtime, examples, chat)
+    fit = CoefficientFit(runtime, adapters, prompts, targets, per, init, lr, l1, bound, batch_size, seed)
     runtime.set_slots([adapters])
-    widths = torch.tensor(runtime.slots.placements[1].widths)  # rank columns per source
-    paths = [path for path in runtime.layers if any(path in a.modules for a in adapters)]
-    groups = coefficient_groups(paths, per)
-    coefficients = torch.tensor([init] * (max(groups.values()) + 1), requires_grad=True)  # (groups, n)
-    optimizer = torch.optim.Adam([coefficients], lr=lr)
-    order = torch.Generator().manual_seed(seed)
-    size = batch_size or len(prompts)
-    result = FitResult(coefficients={})
-    start = time.perf_counter()
     for step in range(steps):
         if should_stop is not None and should_stop():
             raise SearchCancelled("fitting the coefficients was cancelled")
-        shuffled = torch.randperm(len(prompts), generator=order).tolist() if batch_size else list(range(len(prompts)))
-        total = 0.0
-        for at in range(0, len(shuffled), size):
-            batch = shuffled[at : at + size]
-            optimizer.zero_grad()
-            scales = {path: coefficients[g].repeat_interleave(widths).to(runtime.device, runtime.dtype) for path, g in groups.items()}
-            with runtime.scaled(scales):
-                nll = runtime.target_nll([prompts[i] for i in batch], [targets[i] for i in batch], [1] * len(batch), differentiable=True)
-            loss = nll.sum() / sum(len(targets[i]) for i in batch)
-            objective = loss + l1 * coefficients.abs().mean()
-            total += float(loss.detach()) * len(batch) / len(prompts)
-            if len(batch) == len(prompts) or at == 0:  # the state this step started from
-                snapshot = coefficients.detach().clone()
-            objective.backward()
-            optimizer.step()
-            with torch.no_grad():
-                coefficients.clamp_(-bound, bound)
-        value = total + l1 * float(snapshot.abs().mean())
-        result.losses.append(value)
-        if math.isfinite(value) and value < result.best_loss:
-            result.best_loss = value
-            result.coefficients = {path: snapshot[g].tolist() for path, g in groups.items()}
+        value = fit.step(1)
         if on_step is not None:
             on_step(step + 1, steps, value)
-    if not result.coefficients:
-        raise RecipeError("the loss was not finite at any step; lower lr or check the examples")
-    result.seconds = time.perf_counter() - start
+    return fit.finish()
+
+
+def learned_adapter(
+    sources: Sequence[Adapter],
+    fit: FitResult,
+    p: LearnedParams,
+    weights: Sequence[float] | None = None,
+    rank: int | None = None,
+    seed: int = 0,
+    name: str = "learned",
+    on_module: ProgressCallback | None = None,
+) -> MergeResult:
+    """Σ cᵢΔWᵢ per module with a fit's coefficients; the fit's curve kept in the adapter's extra."""
+    statistics = {path: [torch.tensor(c) for c in cs] for path, cs in fit.coefficients.items()}
+    result = merge(list(sources), "learned", weights, p, rank, seed, name, on_module, statistics=statistics)
+    result.adapter.extra["learned"] = {
+        "per": p.per, "coefficients": fit.coefficients, "losses": fit.losses, "best_loss": fit.best_loss, "seconds": fit.seconds
+    }
     return result
 
 
@@ -163,9 +223,4 @@ def merge_learned(
     fit = fit_coefficients(
         runtime, sources, examples, p.per, weights, p.steps, p.lr, p.l1, p.bound, p.batch_size, seed, chat, on_step
     )
-    statistics = {path: [torch.tensor(c) for c in cs] for path, cs in fit.coefficients.items()}
-    result = merge(list(sources), "learned", weights, p, rank, seed, name, on_module, statistics=statistics)
-    result.adapter.extra["learned"] = {
-        "per": p.per, "coefficients": fit.coefficients, "losses": fit.losses, "best_loss": fit.best_loss, "seconds": fit.seconds
-    }
-    return result
+    return learned_adapter(sources, fit, p, weights, rank, seed, name, on_module)

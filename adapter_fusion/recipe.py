@@ -82,7 +82,7 @@ def _check_data(recipe: Recipe, data: str | None) -> None:
     if shared and not recipe.examples:
         raise RecipeError(
             f"examples: method {recipe.method!r} fits its coefficients on examples; give a JSONL file of "
-            '{"input": ..., "target": ...} (over gRPC, SearchWeights searches per-source weights from inline examples)'
+            '{"input": ..., "target": ...} (over gRPC: SearchWeights with method "learned" fits them on inline examples)'
         )
     if recipe.examples and not shared:
         raise RecipeError(f"examples: method {recipe.method!r} takes no shared examples (only learned does)")

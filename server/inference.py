@@ -1,24 +1,18 @@
-"""Generate, Score and SearchWeights: every request's work is bounded before it starts (bytes
-before tokenising, tokens after, examples, budget, parallel) and abandoned when its client
-cancels or its deadline passes. Mixed into `server.service.AdapterFusionService`."""
+"""Generate and Score: every request's work is bounded before it starts (bytes before tokenising,
+tokens after, examples) and abandoned when its client cancels or its deadline passes. Mixed into `server.service.AdapterFusionService`."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from adapter_fusion.engine import Event
-from adapter_fusion.errors import AlreadyExistsError, InvalidRequestError, LimitExceededError
-from adapter_fusion.lorahub import SearchProgress, check_settings, search, weighted_objective
-from adapter_fusion.merge import merge
-from adapter_fusion.registry import AdapterInfo
+from adapter_fusion.errors import InvalidRequestError, LimitExceededError
 from adapter_fusion.decoding import Request
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
-from server.calls import Done, reports_of, thread_safe_emit
-from server.store import check_name
+from server.calls import thread_safe_emit
 
 if TYPE_CHECKING:
     from server.service import AdapterFusionService
@@ -126,67 +120,3 @@ class InferenceRPCs:
             return pb.ScoreResponse(log_likelihood=[-float(x) for x in nll], target_tokens=counts, mean_loss=float(nll.sum()) / sum(counts))
 
         return await self.calls.unary("Score", context, work)
-
-    # ---- LoraHub -------------------------------------------------------------------------------
-
-    async def SearchWeights(self: AdapterFusionService, request: pb.SearchWeightsRequest, context) -> AsyncIterator[pb.SearchWeightsProgress]:
-        async for message in self.calls.streaming("SearchWeights", context, self._search(request)):  # grpc.aio wants an async generator here
-            yield message
-
-    def _search_settings(self: AdapterFusionService, request: pb.SearchWeightsRequest) -> tuple[int, str, int, float]:
-        budget, optimizer, parallel = request.budget or 40, request.optimizer or "NGOpt", request.parallel or 1
-        l1 = request.l1 if request.HasField("l1") else 0.05
-        if budget > self.limits.max_search_budget:
-            raise LimitExceededError(f"budget {budget} is over this server's cap of {self.limits.max_search_budget}")
-        if parallel > self.limits.max_search_parallel:
-            raise LimitExceededError(f"parallel {parallel} is over this server's cap of {self.limits.max_search_parallel}")
-        check_settings(len(request.adapters), len(request.examples), budget, optimizer, parallel, l1, seed=request.seed)
-        return budget, optimizer, parallel, l1
-
-    async def _search(self: AdapterFusionService, request: pb.SearchWeightsRequest) -> AsyncIterator[pb.SearchWeightsProgress]:
-        name = check_name(request.output_name)
-        await self._synced([name, *request.adapters])
-        if self.registry.has(name):
-            raise AlreadyExistsError(f"adapter {name!r} already exists; pick another output_name")
-        budget, optimizer, parallel, l1 = self._search_settings(request)
-        sources = await asyncio.to_thread(lambda: [self.registry.get(a) for a in request.adapters])  # NOT_FOUND before any work
-        prompts, targets = await asyncio.to_thread(self._example_ids, request.examples, request.raw)
-        group = f"search-{hashlib.sha256(f'{name}/{time.time_ns()}'.encode()).hexdigest()[:12]}"
-        self.registry.register_group(group, sources)
-        stopped = False
-
-        def nll(p, t, weights):
-            job = self.engine.score(group, p, t, weights)
-            try:
-                return job.future.result()
-            finally:
-                job.cancelled.set()
-
-        def work(report: Callable[[SearchProgress], None]):
-            objective = weighted_objective(nll, prompts, targets)
-            return search(objective, len(sources), budget, optimizer, request.seed, l1, 1.5, parallel, report, lambda: stopped)
-
-        def register(weights: list[float], best_loss: float) -> AdapterInfo:
-            adapter = merge(sources, "linear", weights, None, None, 0, name).adapter
-            adapter.extra["lorahub"] = {"weights": weights, "best_loss": best_loss, "sources": list(request.adapters)}
-            info = AdapterInfo.of(adapter, f"lorahub over {', '.join(request.adapters)}", request.pin)
-            with self.catalog.writing(name):
-                self.catalog.sync([name])
-                self.registry.register(adapter, info)  # ALREADY_EXISTS if the name was taken meanwhile
-                self._persist(adapter, info)
-            return info
-
-        try:
-            async for item in reports_of(work):
-                if not isinstance(item, Done):
-                    yield pb.SearchWeightsProgress(evaluations=item.evaluations, best_loss=item.best_loss, best_weights=item.best_weights)
-                    continue
-                result = item.result
-                async with self.names.hold(name):
-                    await asyncio.to_thread(register, result.weights, result.best_loss)
-                yield pb.SearchWeightsProgress(
-                    evaluations=len(result.losses), best_loss=result.best_loss, best_weights=result.weights, adapter=self._info(name)
-                )
-        finally:
-            stopped = True  # a cancelled call stops the search at its next evaluation
-            self.registry.unregister(group)

@@ -1,5 +1,5 @@
 """The AdapterFusion servicer: proto <-> library. The registry RPCs, export and bake live here;
-generation, scoring and weight search in `server.inference`.
+generation and scoring in `server.inference`, weight search in `server.search`.
 
 No maths here and nothing slow on the event loop: loading, merging, exporting, baking and every
 store or path check run in worker threads; generation and scoring go to the engine's thread.
@@ -30,6 +30,7 @@ from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
 from server.calls import Calls, Done, NameLocks, Observer, reports_of
 from server.catalog import LocalCatalog
 from server.inference import InferenceRPCs
+from server.search import SearchRPCs
 from server.paths import PathPolicy
 from server.store import AdapterStore, check_name
 
@@ -41,7 +42,7 @@ class ServiceLimits:
     max_examples: int = 256  # examples per Score or SearchWeights call
     max_text_bytes: int = 64 << 10  # any one prompt, input or target, refused before tokenising
     inline_cache_size: int = 16  # inline compositions kept, least recently used dropped
-    max_search_budget: int = 1000  # SearchWeights evaluations
+    max_search_budget: int = 1000  # SearchWeights evaluations (lorahub) or Adam steps (learned)
     max_search_parallel: int = 64  # SearchWeights candidates per batched pass
 
 
@@ -80,7 +81,7 @@ def _check_dtype(dtype: str) -> str:
     return dtype
 
 
-class AdapterFusionService(InferenceRPCs, pb_grpc.AdapterFusionServicer):
+class AdapterFusionService(InferenceRPCs, SearchRPCs, pb_grpc.AdapterFusionServicer):
     def __init__(
         self,
         engine: Engine,

@@ -257,7 +257,7 @@ class BakeModelProgress(_message.Message):
     def __init__(self, bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., manifest_json: _Optional[str] = ...) -> None: ...
 
 class SearchWeightsRequest(_message.Message):
-    __slots__ = ("adapters", "examples", "budget", "optimizer", "seed", "l1", "output_name", "parallel", "raw", "pin")
+    __slots__ = ("adapters", "examples", "budget", "optimizer", "seed", "l1", "output_name", "parallel", "raw", "pin", "method", "per", "lr", "bound", "batch_size")
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +268,11 @@ class SearchWeightsRequest(_message.Message):
     PARALLEL_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
     PIN_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PER_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    BOUND_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     adapters: _containers.RepeatedScalarFieldContainer[str]
     examples: _containers.RepeatedCompositeFieldContainer[Example]
     budget: int
@@ -278,7 +283,12 @@ class SearchWeightsRequest(_message.Message):
     parallel: int
     raw: bool
     pin: bool
-    def __init__(self, adapters: _Optional[_Iterable[str]] = ..., examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., budget: _Optional[int] = ..., optimizer: _Optional[str] = ..., seed: _Optional[int] = ..., l1: _Optional[float] = ..., output_name: _Optional[str] = ..., parallel: _Optional[int] = ..., raw: _Optional[bool] = ..., pin: _Optional[bool] = ...) -> None: ...
+    method: str
+    per: str
+    lr: float
+    bound: float
+    batch_size: int
+    def __init__(self, adapters: _Optional[_Iterable[str]] = ..., examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., budget: _Optional[int] = ..., optimizer: _Optional[str] = ..., seed: _Optional[int] = ..., l1: _Optional[float] = ..., output_name: _Optional[str] = ..., parallel: _Optional[int] = ..., raw: _Optional[bool] = ..., pin: _Optional[bool] = ..., method: _Optional[str] = ..., per: _Optional[str] = ..., lr: _Optional[float] = ..., bound: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class SearchWeightsProgress(_message.Message):
     __slots__ = ("evaluations", "best_loss", "best_weights", "adapter")

@@ -141,9 +141,10 @@ class AdapterFusionServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SearchWeights(self, request, context):
-        """LoraHub: search composition weights of loaded adapters on a few examples (nevergrad),
-        streaming progress; the last message carries the registered result. Cancelling the call
-        stops the search and registers nothing.
+        """Fit composition weights of loaded adapters on a few examples, streaming progress: LoraHub's
+        black-box search (nevergrad), or `learned` (Adam through the model, per source, layer or
+        module). The last message carries the registered result. Cancelling the call stops the
+        work and registers nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

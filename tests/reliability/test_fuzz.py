@@ -503,7 +503,7 @@ def test_fuzz_bake_model(fuzz: Fuzz) -> None:
     after_batch(fuzz, "BakeModel")
 
 
-SEARCH_PARTS = ["adapters", "examples", "budget", "optimizer", "output_name", "parallel", "l1"]
+SEARCH_PARTS = ["adapters", "examples", "budget", "optimizer", "output_name", "parallel", "l1", "method", "per", "lr", "bound", "batch_size"]
 
 
 @st.composite
@@ -526,6 +526,14 @@ def search_fields(draw) -> dict:
     }
     if draw(st.booleans()):
         fields["l1"] = junk("l1", st.floats(0.0, 1.0), junk_float)
+    if draw(st.booleans()):  # learned: lorahub's optimizer and parallel are refused beside it
+        fields |= {"optimizer": "", "parallel": 0}
+        fields["method"] = junk("method", st.just("learned"), st.one_of(st.sampled_from(["LoraHub", "learned ", "adam"]), st.text(max_size=8)))
+        fields["per"] = junk("per", st.sampled_from(["", "source", "layer", "module"]), st.one_of(st.sampled_from(["row", "Source"]), st.text(max_size=8)))
+        fields["batch_size"] = junk("batch_size", st.integers(0, 3), uint32)
+        for key, valid in (("lr", st.floats(1e-3, 0.5)), ("bound", st.floats(0.1, 2.0))):
+            if draw(st.booleans()):
+                fields[key] = junk(key, valid, junk_float)
     return fields
 
 

@@ -1,0 +1,168 @@
+"""SearchWeights: composition weights fitted on a few examples, streamed as they improve.
+
+Two methods over the same hidden group slot (the sources side by side): LoraHub's black-box
+search (nevergrad; each candidate a scoring job on the engine) and `learned` (Adam through the
+model; each step one job on the engine thread, so streams keep flowing between steps). Both
+check their settings before any work, stop when the client goes, and register the result only
+when they finish. Mixed into `server.service.AdapterFusionService`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from adapter_fusion.adapters import Adapter
+from adapter_fusion.errors import AlreadyExistsError, InvalidRequestError, LimitExceededError, RequestCancelledError
+from adapter_fusion.learned import CoefficientFit, learned_adapter
+from adapter_fusion.lorahub import MAX_SOURCES, SearchProgress, check_settings, search, weighted_objective
+from adapter_fusion.merge import get_method, merge, parse_parameters
+from adapter_fusion.merge.learned import LearnedParams
+from adapter_fusion.registry import AdapterInfo
+from adapter_fusion.v1 import adapter_fusion_pb2 as pb
+from server.calls import Done, reports_of
+from server.store import check_name
+
+if TYPE_CHECKING:
+    from server.service import AdapterFusionService
+
+METHODS = ("lorahub", "learned")
+
+
+@dataclass
+class Fitted:
+    """A fit's outcome: the composition (not yet registered) and the stream's last message."""
+
+    adapter: Adapter
+    last: pb.SearchWeightsProgress
+
+
+@dataclass
+class Fitting:
+    """What both methods get: the output name, the sources, the group slot holding them, the examples."""
+
+    name: str
+    sources: list[Adapter]
+    group: str
+    prompts: list[list[int]]
+    targets: list[list[int]]
+
+
+class SearchRPCs:
+    """`self` is the AdapterFusionService."""
+
+    async def SearchWeights(self: AdapterFusionService, request: pb.SearchWeightsRequest, context) -> AsyncIterator[pb.SearchWeightsProgress]:
+        async for message in self.calls.streaming("SearchWeights", context, self._search(request)):  # grpc.aio wants an async generator here
+            yield message
+
+    def _capped_budget(self: AdapterFusionService, budget: int) -> int:
+        if budget > self.limits.max_search_budget:
+            raise LimitExceededError(f"budget {budget} is over this server's cap of {self.limits.max_search_budget}")
+        return budget
+
+    def _lorahub_settings(self: AdapterFusionService, request: pb.SearchWeightsRequest) -> tuple[int, str, int, float, float]:
+        if request.per or request.HasField("lr") or request.batch_size:
+            raise InvalidRequestError("per, lr and batch_size are settings of method 'learned'; lorahub takes budget, optimizer, parallel, l1, bound")
+        budget, optimizer, parallel = self._capped_budget(request.budget or 40), request.optimizer or "NGOpt", request.parallel or 1
+        l1 = request.l1 if request.HasField("l1") else 0.05
+        bound = request.bound if request.HasField("bound") else 1.5
+        if parallel > self.limits.max_search_parallel:
+            raise LimitExceededError(f"parallel {parallel} is over this server's cap of {self.limits.max_search_parallel}")
+        check_settings(len(request.adapters), len(request.examples), budget, optimizer, parallel, l1, bound, request.seed)
+        return budget, optimizer, parallel, l1, bound
+
+    def _learned_settings(self: AdapterFusionService, request: pb.SearchWeightsRequest) -> LearnedParams:
+        if request.optimizer or request.parallel:
+            raise InvalidRequestError("optimizer and parallel are settings of method 'lorahub'; learned takes budget (steps), per, lr, l1, bound, batch_size")
+        if not 1 <= len(request.adapters) <= MAX_SOURCES:
+            raise InvalidRequestError(f"learned needs 1..{MAX_SOURCES} adapters, got {len(request.adapters)}")
+        given = {"per": request.per or None, "steps": self._capped_budget(request.budget or 30), "batch_size": request.batch_size or None}
+        given |= {key: getattr(request, key) for key in ("lr", "l1", "bound") if request.HasField(key)}
+        return parse_parameters(get_method("learned"), {k: v for k, v in given.items() if v is not None})
+
+    async def _search(self: AdapterFusionService, request: pb.SearchWeightsRequest) -> AsyncIterator[pb.SearchWeightsProgress]:
+        name = check_name(request.output_name)
+        method = request.method or "lorahub"
+        if method not in METHODS:
+            raise InvalidRequestError(f"unknown method {method[:64]!r}; SearchWeights runs {' or '.join(METHODS)}")
+        await self._synced([name, *request.adapters])
+        if self.registry.has(name):
+            raise AlreadyExistsError(f"adapter {name!r} already exists; pick another output_name")
+        settings = self._lorahub_settings(request) if method == "lorahub" else self._learned_settings(request)
+        sources = await asyncio.to_thread(lambda: [self.registry.get(a) for a in request.adapters])  # NOT_FOUND before any work
+        prompts, targets = await asyncio.to_thread(self._example_ids, request.examples, request.raw)
+        group = f"search-{hashlib.sha256(f'{name}/{time.time_ns()}'.encode()).hexdigest()[:12]}"
+        self.registry.register_group(group, sources)
+        fitting = Fitting(name, sources, group, prompts, targets)
+        try:
+            fits = self._lorahub(request, settings, fitting) if method == "lorahub" else self._learned(request, settings, fitting)
+            async with aclosing(fits):  # a client gone stops the fit now, not when the generator is collected
+                async for item in fits:
+                    if isinstance(item, pb.SearchWeightsProgress):
+                        yield item
+                        continue
+                    info = AdapterInfo.of(item.adapter, f"{method} over {', '.join(request.adapters)}", request.pin)
+                    async with self.names.hold(name):
+                        await asyncio.to_thread(self._register_fitted, item.adapter, info)
+                    item.last.adapter.CopyFrom(self._info(name))
+                    yield item.last
+        finally:
+            self.registry.unregister(group)
+
+    def _register_fitted(self: AdapterFusionService, adapter: Adapter, info: AdapterInfo) -> None:
+        with self.catalog.writing(info.name):
+            self.catalog.sync([info.name])
+            self.registry.register(adapter, info)  # ALREADY_EXISTS if the name was taken meanwhile
+            self._persist(adapter, info)
+
+    async def _lorahub(self: AdapterFusionService, request: pb.SearchWeightsRequest, settings, fitting: Fitting) -> AsyncIterator[pb.SearchWeightsProgress | Fitted]:
+        budget, optimizer, parallel, l1, bound = settings
+        stopped = False
+
+        def nll(p, t, weights):
+            job = self.engine.score(fitting.group, p, t, weights)
+            try:
+                return job.future.result()
+            finally:
+                job.cancelled.set()
+
+        def work(report: Callable[[SearchProgress], None]):
+            objective = weighted_objective(nll, fitting.prompts, fitting.targets)
+            return search(objective, len(fitting.sources), budget, optimizer, request.seed, l1, bound, parallel, report, lambda: stopped)
+
+        try:
+            async for item in reports_of(work):
+                if not isinstance(item, Done):
+                    yield pb.SearchWeightsProgress(evaluations=item.evaluations, best_loss=item.best_loss, best_weights=item.best_weights)
+                    continue
+                result = item.result
+                adapter = (await asyncio.to_thread(merge, fitting.sources, "linear", result.weights, None, None, 0, fitting.name)).adapter
+                adapter.extra["lorahub"] = {"weights": result.weights, "best_loss": result.best_loss, "sources": list(request.adapters)}
+                yield Fitted(adapter, pb.SearchWeightsProgress(evaluations=len(result.losses), best_loss=result.best_loss, best_weights=result.weights))
+        finally:
+            stopped = True  # a cancelled call stops the search at its next evaluation
+
+    async def _learned(self: AdapterFusionService, request: pb.SearchWeightsRequest, p: LearnedParams, fitting: Fitting) -> AsyncIterator[pb.SearchWeightsProgress | Fitted]:
+        zeros = [0.0] * len(fitting.sources)  # from 0, as LoraHub starts
+        fit = CoefficientFit(self.engine.runtime, fitting.sources, fitting.prompts, fitting.targets, p.per, zeros, p.lr, p.l1, p.bound, p.batch_size, request.seed)
+
+        def step(route, job) -> float:
+            if job.cancelled.is_set():
+                raise RequestCancelledError("fitting abandoned: the client cancelled or its deadline passed")
+            return fit.step(route)
+
+        for done in range(1, p.steps + 1):
+            job = self.engine.run(fitting.group, step)
+            try:
+                await asyncio.wrap_future(job.future)
+            finally:
+                job.cancelled.set()  # a client gone: the step not yet started never runs
+            yield pb.SearchWeightsProgress(evaluations=done, best_loss=fit.result.best_loss, best_weights=fit.source_weights())
+        result = fit.finish()
+        adapter = (await asyncio.to_thread(learned_adapter, fitting.sources, result, p, zeros, None, request.seed, fitting.name)).adapter
+        yield Fitted(adapter, pb.SearchWeightsProgress(evaluations=p.steps, best_loss=result.best_loss, best_weights=fit.source_weights()))
