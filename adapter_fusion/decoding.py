@@ -5,6 +5,7 @@ mix of slots; text is detokenized incrementally."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -87,6 +88,8 @@ class Decoder:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.active: list[Request] = []
+        # transformers 5.x renames forward's `past_key_values` to `cache` (the old name goes in 5.40)
+        self._cache_keyword = "cache" if "cache" in inspect.signature(runtime.model.forward).parameters else "past_key_values"
         self._reset()
 
     def _reset(self) -> None:
@@ -96,12 +99,12 @@ class Decoder:
         self.logits = torch.zeros(0, 0, device=device)  # (batch, vocab): next-token logits per row
 
     def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, routes: list[Route], cache: list) -> tuple[Tensor, list]:
-        past = DynamicCache(ddp_cache_data=cache) if cache else DynamicCache()
+        past = DynamicCache(ddp_cache_data=cache) if cache else DynamicCache()  # the model extends it in place
         with self.runtime.routed(routes):
             out = self.runtime.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True, logits_to_keep=1
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{self._cache_keyword: past}
             )  # only the last position's logits: the vocabulary projection is ~20% of a prefill
-        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        kv = [(layer.keys, layer.values) for layer in past.layers]
         return out.logits[:, -1], kv
 
     @torch.no_grad()
