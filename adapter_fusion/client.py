@@ -6,7 +6,7 @@ server ignores it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -16,16 +16,33 @@ from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
 
 
-def make_recipe(method: str, sources: dict[str, float], rank: int | None = None, seed: int = 0, **parameters) -> pb.Recipe:
-    """A Recipe message from {adapter name: weight}; numeric parameters and string options split."""
+def example_messages(pairs: Sequence[tuple[str, str]]) -> list[pb.Example]:
+    return [pb.Example(input=i, target=t) for i, t in pairs]
+
+
+def make_recipe(
+    method: str,
+    sources: dict[str, float],
+    rank: int | None = None,
+    seed: int = 0,
+    examples: Sequence[tuple[str, str]] = (),
+    source_examples: dict[str, Sequence[tuple[str, str]]] | None = None,
+    raw: bool = False,
+    **parameters,
+) -> pb.Recipe:
+    """A Recipe message from {adapter name: weight}; numeric parameters and string options split.
+    Data-aware methods: `examples` (input, target) shared by all sources (learned), or
+    `source_examples` per source name (regmean, fisher); `raw`: inputs are not chat messages."""
     numbers = {k: float(v) for k, v in parameters.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     options = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in parameters.items() if k not in numbers}
     recipe = pb.Recipe(
         method=method,
-        sources=[pb.Source(adapter=name, weight=weight) for name, weight in sources.items()],
+        sources=[pb.Source(adapter=name, weight=weight, examples=example_messages((source_examples or {}).get(name, ()))) for name, weight in sources.items()],
         parameters=numbers,
         options=options,
         seed=seed,
+        examples=example_messages(examples),
+        raw=raw,
     )
     if rank is not None:
         recipe.rank = rank
@@ -104,7 +121,7 @@ class Client:
         return "".join(r.text for r in stream)
 
     def score(self, examples: list[tuple[str, str]], adapter: str | None = None, recipe: pb.Recipe | None = None, raw: bool = False) -> pb.ScoreResponse:
-        request = pb.ScoreRequest(adapter=adapter, recipe=recipe, raw=raw, examples=[pb.Example(input=i, target=t) for i, t in examples])
+        request = pb.ScoreRequest(adapter=adapter, recipe=recipe, raw=raw, examples=example_messages(examples))
         return self.stub.Score(request, metadata=self.routed(request))
 
     def export_adapter(self, name: str, path: str | Path, dtype: str = "float32", overwrite: bool = False) -> pb.ExportAdapterResponse:
@@ -137,7 +154,7 @@ class Client:
         the server's default (lorahub: 40 evaluations by NGOpt; learned: 30 Adam steps)."""
         request = pb.SearchWeightsRequest(
             adapters=adapters,
-            examples=[pb.Example(input=i, target=t) for i, t in examples],
+            examples=example_messages(examples),
             budget=budget,
             optimizer=optimizer,
             seed=seed,

@@ -6,11 +6,11 @@ any adapter is read. Relative adapter, examples, base and output paths resolve a
 recipe's folder. A mergekit config (it has `merge_method`) is read too, through
 `adapter_fusion.mergekit`.
 
-Data-aware methods take examples (JSONL files of input/target): regmean and fisher one per source
-(`sources[i].examples`), learned one shared file (top-level `examples`); and `base` (the model the
-examples run through; default: the default base model). Over gRPC a recipe carries no paths (the
-server never reads a client's path): those methods are refused there as INVALID_ARGUMENT; over
-gRPC, SearchWeights fits per-source weights from inline examples (LoraHub's search).
+Data-aware methods take examples (a JSONL file of input/target, or the pairs inline): regmean and
+fisher one set per source (`sources[i].examples`), learned one shared set (top-level `examples`);
+and `base` (the model the examples run through; default: the default base model). Over gRPC a
+recipe carries no paths (the server never reads a client's path): examples come inline and the
+base is the server's own.
 """
 
 from __future__ import annotations
@@ -21,11 +21,21 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from adapter_fusion.adapters import load_adapter, save_adapter
+from adapter_fusion.adapters import Adapter, load_adapter, save_adapter
 from adapter_fusion.errors import OutputExistsError, RecipeError
 from adapter_fusion.merge import MergeResult, get_method, merge, parse_parameters
 from adapter_fusion.merge.driver import ProgressCallback, check_weights
 from adapter_fusion.merge.registry import data_methods
+
+
+class Example(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: str
+    target: str
+
+
+Examples = str | Annotated[list[Example], Field(min_length=1)]  # a JSONL file of {"input", "target"}, or the pairs inline
 
 
 class Source(BaseModel):
@@ -33,7 +43,7 @@ class Source(BaseModel):
 
     adapter: str  # a PEFT adapter dir (or, over gRPC, the name of a loaded adapter)
     weight: float = 1.0
-    examples: str | None = None  # JSONL of {"input", "target"}: this source's data (regmean, fisher)
+    examples: Examples | None = None  # this source's data (regmean, fisher)
 
 
 class Recipe(BaseModel):
@@ -47,7 +57,7 @@ class Recipe(BaseModel):
     output: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     name: str | None = None
-    examples: str | None = None  # JSONL of {"input", "target"} shared by all sources (learned)
+    examples: Examples | None = None  # shared by all sources (learned)
     base: str | None = None  # model dir the examples run through (data-aware methods); default: the default base
     chat: bool = True  # examples' inputs as chat user messages (the base tokenizer's template); false: raw text
 
@@ -72,17 +82,16 @@ def _check_data(recipe: Recipe, data: str | None) -> None:
         if data is not None and not shared and not source.examples:
             raise RecipeError(
                 f"sources.{i}.examples: method {recipe.method!r} learns from each source's examples; give a JSONL file of "
-                '{"input": ..., "target": ...} per source (data-aware methods are not available over gRPC: compose with the CLI '
-                "or Python, then load the result)"
+                '{"input": ..., "target": ...} per source, or the pairs inline (over gRPC: the Source message\'s examples)'
             )
         if source.examples and data is None:
             raise RecipeError(f"sources.{i}.examples: method {recipe.method!r} uses no examples (only {', '.join(data_methods())} do)")
         if source.examples and shared:
-            raise RecipeError(f"sources.{i}.examples: method {recipe.method!r} takes one shared top-level `examples` file, not one per source")
+            raise RecipeError(f"sources.{i}.examples: method {recipe.method!r} takes one shared top-level `examples`, not one set per source")
     if shared and not recipe.examples:
         raise RecipeError(
             f"examples: method {recipe.method!r} fits its coefficients on examples; give a JSONL file of "
-            '{"input": ..., "target": ...} (over gRPC: SearchWeights with method "learned" fits them on inline examples)'
+            '{"input": ..., "target": ...}, or the pairs inline (over gRPC: the Recipe message\'s examples)'
         )
     if recipe.examples and not shared:
         raise RecipeError(f"examples: method {recipe.method!r} takes no shared examples (only learned does)")
@@ -93,9 +102,14 @@ def _check_data(recipe: Recipe, data: str | None) -> None:
 def _describe(error: ValidationError, model: type[BaseModel]) -> str:
     lines = []
     for e in error.errors():
-        where = ".".join(map(str, e["loc"])) or "recipe"
+        loc = list(e["loc"])
+        if "examples" in loc and len(loc) > loc.index("examples") + 1:  # `examples` is a path or a list of pairs
+            member = loc.pop(loc.index("examples") + 1)  # pydantic names the union member it tried
+            if member == "str" and not isinstance(e["input"], str):
+                continue  # not a path: the list's error says what is wrong
+        where = ".".join(map(str, loc)) or "recipe"
         if e["type"] == "extra_forbidden":
-            owner = Source if "sources" in e["loc"] else model
+            owner = Example if "examples" in loc else Source if "sources" in loc else model
             lines.append(f"{where}: unknown key (valid keys: {', '.join(owner.model_fields)})")
         elif e["type"] == "missing":
             lines.append(f"{where}: required key missing")
@@ -138,12 +152,21 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"{path}: {error}") from None
     folder = path.parent
 
-    def resolve(p: str | None) -> str | None:
-        return None if p is None else str(Path(p) if Path(p).is_absolute() else folder / p)
+    def resolve(p):
+        return str(Path(p) if Path(p).is_absolute() else folder / p) if isinstance(p, str) else p  # inline examples stay
 
     sources = [s.model_copy(update={"adapter": resolve(s.adapter), "examples": resolve(s.examples)}) for s in recipe.sources]
     paths = {key: resolve(getattr(recipe, key)) for key in ("output", "base", "examples")}
     return recipe.model_copy(update={"sources": sources, **paths})
+
+
+def read_examples(examples: str | list[Example]) -> list[tuple[str, str]]:
+    """(input, target) pairs from a JSONL file or from the recipe itself."""
+    if isinstance(examples, str):
+        from adapter_fusion.data_merge import load_examples
+
+        return load_examples(examples)
+    return [(e.input, e.target) for e in examples]
 
 
 def run_recipe(
@@ -153,13 +176,26 @@ def run_recipe(
     device: str | None = None,
     on_example: ProgressCallback | None = None,
 ) -> MergeResult:
-    """Load the recipe's source adapters (paths) and merge them; a data-aware method first runs
-    each source's examples through the base model (on `device`)."""
+    """Load the recipe's source adapters (paths) and merge them (see `merge_recipe`)."""
     adapters = [load_adapter(s.adapter, allow_pickle=allow_pickle) for s in recipe.sources]
     name = recipe.name or (Path(recipe.output).name if recipe.output else "merged")
+    return merge_recipe(recipe, adapters, name, recipe.base, device, on_module, on_example)
+
+
+def merge_recipe(
+    recipe: Recipe,
+    adapters: list[Adapter],
+    name: str,
+    base: str | Path | None = None,
+    device: str | None = None,
+    on_module: ProgressCallback | None = None,
+    on_example: ProgressCallback | None = None,
+) -> MergeResult:
+    """Merge loaded `adapters` (the recipe's sources, in order) by the recipe; a data-aware method
+    first runs its examples through `base` on `device` (`on_example` ticks per example or Adam
+    step; raising from it stops the work)."""
     data = get_method(recipe.method).data
     if data == "coefficients":
-        from adapter_fusion.data_merge import load_examples
         from adapter_fusion.learned import merge_learned
 
         def step(done: int, total: int, loss: float) -> None:
@@ -167,27 +203,18 @@ def run_recipe(
                 on_example(done, total, f"loss {loss:.4f}")
 
         return merge_learned(
-            adapters, load_examples(recipe.examples), recipe.base, recipe.weights, recipe.parameters, recipe.rank, recipe.seed,
+            adapters, read_examples(recipe.examples), base, recipe.weights, recipe.parameters, recipe.rank, recipe.seed,
             name, chat=recipe.chat, device=device, on_module=on_module, on_step=step,
         )
     if data is not None:
-        from adapter_fusion.data_merge import load_examples, merge_with_data
+        from adapter_fusion.data_merge import merge_with_data
 
-        examples = [load_examples(s.examples) for s in recipe.sources]
+        examples = [read_examples(s.examples) for s in recipe.sources]
         return merge_with_data(
-            adapters, recipe.method, examples, recipe.base, recipe.weights, recipe.parameters, recipe.rank, recipe.seed, name,
+            adapters, recipe.method, examples, base, recipe.weights, recipe.parameters, recipe.rank, recipe.seed, name,
             chat=recipe.chat, device=device, on_module=on_module, on_example=on_example,
         )
-    return merge(
-        adapters,
-        method=recipe.method,
-        weights=recipe.weights,
-        parameters=recipe.parameters,
-        rank=recipe.rank,
-        seed=recipe.seed,
-        name=name,
-        on_module=on_module,
-    )
+    return merge(adapters, recipe.method, recipe.weights, recipe.parameters, recipe.rank, recipe.seed, name, on_module)
 
 
 def merge_to_disk(

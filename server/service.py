@@ -1,5 +1,6 @@
 """The AdapterFusion servicer: proto <-> library. The registry RPCs, export and bake live here;
-generation and scoring in `server.inference`, weight search in `server.search`.
+composition in `server.compose`, generation and scoring in `server.inference`, weight search in
+`server.search`.
 
 No maths here and nothing slow on the event loop: loading, merging, exporting, baking and every
 store or path check run in worker threads; generation and scoring go to the engine's thread.
@@ -11,7 +12,6 @@ a cluster replica.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import time
 from collections import OrderedDict
@@ -21,14 +21,13 @@ from dataclasses import asdict, dataclass
 from adapter_fusion.adapters import Adapter, load_adapter, save_adapter
 from adapter_fusion.bake import bake
 from adapter_fusion.engine import Engine
-from adapter_fusion.errors import AdapterFormatError, AlreadyExistsError, InvalidRequestError, NotFoundError
-from adapter_fusion.merge import merge
-from adapter_fusion.recipe import Recipe, parse_recipe
-from adapter_fusion.registry import AdapterInfo, Choice
+from adapter_fusion.errors import AdapterFormatError, InvalidRequestError, NotFoundError
+from adapter_fusion.registry import AdapterInfo
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
 from server.calls import Calls, Done, NameLocks, Observer, reports_of
 from server.catalog import LocalCatalog
+from server.compose import ComposeRPCs
 from server.inference import InferenceRPCs
 from server.search import SearchRPCs
 from server.paths import PathPolicy
@@ -44,22 +43,6 @@ class ServiceLimits:
     inline_cache_size: int = 16  # inline compositions kept, least recently used dropped
     max_search_budget: int = 1000  # SearchWeights evaluations (lorahub) or Adam steps (learned)
     max_search_parallel: int = 64  # SearchWeights candidates per batched pass
-
-
-MERGE_FREE = {"linear", "task_arithmetic", "cat"}  # Σ wᵢ ΔWᵢ exactly: served as per-row weights over resident slots
-
-
-def recipe_dict(recipe: pb.Recipe) -> dict:
-    sources = [{"adapter": s.adapter, "weight": s.weight if s.HasField("weight") else 1.0} for s in recipe.sources]
-    out = {
-        "method": recipe.method,
-        "sources": sources,
-        "parameters": {**dict(recipe.parameters), **dict(recipe.options)},
-        "seed": recipe.seed,
-    }
-    if recipe.HasField("rank"):
-        out["rank"] = recipe.rank
-    return out
 
 
 def info_message(info: AdapterInfo, resident: bool) -> pb.AdapterInfo:
@@ -81,7 +64,7 @@ def _check_dtype(dtype: str) -> str:
     return dtype
 
 
-class AdapterFusionService(InferenceRPCs, SearchRPCs, pb_grpc.AdapterFusionServicer):
+class AdapterFusionService(ComposeRPCs, InferenceRPCs, SearchRPCs, pb_grpc.AdapterFusionServicer):
     def __init__(
         self,
         engine: Engine,
@@ -101,6 +84,7 @@ class AdapterFusionService(InferenceRPCs, SearchRPCs, pb_grpc.AdapterFusionServi
         self.names = NameLocks()
         self._inline: OrderedDict[str, str] = OrderedDict()  # canonical recipe hash -> hidden adapter name
         self._inline_lock = asyncio.Lock()
+        self._data_lock = asyncio.Lock()  # one data-aware composition at a time: each holds a copy of the base model
 
     def _info(self, name: str) -> pb.AdapterInfo:
         for info, resident in self.registry.listing(include_hidden=True):
@@ -169,78 +153,6 @@ class AdapterFusionService(InferenceRPCs, SearchRPCs, pb_grpc.AdapterFusionServi
             return pb.ListAdaptersResponse(adapters=[info_message(i, r) for i, r in rows])
 
         return await self.calls.unary("ListAdapters", context, work)
-
-    def _canonical(self, recipe: pb.Recipe) -> tuple[Recipe, str]:
-        """The parsed recipe and a hash of what it means: the recipe, and where each source came from."""
-        spec = parse_recipe(recipe_dict(recipe))  # INVALID_ARGUMENT before any work
-        origins = [self.registry.info(s.adapter).source for s in spec.sources]  # NOT_FOUND likewise
-        canonical = json.dumps({"recipe": spec.model_dump(), "origins": origins}, sort_keys=True)
-        return spec, hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-    async def _compose(self, name: str, recipe: pb.Recipe, pin: bool, hidden: bool) -> tuple[AdapterInfo, list]:
-        await self._synced([s.adapter for s in recipe.sources] + ([] if hidden else [name]))
-        spec, key = self._canonical(recipe)
-
-        described = f"composed: {spec.method} of {', '.join(s.adapter for s in spec.sources)} (recipe {key})"
-
-        def compose() -> tuple[AdapterInfo, list]:
-            if hidden:
-                return register()
-            with self.catalog.writing(name):
-                self.catalog.sync([name])
-                return register()
-
-        def register() -> tuple[AdapterInfo, list]:
-            if self.registry.has(name):  # the same canonical recipe again is a no-op; another is refused
-                if self.registry.info(name).source == described:
-                    return self.registry.info(name), []
-                raise AlreadyExistsError(f"adapter {name!r} already exists with another recipe; unload it first or pick another name")
-            sources = [self.registry.get(s.adapter) for s in spec.sources]
-            result = merge(sources, spec.method, spec.weights, spec.parameters, spec.rank, spec.seed, name)
-            info = AdapterInfo.of(result.adapter, described, pin)
-            self.registry.register(result.adapter, info, hidden=hidden, persisted=not hidden)
-            if not hidden:
-                self._persist(result.adapter, info)
-            return info, result.report
-
-        return await asyncio.to_thread(compose)
-
-    async def ComposeAdapter(self, request: pb.ComposeAdapterRequest, context) -> pb.ComposeAdapterResponse:
-        async def work() -> pb.ComposeAdapterResponse:
-            name = check_name(request.name)
-            async with self.names.hold(name):
-                _, report = await self._compose(name, request.recipe, request.pin, hidden=False)
-                return pb.ComposeAdapterResponse(adapter=self._info(name), report=[pb.ModuleReport(**asdict(m)) for m in report])
-
-        return await self.calls.unary("ComposeAdapter", context, work)
-
-    async def _target(self, request) -> Choice:
-        """What a Generate/Score request runs with: an adapter, the base model, or for an inline
-        recipe either a weighted mix of loaded adapters (an exact weighted sum: no merge at all)
-        or an adapter composed once and cached by the recipe's canonical hash."""
-        which = request.WhichOneof("target")
-        if which == "adapter":
-            await self._synced([request.adapter])
-            return request.adapter
-        if which != "recipe":
-            return None
-        await self._synced([s.adapter for s in request.recipe.sources])
-        spec, key = self._canonical(request.recipe)
-        if spec.method in MERGE_FREE and spec.rank is None:
-            return [(s.adapter, s.weight) for s in spec.sources]
-        async with self._inline_lock:
-            name = self._inline.get(key)
-            if name is not None and self.registry.has(name):
-                self._inline.move_to_end(key)
-                return name
-            name = f"inline-{key}"
-            await self._compose(name, request.recipe, pin=False, hidden=True)
-            self._inline[key] = name
-            while len(self._inline) > self.limits.inline_cache_size:
-                _, old = self._inline.popitem(last=False)
-                if self.registry.has(old):
-                    self.registry.unregister(old)  # requests using it keep it until they end
-            return name
 
     # ---- export and bake -----------------------------------------------------------------------
 

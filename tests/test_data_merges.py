@@ -1,13 +1,12 @@
 """regmean and fisher: the rules against dense formulas written here, the statistics against a
 plain float64 peft reference (adapter merged into the weights, inputs and gradients read off the
-merged Linear layers), identities, recipes, the CLI, and the refusal over gRPC on the wire."""
+merged Linear layers), identities, recipes and the CLI (over gRPC: tests/test_compose_data.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
 import yaml
@@ -224,6 +223,19 @@ def test_recipe_and_cli(tiny_chat_base, chat_adapters, sources, tmp_path: Path) 
     assert run_recipe(parsed.model_copy(update={"base": str(tiny_chat_base), "method": "regmean", "rank": 6})).report
 
 
+def test_inline_examples_in_a_recipe_are_the_files(tiny_chat_base, chat_adapters, tmp_path: Path) -> None:
+    """The pairs written in the recipe (YAML, a dict, gRPC) give what the same pairs in files give."""
+    write_examples(tmp_path)
+    inline = [[{"input": i, "target": t} for i, t in rows] for rows in EXAMPLES]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"method": "regmean", "sources": [{"adapter": str(p), "examples": rows} for p, rows in zip(chat_adapters, inline)], "base": str(tiny_chat_base)}))
+    from_inline = run_recipe(load_recipe(path)).adapter
+    files = {"method": "regmean", "sources": [{"adapter": str(p), "examples": str(tmp_path / f"examples{i}.jsonl")} for i, p in enumerate(chat_adapters)], "base": str(tiny_chat_base)}
+    from_files = run_recipe(parse_recipe(files)).adapter
+    for module, delta in from_files.modules.items():
+        assert torch.equal(from_inline.modules[module].dense(), delta.dense()), module
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -249,6 +261,10 @@ def test_bad_example_files(text, message, tmp_path: Path) -> None:
         ({"method": "regmean", "sources": [{"adapter": "a", "examples": "e"}, {"adapter": "b"}]}, "sources.1.examples: method 'regmean' learns from each source's examples"),
         ({"method": "ties", "sources": [{"adapter": "a", "examples": "e"}]}, "sources.0.examples: method 'ties' uses no examples (only regmean, fisher, learned do)"),
         ({"method": "linear", "sources": [{"adapter": "a"}], "base": "m"}, "base: method 'linear' runs no model"),
+        ({"method": "regmean", "sources": [{"adapter": "a", "examples": []}]}, "invalid recipe: sources.0.examples: List should have at least 1 item after validation, not 0"),
+        ({"method": "regmean", "sources": [{"adapter": "a", "examples": [{"input": "x"}]}]}, "invalid recipe: sources.0.examples.0.target: required key missing"),
+        ({"method": "learned", "sources": [{"adapter": "a"}], "examples": [{"input": "x", "target": "y", "weight": 1}]}, "examples.0.weight: unknown key (valid keys: input, target)"),
+        ({"method": "learned", "sources": [{"adapter": "a"}], "examples": {"input": "x"}}, "invalid recipe: examples: Input should be a valid list"),
         ({"method": "fisher", "sources": [{"adapter": "a", "examples": "e"}], "parameters": {"fisher_floor": 0}}, "fisher_floor: Input should be greater than 0"),
         ({"method": "regmean", "sources": [{"adapter": "a", "examples": "e"}], "parameters": {"alpha": 1.5}}, "alpha: Input should be less than or equal to 1"),
     ],
@@ -269,33 +285,3 @@ def test_refusals_at_merge_time(tiny_chat_base, sources) -> None:
         merge_with_data(sources[:2], "ties", EXAMPLES[:2], tiny_chat_base)
     with pytest.raises(RecipeError, match="the input Gram matrices of module .* sum to a singular matrix"):
         merge_with_data(sources[:1], "regmean", [[("a", "b")]], tiny_chat_base, parameters={"alpha": 1.0})
-
-
-def test_over_grpc_data_aware_methods_are_refused_and_model_stock_works(tiny_chat_base, chat_adapters, tmp_path_factory) -> None:
-    """The proto carries no example paths and the server reads none from clients: regmean and fisher
-    are INVALID_ARGUMENT, also when a client smuggles a path in as an option."""
-    from adapter_fusion.client import Client, make_recipe
-    from server.app import BackgroundServer, ServerConfig
-
-    config = ServerConfig(
-        base_dir=tiny_chat_base,
-        store_dir=tmp_path_factory.mktemp("store"),
-        adapter_roots=[chat_adapters[0].parent],
-        output_roots=[tmp_path_factory.mktemp("exports")],
-        port=0,
-    )
-    running = BackgroundServer(config)
-    try:
-        with Client(running.address) as client:
-            for name, path in zip("ab", chat_adapters):
-                client.load_adapter(name, path)
-            for method, extra in (("regmean", {}), ("fisher", {}), ("regmean", {"examples": "/etc/passwd"})):
-                with pytest.raises(grpc.RpcError) as info:
-                    client.compose("x", make_recipe(method, {"a": 1.0, "b": 1.0}, **extra))
-                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-                expected = "examples: unknown parameter" if extra else "learns from each source's examples"
-                assert expected in info.value.details(), info.value.details()
-            response = client.compose("stock", make_recipe("model_stock", {"a": 1.0, "b": 1.0}, average="cosine"))
-            assert response.adapter.name == "stock" and len(response.report) > 0
-    finally:
-        running.stop()

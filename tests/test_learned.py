@@ -7,7 +7,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 import torch
@@ -193,21 +192,3 @@ def test_refusals(planted) -> None:
         fit_coefficients(runtime, adapters, examples, init=[1.0, 1.0])
     with pytest.raises(RecipeError, match="lr must be in \\(0, 10\\], got 0"):
         fit_coefficients(runtime, adapters, examples, lr=0)
-
-
-def test_over_grpc_compose_refuses_learned_without_reading_paths(tiny_chat_base, tmp_path: Path) -> None:
-    from adapter_fusion.client import Client, make_recipe
-    from server.app import BackgroundServer, ServerConfig
-
-    adapter = write_peft_adapter(tiny_chat_base, tmp_path / "adapters" / "a", seed=1)
-    config = ServerConfig(base_dir=tiny_chat_base, store_dir=tmp_path / "store", adapter_roots=[adapter.parent], output_roots=[tmp_path / "out"], port=0)
-    running = BackgroundServer(config)
-    try:
-        with Client(running.address) as client:
-            client.load_adapter("a", adapter)
-            with pytest.raises(grpc.RpcError) as info:
-                client.compose("x", make_recipe("learned", {"a": 1.0}))
-            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert "method 'learned' fits its coefficients on examples" in info.value.details()
-    finally:
-        running.stop()

@@ -57,15 +57,17 @@ class ListAdaptersResponse(_message.Message):
     def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ...) -> None: ...
 
 class Source(_message.Message):
-    __slots__ = ("adapter", "weight")
+    __slots__ = ("adapter", "weight", "examples")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     adapter: str
     weight: float
-    def __init__(self, adapter: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+    examples: _containers.RepeatedCompositeFieldContainer[Example]
+    def __init__(self, adapter: _Optional[str] = ..., weight: _Optional[float] = ..., examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ...) -> None: ...
 
 class Recipe(_message.Message):
-    __slots__ = ("method", "sources", "parameters", "options", "rank", "seed")
+    __slots__ = ("method", "sources", "parameters", "options", "rank", "seed", "examples", "raw")
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -86,13 +88,17 @@ class Recipe(_message.Message):
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
     method: str
     sources: _containers.RepeatedCompositeFieldContainer[Source]
     parameters: _containers.ScalarMap[str, float]
     options: _containers.ScalarMap[str, str]
     rank: int
     seed: int
-    def __init__(self, method: _Optional[str] = ..., sources: _Optional[_Iterable[_Union[Source, _Mapping]]] = ..., parameters: _Optional[_Mapping[str, float]] = ..., options: _Optional[_Mapping[str, str]] = ..., rank: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    examples: _containers.RepeatedCompositeFieldContainer[Example]
+    raw: bool
+    def __init__(self, method: _Optional[str] = ..., sources: _Optional[_Iterable[_Union[Source, _Mapping]]] = ..., parameters: _Optional[_Mapping[str, float]] = ..., options: _Optional[_Mapping[str, str]] = ..., rank: _Optional[int] = ..., seed: _Optional[int] = ..., examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., raw: _Optional[bool] = ...) -> None: ...
 
 class ModuleReport(_message.Message):
     __slots__ = ("path", "rank", "energy_kept", "relative_error")

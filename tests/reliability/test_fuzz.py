@@ -253,6 +253,8 @@ VALID_PARAMETERS = {  # per method: parameter -> a valid value strategy (numbers
     "breadcrumbs": {"density": st.floats(0.01, 0.9), "gamma": st.floats(0.0, 0.09)},
     "della": {"density": st.floats(0.2, 0.8), "epsilon": st.floats(0.0, 0.19), "lambda_": st.floats(0.0, 2.0)},
     "slerp": {"t": st.floats(0.0, 1.0)},
+    "learned": {"steps": st.integers(1, 3)},  # the fuzz server caps steps at 4
+    "regmean": {"alpha": st.floats(0.0, 0.99)},
 }
 VALID_OPTIONS = {  # per method: option -> its valid values
     "ties": {"majority_sign": ["total", "frequency"], "divide_by": ["count", "weights"]},
@@ -276,7 +278,8 @@ class Junk:
         return self.draw(junk if self.choice in (part, "*") else valid)
 
 
-RECIPE_PARTS = ["method", "count", "adapter", "weight", "parameters", "junk parameters", "options", "rank"]
+RECIPE_PARTS = ["method", "count", "adapter", "weight", "parameters", "junk parameters", "options", "rank", "examples"]
+SHARED_EXAMPLES = {"learned"}  # one set for all sources; regmean and fisher take one per source
 
 
 @st.composite
@@ -289,6 +292,8 @@ def recipes(draw, junk_allowed: bool = True) -> dict:
         source = {"adapter": junk("adapter", known, st.one_of(junk_name, valid_name))}
         if draw(st.booleans()):
             source["weight"] = junk("weight", st.floats(-2.0, 2.0), junk_float)
+        if method in ("regmean", "fisher"):
+            source["examples"] = junk("examples", examples_strategy(valid=True, most=2), examples_strategy(valid=False))
         sources.append(source)
     parameters = {}
     for key, value in VALID_PARAMETERS.get(method, {}).items():
@@ -300,6 +305,9 @@ def recipes(draw, junk_allowed: bool = True) -> dict:
         if draw(st.booleans()):
             options[key] = junk("options", st.sampled_from(values), st.one_of(st.sampled_from(["", "nan", "TRUE", "1"]), st.text(max_size=6)))
     recipe = {"method": method, "sources": sources, "parameters": parameters, "options": options, "seed": draw(int64)}
+    if method in SHARED_EXAMPLES:
+        recipe["examples"] = junk("examples", examples_strategy(valid=True, most=2), examples_strategy(valid=False))
+        recipe["raw"] = draw(st.booleans())
     rank = junk("rank", st.one_of(st.none(), st.integers(1, 16)), st.one_of(st.sampled_from([0, 1000, 2**32 - 1]), uint32))
     if rank is not None:
         recipe["rank"] = rank
