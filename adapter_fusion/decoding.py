@@ -1,6 +1,7 @@
 """Continuous batching on a plain transformers model: requests join a running batch at step
-boundaries (their prompts prefilled, their KV caches left-padded and concatenated to the
-batch's) and leave when they finish (their rows dropped), each row routed to its own slot or
+boundaries (their prompts prefilled, their KV caches left-padded and joined to the batch's;
+each step then writes its positions in place, `adapter_fusion.kv_cache`) and leave when they
+finish (their rows dropped), each row routed to its own slot or
 mix of slots; text is detokenized incrementally."""
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import DynamicCache
 
+from adapter_fusion.kv_cache import GrowingCache, left_pad
 from adapter_fusion.runtime import Runtime, padded
 from adapter_fusion.slots import Route
 
@@ -73,15 +74,6 @@ def detokenize(tokenizer, request: Request, final: bool = False) -> None:
         request.decoded = (read, len(ids))
 
 
-def _left_pad(t: Tensor, length: int, dim: int) -> Tensor:
-    missing = length - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
 class Decoder:
     """A running batch: admit requests at step boundaries, `step()` emits one token per row."""
 
@@ -94,18 +86,17 @@ class Decoder:
 
     def _reset(self) -> None:
         device = self.runtime.device
-        self.cache: list[tuple[Tensor, Tensor]] = []  # per layer (keys, values): (batch, heads, L, dim)
+        self.cache = GrowingCache()  # per layer keys and values: (batch, heads, L, dim)
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)  # (batch, L), 0 on left padding
         self.logits = torch.zeros(0, 0, device=device)  # (batch, vocab): next-token logits per row
 
-    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, routes: list[Route], cache: list) -> tuple[Tensor, list]:
-        past = DynamicCache(ddp_cache_data=cache) if cache else DynamicCache()  # the model extends it in place
+    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, routes: list[Route], cache: GrowingCache) -> Tensor:
+        """Next-token logits (batch, vocab) of each row's last position; the model extends `cache` in place."""
         with self.runtime.routed(routes):
             out = self.runtime.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{self._cache_keyword: past}
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{self._cache_keyword: cache}
             )  # only the last position's logits: the vocabulary projection is ~20% of a prefill
-        kv = [(layer.keys, layer.values) for layer in past.layers]
-        return out.logits[:, -1], kv
+        return out.logits[:, -1]
 
     @torch.no_grad()
     def admit(self, requests: Sequence[Request]) -> None:
@@ -117,17 +108,15 @@ class Decoder:
         ids, mask = padded([r.prompt_ids for r in requests], width, self.runtime.pad_id, left=True)
         ids, mask = ids.to(self.runtime.device), mask.to(self.runtime.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, kv = self._forward(ids, mask, positions, [r.route for r in requests], [])
+        cache = GrowingCache()
+        logits = self._forward(ids, mask, positions, [r.route for r in requests], cache)
         if self.active:
             length = max(width, self.mask.shape[1])
-            kv = [
-                (torch.cat([_left_pad(k0, length, 2), _left_pad(k1, length, 2)]), torch.cat([_left_pad(v0, length, 2), _left_pad(v1, length, 2)]))
-                for (k0, v0), (k1, v1) in zip(self.cache, kv)
-            ]
-            mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(mask, length, 1)])
+            cache = self.cache.joined(cache, length)
+            mask = torch.cat([left_pad(self.mask, length, 1), left_pad(mask, length, 1)])
             logits = torch.cat([self.logits, logits])
         self.active = self.active + list(requests)
-        self.cache, self.mask, self.logits = kv, mask, logits
+        self.cache, self.mask, self.logits = cache, mask, logits
 
     @torch.no_grad()
     def step(self) -> list[tuple[Request, int]]:
@@ -162,14 +151,14 @@ class Decoder:
                 keep.append(b)
         if len(keep) < len(self.active):
             index = torch.tensor(keep, dtype=torch.long, device=self.runtime.device)
-            self.cache = [(k[index], v[index]) for k, v in self.cache]
+            self.cache = self.cache.select(index)
             self.mask = self.mask[index]
             self.active = [self.active[b] for b in keep]
         if self.active:
             ids = torch.tensor([[r.output_ids[-1]] for r in self.active], device=self.runtime.device)
             self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.active), 1)], dim=1)
             positions = self.mask.sum(-1, keepdim=True) - 1
-            self.logits, self.cache = self._forward(ids, self.mask, positions, [r.route for r in self.active], self.cache)
+            self.logits = self._forward(ids, self.mask, positions, [r.route for r in self.active], self.cache)
         else:
             self._reset()
         return emitted
