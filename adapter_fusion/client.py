@@ -33,6 +33,8 @@ def make_recipe(
     """A Recipe message from {adapter name: weight}; numeric parameters and string options split.
     Data-aware methods: `examples` (input, target) shared by all sources (learned), or
     `source_examples` per source name (regmean, fisher); `raw`: inputs are not chat messages."""
+    if unknown := set(source_examples or {}) - set(sources):
+        raise ValueError(f"source_examples names {sorted(unknown)}, which are not among the sources {sorted(sources)}")
     numbers = {k: float(v) for k, v in parameters.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     options = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in parameters.items() if k not in numbers}
     recipe = pb.Recipe(

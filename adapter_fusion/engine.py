@@ -106,8 +106,8 @@ class Engine:
 
     def run(self, adapter: Choice, work: Callable[[object, Job], object]) -> Job:
         """Run `work(route, job)` on the engine thread between decode steps, with `adapter` placed
-        in a slot (`route`); its result or error arrives in `job.future`. Keep each piece short:
-        streams wait while it runs."""
+        in a slot (`route`); its result or error arrives in `job.future`. Streams wait while it
+        runs: split long work into several jobs (as SearchWeights' learned does per chunk)."""
         with self._wake:
             self._check_open()
             job = Job(self.registry.hold(adapter), work)
@@ -223,6 +223,8 @@ class Engine:
             job.future.set_result(job.work(route, job))
         except AdapterFusionError as error:  # that job's own failure; other exceptions are faults
             job.future.set_exception(error)
+        except torch.OutOfMemoryError:  # too much work in one job (e.g. long examples): that job's failure too
+            job.future.set_exception(LimitExceededError("the device ran out of memory for this work; send fewer or shorter examples"))
         finally:
             self._let_go(job)
 

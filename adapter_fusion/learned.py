@@ -11,10 +11,11 @@ module. The objective is LoraHub's: mean target cross-entropy per token + l1·me
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -71,10 +72,14 @@ def check_fit(n_sources: int, n_examples: int, steps: int, lr: float, l1: float,
         raise RecipeError(f"batch_size must be >= 1, got {batch_size}")
 
 
+CHUNK_ROWS = 32  # examples per forward and backward: memory stays that of a batch the engine decodes
+
+
 class CoefficientFit:
     """One fit's state, advanced an Adam step at a time by whoever owns the runtime: the loop in
-    `fit_coefficients`, or the server's engine thread between decode steps (one job per step, so
-    streams keep flowing). Each step needs the sources side by side in the slot `route`."""
+    `fit_coefficients`, or the server's engine thread, where each piece of a step (at most
+    `chunk_rows` examples forward and backward) is one job between decode steps, so streams keep
+    flowing. Every piece needs the sources side by side in the slot `route`."""
 
     def __init__(
         self,
@@ -89,6 +94,7 @@ class CoefficientFit:
         bound: float = 1.5,
         batch_size: int | None = None,
         seed: int = 0,
+        chunk_rows: int = CHUNK_ROWS,
     ) -> None:
         check_compatible(adapters)
         check_fit(len(adapters), len(prompts), 1, lr, l1, bound, batch_size)
@@ -96,7 +102,7 @@ class CoefficientFit:
         if len(init) != len(adapters):
             raise RecipeError(f"got {len(init)} initial coefficients for {len(adapters)} adapters")
         self.runtime, self.prompts, self.targets = runtime, prompts, targets
-        self.l1, self.bound, self.batch_size = l1, bound, batch_size
+        self.l1, self.bound, self.batch_size, self.chunk_rows = l1, bound, batch_size, chunk_rows
         paths = [path for path in runtime.layers if any(path in a.modules for a in adapters)]
         self.groups = coefficient_groups(paths, per)
         self.coefficients = torch.tensor([init] * (max(self.groups.values()) + 1), requires_grad=True)  # (groups, n)
@@ -104,38 +110,57 @@ class CoefficientFit:
         self.order = torch.Generator().manual_seed(seed)
         self.result = FitResult(coefficients={})
         self.best: torch.Tensor | None = None  # (groups, n): the best step's coefficients
+        self._loss = 0.0  # the current step's mean target loss so far
+        self._start: torch.Tensor | None = None  # (groups, n): the coefficients the current step started from
 
     def step(self, route: int) -> float:
         """One Adam step over every example (in minibatches if asked); the objective at the
         coefficients the step started from."""
-        runtime, prompts, targets = self.runtime, self.prompts, self.targets
-        start = time.perf_counter()
-        widths = torch.tensor(runtime.slots.placements[route].widths)  # rank columns per source
-        shuffled = torch.randperm(len(prompts), generator=self.order).tolist() if self.batch_size else list(range(len(prompts)))
-        size = self.batch_size or len(prompts)
-        total = 0.0
-        for at in range(0, len(shuffled), size):
+        for piece in self.pieces():
+            piece(route)
+        return self.result.losses[-1]
+
+    def pieces(self) -> Iterator[Callable[[int], None]]:
+        """One Adam step as pieces to run in order, each given the slot `route`: forward and
+        backward of at most `chunk_rows` examples (gradients summed over a minibatch, each
+        chunk's loss divided by the minibatch's target tokens: the same objective), the update
+        after a minibatch's last chunk; the last piece records the step."""
+        n = len(self.prompts)
+        shuffled = torch.randperm(n, generator=self.order).tolist() if self.batch_size else list(range(n))
+        size = self.batch_size or n
+        for at in range(0, n, size):
             batch = shuffled[at : at + size]
-            self.optimizer.zero_grad()
-            scales = {path: self.coefficients[g].repeat_interleave(widths).to(runtime.device, runtime.dtype) for path, g in self.groups.items()}
-            with runtime.scaled(scales):
-                nll = runtime.target_nll([prompts[i] for i in batch], [targets[i] for i in batch], [route] * len(batch), differentiable=True)
-            loss = nll.sum() / sum(len(targets[i]) for i in batch)
-            objective = loss + self.l1 * self.coefficients.abs().mean()
-            total += float(loss.detach()) * len(batch) / len(prompts)
-            if at == 0:  # the state this step started from
-                snapshot = self.coefficients.detach().clone()
-            objective.backward()
+            tokens = sum(len(self.targets[i]) for i in batch)
+            for c in range(0, len(batch), self.chunk_rows):
+                rows = batch[c : c + self.chunk_rows]
+                yield functools.partial(self._accumulate, rows, tokens, len(batch), first=at == 0 and c == 0, last=c + self.chunk_rows >= len(batch))
+        yield self._record
+
+    def _accumulate(self, rows: list[int], tokens: int, batch: int, route: int, first: bool, last: bool) -> None:
+        runtime, started = self.runtime, time.perf_counter()
+        if first:
+            self._loss, self._start = 0.0, self.coefficients.detach().clone()
+        widths = torch.tensor(runtime.slots.placements[route].widths)  # rank columns per source
+        scales = {path: self.coefficients[g].repeat_interleave(widths).to(runtime.device, runtime.dtype) for path, g in self.groups.items()}
+        with runtime.scaled(scales):
+            nll = runtime.target_nll([self.prompts[i] for i in rows], [self.targets[i] for i in rows], [route] * len(rows), differentiable=True)
+        part = nll.sum() / tokens  # this chunk's share of the minibatch's mean loss per token
+        part.backward()
+        self._loss += float(part.detach()) * batch / len(self.prompts)
+        if last:
+            (self.l1 * self.coefficients.abs().mean()).backward()
             self.optimizer.step()
+            self.optimizer.zero_grad()
             with torch.no_grad():
                 self.coefficients.clamp_(-self.bound, self.bound)
-        value = total + self.l1 * float(snapshot.abs().mean())
+        self.result.seconds += time.perf_counter() - started
+
+    def _record(self, route: int) -> None:
+        value = self._loss + self.l1 * float(self._start.abs().mean())
         self.result.losses.append(value)
         if math.isfinite(value) and value < self.result.best_loss:
-            self.result.best_loss, self.best = value, snapshot
-            self.result.coefficients = {path: snapshot[g].tolist() for path, g in self.groups.items()}
-        self.result.seconds += time.perf_counter() - start
-        return value
+            self.result.best_loss, self.best = value, self._start
+            self.result.coefficients = {path: self._start[g].tolist() for path, g in self.groups.items()}
 
     def source_weights(self) -> list[float]:
         """The best step's coefficient per source (the mean over layers or modules when finer)."""

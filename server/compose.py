@@ -3,11 +3,12 @@
 A recipe is parsed (INVALID_ARGUMENT before any work) and keyed by a hash of what it means (the
 recipe, inline examples included, and where each source came from). Inline recipes that are a
 weighted sum are served with no merge (per-row weights over resident slots); others are composed
-once and cached by that hash. Data-aware methods (regmean, fisher, learned) run their inline
-examples through a private copy of the server's base model (on its device) in a worker thread,
-off the engine thread so streams keep decoding, one such composition at a time (each holds that
-copy); a cancelled call stops at the next example or Adam step. Mixed into
-`server.service.AdapterFusionService`.
+once per hash (concurrent requests for it wait for that one) and cached. Data-aware methods
+(regmean, fisher, learned) run their inline examples through a private copy of the server's base
+model (on its device) in a worker thread, off the engine thread so streams keep decoding, one
+such composition at a time (each holds that copy); a cancelled call stops at the next example or
+Adam step and registers nothing. Name locks are held only to check and to register, never while
+composing. Mixed into `server.service.AdapterFusionService`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import threading
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from adapter_fusion.errors import AlreadyExistsError, LimitExceededError, RequestCancelledError
+from adapter_fusion.errors import AlreadyExistsError, InvalidRequestError, LimitExceededError, RequestCancelledError
+from adapter_fusion.lorahub import MAX_SOURCES
 from adapter_fusion.merge import get_method, parse_parameters
 from adapter_fusion.recipe import Recipe, merge_recipe, parse_recipe
 from adapter_fusion.registry import AdapterInfo, Choice
@@ -34,78 +36,120 @@ MERGE_FREE = {"linear", "task_arithmetic", "cat"}  # Σ wᵢ ΔWᵢ exactly: ser
 
 
 def recipe_dict(recipe: pb.Recipe) -> dict:
-    """The proto recipe as `adapter_fusion.recipe`'s keys; inline examples only where given."""
+    """The proto recipe as `adapter_fusion.recipe`'s keys; examples (and how to read them) only where given."""
 
     def examples(rows) -> dict:
         return {"examples": [{"input": e.input, "target": e.target} for e in rows]} if rows else {}
 
     sources = [{"adapter": s.adapter, "weight": s.weight if s.HasField("weight") else 1.0, **examples(s.examples)} for s in recipe.sources]
-    out = {
-        "method": recipe.method,
-        "sources": sources,
-        "parameters": {**dict(recipe.parameters), **dict(recipe.options)},
-        "seed": recipe.seed,
-        "chat": not recipe.raw,
-        **examples(recipe.examples),
-    }
+    out = {"method": recipe.method, "sources": sources, "parameters": {**dict(recipe.parameters), **dict(recipe.options)}, "seed": recipe.seed}
+    out |= examples(recipe.examples)
+    if recipe.examples or any(s.examples for s in recipe.sources):
+        out["chat"] = not recipe.raw
     if recipe.HasField("rank"):
         out["rank"] = recipe.rank
     return out
 
 
+def example_sets(recipe: pb.Recipe) -> list[tuple[str, list]]:
+    """(where, examples) of each set the recipe carries."""
+    sets = [("examples", list(recipe.examples))] if recipe.examples else []
+    return sets + [(f"sources.{i}.examples", list(s.examples)) for i, s in enumerate(recipe.sources) if s.examples]
+
+
+async def finished(task: asyncio.Future) -> None:
+    """Wait until `task` is done, through further cancellations, and collect its outcome."""
+    while not task.done():
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError:
+            continue
+    if not task.cancelled():
+        task.exception()  # collected: asyncio logs no "exception was never retrieved"
+
+
 class ComposeRPCs:
     """`self` is the AdapterFusionService."""
 
-    async def _canonical(self: AdapterFusionService, recipe: pb.Recipe) -> tuple[Recipe, str]:
-        """The parsed recipe and a hash of what it means: the recipe, and where each source came from."""
-        spec = parse_recipe(recipe_dict(recipe))  # INVALID_ARGUMENT before any work
-        await asyncio.to_thread(self._check_data_limits, recipe, spec)
-        origins = [self.registry.info(s.adapter).source for s in spec.sources]  # NOT_FOUND likewise
+    async def _parsed(self: AdapterFusionService, recipe: pb.Recipe, also: list[str] = ()) -> tuple[Recipe, str]:
+        """The parsed recipe and a hash of what it means: the recipe, and where each source came
+        from. INVALID_ARGUMENT, RESOURCE_EXHAUSTED and NOT_FOUND before any work."""
+        await self._synced([s.adapter for s in recipe.sources] + list(also))
+        spec = parse_recipe(recipe_dict(recipe))
+        self._check_data_bounds(recipe, spec)
+        origins = [self.registry.info(s.adapter).source for s in spec.sources]
         canonical = json.dumps({"recipe": spec.model_dump(), "origins": origins}, sort_keys=True)
         return spec, hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
-    def _check_data_limits(self: AdapterFusionService, recipe: pb.Recipe, spec: Recipe) -> None:
-        """Inline examples bounded as Score's are (count, bytes, tokens); learned's steps as SearchWeights' budget."""
-        rows = [*recipe.examples, *(e for s in recipe.sources for e in s.examples)]
-        if len(rows) > self.limits.max_examples:
-            raise LimitExceededError(f"{len(rows)} examples in the recipe; the limit is {self.limits.max_examples}")
-        if rows:
-            self._example_ids(rows, recipe.raw)  # each text's bytes and tokens, as Score checks them
+    def _check_data_bounds(self: AdapterFusionService, recipe: pb.Recipe, spec: Recipe) -> None:
+        """What a data-aware recipe may cost: examples as many as a Score's, learned's steps as
+        SearchWeights' budget, its sources as SearchWeights' (side by side in one slot), regmean's
+        and fisher's sources few (each keeps per-module statistics)."""
         method = get_method(spec.method)
-        steps = parse_parameters(method, spec.parameters).steps if method.data == "coefficients" else 0
-        if steps > self.limits.max_search_budget:
-            raise LimitExceededError(f"steps {steps} is over this server's cap of {self.limits.max_search_budget}")
+        if method.data is None:
+            return
+        count = sum(len(rows) for _, rows in example_sets(recipe))
+        if count > self.limits.max_examples:
+            raise LimitExceededError(f"{count} examples in the recipe; the limit is {self.limits.max_examples}")
+        if method.data == "coefficients":
+            if len(spec.sources) > MAX_SOURCES:
+                raise InvalidRequestError(f"learned needs 1..{MAX_SOURCES} adapters, got {len(spec.sources)}")
+            steps = parse_parameters(method, spec.parameters).steps
+            if steps > self.limits.max_search_budget:
+                raise LimitExceededError(f"steps {steps} is over this server's cap of {self.limits.max_search_budget}")
+        elif len(spec.sources) > self.limits.max_data_sources:
+            raise LimitExceededError(
+                f"{spec.method} keeps per-module statistics of every source: {len(spec.sources)} sources is over this server's cap of "
+                f"{self.limits.max_data_sources}"
+            )
 
-    async def _compose(self: AdapterFusionService, name: str, recipe: pb.Recipe, pin: bool, hidden: bool) -> tuple[AdapterInfo, list]:
-        await self._synced([s.adapter for s in recipe.sources] + ([] if hidden else [name]))
-        spec, key = await self._canonical(recipe)
+    async def _compose(
+        self: AdapterFusionService, name: str, recipe: pb.Recipe, spec: Recipe, key: str, pin: bool, hidden: bool
+    ) -> tuple[AdapterInfo, list]:
         described = f"composed: {spec.method} of {', '.join(s.adapter for s in spec.sources)} (recipe {key})"
         abandoned = threading.Event()
-
-        def compose() -> tuple[AdapterInfo, list]:
-            if hidden:
-                return register()
-            with self.catalog.writing(name):
-                self.catalog.sync([name])
-                return register()
 
         def tick(*_) -> None:
             if abandoned.is_set():
                 raise RequestCancelledError("composition abandoned: the client cancelled or its deadline passed")
 
-        def register() -> tuple[AdapterInfo, list]:
-            if self.registry.has(name):  # the same canonical recipe again is a no-op; another is refused
-                if self.registry.info(name).source == described:
-                    return self.registry.info(name), []
-                raise AlreadyExistsError(f"adapter {name!r} already exists with another recipe; unload it first or pick another name")
-            sources = [self.registry.get(s.adapter) for s in spec.sources]
+        def existing() -> AdapterInfo | None:
+            """The same recipe under this name already: a no-op; another: refused."""
+            if not self.registry.has(name):
+                return None
+            if self.registry.info(name).source == described:
+                return self.registry.info(name)
+            raise AlreadyExistsError(f"adapter {name!r} already exists with another recipe; unload it first or pick another name")
+
+        @contextlib.contextmanager
+        def name_checked():
+            """The catalog's lock on a listed name, with its view brought up to date (a cluster's store)."""
+            if hidden:
+                yield
+                return
+            with self.catalog.writing(name):
+                self.catalog.sync([name])
+                yield
+
+        def compose() -> tuple[AdapterInfo, list]:
+            with name_checked():
+                found = existing()
+            if found is not None:
+                return found, []
+            for where, rows in example_sets(recipe):
+                self._example_ids(rows, recipe.raw, where)  # every text and token limit, as Score checks them
             runtime = self.engine.runtime
+            sources = [self.registry.get(s.adapter) for s in spec.sources]
             result = merge_recipe(spec, sources, name, runtime.base_dir, str(runtime.device), on_example=tick)
             tick()  # a call abandoned during the last step registers nothing
             info = AdapterInfo.of(result.adapter, described, pin)
-            self.registry.register(result.adapter, info, hidden=hidden, persisted=not hidden)
-            if not hidden:
-                self._persist(result.adapter, info)
+            with name_checked():
+                found = existing()  # another writer may have been first
+                if found is not None:
+                    return found, []
+                self.registry.register(result.adapter, info, hidden=hidden, persisted=not hidden)
+                if not hidden:
+                    self._persist(result.adapter, info)
             return info, result.report
 
         async with self._data_lock if get_method(spec.method).data else contextlib.nullcontext():
@@ -114,14 +158,15 @@ class ComposeRPCs:
                 return await asyncio.shield(work)
             except asyncio.CancelledError:
                 abandoned.set()  # the thread stops at its next example or step and registers nothing
-                await asyncio.wait([work])  # the data lock is held until it has
+                await finished(work)  # the data lock is held until it has
                 raise
 
     async def ComposeAdapter(self: AdapterFusionService, request: pb.ComposeAdapterRequest, context) -> pb.ComposeAdapterResponse:
         async def work() -> pb.ComposeAdapterResponse:
             name = check_name(request.name)
             async with self.names.hold(name):
-                _, report = await self._compose(name, request.recipe, request.pin, hidden=False)
+                spec, key = await self._parsed(request.recipe, also=[name])
+                _, report = await self._compose(name, request.recipe, spec, key, request.pin, hidden=False)
                 return pb.ComposeAdapterResponse(adapter=self._info(name), report=[pb.ModuleReport(**asdict(m)) for m in report])
 
         return await self.calls.unary("ComposeAdapter", context, work)
@@ -136,18 +181,19 @@ class ComposeRPCs:
             return request.adapter
         if which != "recipe":
             return None
-        await self._synced([s.adapter for s in request.recipe.sources])
-        spec, key = await self._canonical(request.recipe)
+        spec, key = await self._parsed(request.recipe)
         if spec.method in MERGE_FREE and spec.rank is None:
             return [(s.adapter, s.weight) for s in spec.sources]
-        async with self._inline_lock:
-            name = self._inline.get(key)
-            if name is not None and self.registry.has(name):
+        name = f"inline-{key}"
+        async with self._inline_lock:  # held for bookkeeping only, never while composing
+            if key in self._inline and self.registry.has(name):
                 self._inline.move_to_end(key)
                 return name
-            name = f"inline-{key}"
-            await self._compose(name, request.recipe, pin=False, hidden=True)
+        async with self.names.hold(name):  # one composition per recipe: the same recipe meanwhile waits for it
+            await self._compose(name, request.recipe, spec, key, pin=False, hidden=True)
+        async with self._inline_lock:
             self._inline[key] = name
+            self._inline.move_to_end(key)
             while len(self._inline) > self.limits.inline_cache_size:
                 _, old = self._inline.popitem(last=False)
                 if self.registry.has(old):

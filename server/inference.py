@@ -51,19 +51,22 @@ class InferenceRPCs:
             return self._capped(runtime.chat_ids(messages), "the prompt", limit)
         raise InvalidRequestError("the prompt is empty: set `prompt` or `messages`")
 
-    def _example_ids(self: AdapterFusionService, examples, raw: bool) -> tuple[list[list[int]], list[list[int]]]:
+    def _example_ids(self: AdapterFusionService, examples, raw: bool, where: str = "") -> tuple[list[list[int]], list[list[int]]]:
+        """Token ids of each example's input and target, every limit checked; `where` names the
+        set in errors (a recipe has several)."""
+        at = f"{where}: " if where else ""
         if not examples:
-            raise InvalidRequestError("at least one example is needed")
+            raise InvalidRequestError(f"{at}at least one example is needed")
         if len(examples) > self.limits.max_examples:
-            raise LimitExceededError(f"{len(examples)} examples; the limit is {self.limits.max_examples}")
+            raise LimitExceededError(f"{at}{len(examples)} examples; the limit is {self.limits.max_examples}")
         runtime, limits = self.engine.runtime, self.engine.limits
         prompts, targets = [], []
         for i, ex in enumerate(examples):
             if not ex.input.strip() or not ex.target:
-                raise InvalidRequestError(f"example {i} needs a non-empty input and target")
-            text, target = self._text(ex.input, f"example {i}'s input"), self._text(ex.target, f"example {i}'s target")
-            prompts.append(self._capped(runtime.text_ids(text) if raw else runtime.chat_ids(text), f"example {i}'s input", limits.max_prompt_tokens))
-            targets.append(self._capped(runtime.text_ids(target), f"example {i}'s target", limits.max_target_tokens))
+                raise InvalidRequestError(f"{at}example {i} needs a non-empty input and target")
+            text, target = self._text(ex.input, f"{at}example {i}'s input"), self._text(ex.target, f"{at}example {i}'s target")
+            prompts.append(self._capped(runtime.text_ids(text) if raw else runtime.chat_ids(text), f"{at}example {i}'s input", limits.max_prompt_tokens))
+            targets.append(self._capped(runtime.text_ids(target), f"{at}example {i}'s target", limits.max_target_tokens))
         return prompts, targets
 
     # ---- generation and scoring ----------------------------------------------------------------

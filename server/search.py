@@ -2,9 +2,9 @@
 
 Two methods over the same hidden group slot (the sources side by side): LoraHub's black-box
 search (nevergrad; each candidate a scoring job on the engine) and `learned` (Adam through the
-model; each step one job on the engine thread, so streams keep flowing between steps). Both
-check their settings before any work, stop when the client goes, and register the result only
-when they finish. Mixed into `server.service.AdapterFusionService`.
+model; each piece of a step, at most `max_batch` examples forward and backward, one job on the
+engine thread, so streams keep flowing between them). Both check their settings before any work,
+stop when the client goes, and register the result only when they finish. Mixed into `server.service.AdapterFusionService`.
 """
 
 from __future__ import annotations
@@ -149,19 +149,26 @@ class SearchRPCs:
 
     async def _learned(self: AdapterFusionService, request: pb.SearchWeightsRequest, p: LearnedParams, fitting: Fitting) -> AsyncIterator[pb.SearchWeightsProgress | Fitted]:
         zeros = [0.0] * len(fitting.sources)  # from 0, as LoraHub starts
-        fit = CoefficientFit(self.engine.runtime, fitting.sources, fitting.prompts, fitting.targets, p.per, zeros, p.lr, p.l1, p.bound, p.batch_size, request.seed)
+        fit = CoefficientFit(
+            self.engine.runtime, fitting.sources, fitting.prompts, fitting.targets, p.per, zeros, p.lr, p.l1, p.bound, p.batch_size,
+            request.seed, chunk_rows=self.engine.limits.max_batch,
+        )
 
-        def step(route, job) -> float:
-            if job.cancelled.is_set():
-                raise RequestCancelledError("fitting abandoned: the client cancelled or its deadline passed")
-            return fit.step(route)
+        def run(piece: Callable[[int], None]) -> Callable:
+            def work(route, job) -> None:
+                if job.cancelled.is_set():
+                    raise RequestCancelledError("fitting abandoned: the client cancelled or its deadline passed")
+                piece(route)
+
+            return work
 
         for done in range(1, p.steps + 1):
-            job = self.engine.run(fitting.group, step)
-            try:
-                await asyncio.wrap_future(job.future)
-            finally:
-                job.cancelled.set()  # a client gone: the step not yet started never runs
+            for piece in fit.pieces():  # each a job between decode steps: streams keep flowing
+                job = self.engine.run(fitting.group, run(piece))
+                try:
+                    await asyncio.wrap_future(job.future)
+                finally:
+                    job.cancelled.set()  # a client gone: the piece not yet started never runs
             yield pb.SearchWeightsProgress(evaluations=done, best_loss=fit.result.best_loss, best_weights=fit.source_weights())
         result = fit.finish()
         adapter = (await asyncio.to_thread(learned_adapter, fitting.sources, result, p, zeros, None, request.seed, fitting.name)).adapter

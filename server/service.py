@@ -38,11 +38,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass(frozen=True)
 class ServiceLimits:
-    max_examples: int = 256  # examples per Score or SearchWeights call
+    max_examples: int = 256  # examples per Score, SearchWeights or data-aware recipe
     max_text_bytes: int = 64 << 10  # any one prompt, input or target, refused before tokenising
     inline_cache_size: int = 16  # inline compositions kept, least recently used dropped
     max_search_budget: int = 1000  # SearchWeights evaluations (lorahub) or Adam steps (learned)
     max_search_parallel: int = 64  # SearchWeights candidates per batched pass
+    max_data_sources: int = 8  # regmean / fisher sources per recipe: each keeps per-module statistics (~1 GB on SmolLM2)
 
 
 def info_message(info: AdapterInfo, resident: bool) -> pb.AdapterInfo:

@@ -23,6 +23,7 @@ from tests.conftest import write_peft_adapter
 UPPER = [("alpha beta gamma", "ALPHA BETA GAMMA"), ("one two", "ONE TWO")]
 DIGITS = [("seven", "7"), ("twelve", "12"), ("three", "3")]
 MAX_EXAMPLES = 6
+LONG = 9_999  # Adam steps, this server's cap (learned allows 10,000): about a minute here, so only a working cancel ends it in seconds
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def served(tiny_chat_base: Path, tmp_path_factory: pytest.TempPathFactory):
         adapter_roots=[root / "adapters"],
         output_roots=[root / "out"],
         port=0,
-        service_limits=ServiceLimits(max_examples=MAX_EXAMPLES, max_text_bytes=256, max_search_budget=1000),
+        service_limits=ServiceLimits(max_examples=MAX_EXAMPLES, max_text_bytes=256, max_search_budget=LONG, max_data_sources=2),
     )
     running = BackgroundServer(config)
     client = Client(running.address)
@@ -105,17 +106,31 @@ def test_an_inline_data_recipe_is_composed_once_and_raw_is_part_of_it(served) ->
     assert len(inline_adapters() - before) == 2  # raw text tokenizes otherwise: another composition
 
 
-def test_a_cancelled_data_composition_registers_nothing_and_frees_the_next(served) -> None:
+def test_a_long_data_composition_blocks_no_one_and_a_cancel_stops_it(served) -> None:
+    """While a learned composition runs (off the engine thread, holding no name or cache lock),
+    an inline recipe that needs a merge is composed and served; cancelling the long one stops it
+    at its next Adam step: nothing registered, and the next data composition runs at once."""
     running, client, _ = served
-    long = make_recipe("learned", {"a": 0.5, "b": 0.5}, examples=UPPER, steps=1000)  # seconds at least: the deadline comes first
-    with pytest.raises(grpc.RpcError) as info:
-        client.stub.ComposeAdapter(pb.ComposeAdapterRequest(name="abandoned", recipe=long), timeout=0.5)
-    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    long = make_recipe("learned", {"a": 0.5, "b": 0.5}, examples=UPPER, steps=LONG)
+    call = client.stub.ComposeAdapter.future(pb.ComposeAdapterRequest(name="abandoned", recipe=long), timeout=120)
+    time.sleep(1.0)  # it is fitting
+    assert not call.done()
+    svd = make_recipe("svd", {"a": 1.0, "b": 1.0}, rank=4)
+    assert "".join(r.text for r in client.generate(prompt="hello", recipe=svd, max_new_tokens=3)) is not None
+    assert not call.done()
+    call.cancel()
     start = time.monotonic()
     client.compose("after", make_recipe("regmean", {"a": 1.0}, source_examples={"a": UPPER}))  # waits for the abandoned one to stop
-    assert time.monotonic() - start < 30
-    assert "abandoned" not in {a.name for a in client.list_adapters()}
-    assert not running.running.engine.registry.has("abandoned")
+    assert time.monotonic() - start < 5  # a composition of one tiny source: about a second, once the lock is free
+    assert "abandoned" not in {a.name for a in client.list_adapters()} and not running.running.engine.registry.has("abandoned")
+
+
+def test_raw_matters_only_with_examples(served) -> None:
+    _, client, _ = served
+    ties = make_recipe("ties", {"a": 1.0, "b": 1.0}, rank=4, density=0.5)
+    first = client.compose("ties-ab", ties)
+    ties.raw = True  # nothing is tokenised: the same recipe, a no-op
+    assert client.compose("ties-ab", ties).adapter.source == first.adapter.source
 
 
 def test_refusals(served) -> None:
@@ -123,6 +138,8 @@ def test_refusals(served) -> None:
     invalid, exhausted = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
     smuggled = make_recipe("regmean", {"a": 1.0}, source_examples={"a": UPPER})
     smuggled.options["examples"] = "/etc/passwd"
+    three_sources = make_recipe("regmean", {"a": 1.0, "b": 1.0}, source_examples={"a": UPPER[:1], "b": DIGITS[:1]})
+    three_sources.sources.append(pb.Source(adapter="a", examples=three_sources.sources[0].examples))
     cases = [
         (make_recipe("regmean", {"a": 1.0, "b": 1.0}), invalid, "sources.0.examples: method 'regmean' learns from each source's examples"),
         (make_recipe("fisher", {"a": 1.0, "b": 1.0}, source_examples={"a": UPPER}), invalid, "sources.1.examples"),
@@ -131,10 +148,11 @@ def test_refusals(served) -> None:
         (make_recipe("learned", {"a": 1.0}, examples=UPPER, source_examples={"a": UPPER}), invalid, "takes one shared top-level `examples`"),
         (make_recipe("linear", {"a": 1.0}, source_examples={"a": UPPER}), invalid, "method 'linear' uses no examples"),
         (smuggled, invalid, "examples: unknown parameter"),
-        (make_recipe("regmean", {"a": 1.0}, source_examples={"a": [("x", "")]}), invalid, "example 0 needs a non-empty input and target"),
-        (make_recipe("regmean", {"a": 1.0}, source_examples={"a": [("x" * 300, "y")]}), exhausted, "example 0's input is 300 bytes; the limit is 256"),
+        (make_recipe("regmean", {"a": 1.0}, source_examples={"a": [("x", "")]}), invalid, "sources.0.examples: example 0 needs a non-empty input and target"),
+        (make_recipe("regmean", {"a": 1.0}, source_examples={"a": [("x" * 300, "y")]}), exhausted, "sources.0.examples: example 0's input is 300 bytes; the limit is 256"),
         (make_recipe("regmean", {"a": 1.0, "b": 1.0}, source_examples={"a": UPPER * 2, "b": DIGITS}), exhausted, f"the limit is {MAX_EXAMPLES}"),
-        (make_recipe("learned", {"a": 1.0}, examples=UPPER, steps=1001), exhausted, "steps 1001 is over this server's cap of 1000"),
+        (make_recipe("learned", {"a": 1.0}, examples=UPPER, steps=LONG + 1), exhausted, f"steps {LONG + 1} is over this server's cap of {LONG}"),
+        (three_sources, exhausted, "regmean keeps per-module statistics of every source: 3 sources is over this server's cap of 2"),
         (make_recipe("regmean", {"ghost": 1.0}, source_examples={"ghost": UPPER}), grpc.StatusCode.NOT_FOUND, "ghost"),
     ]
     for recipe, code, message in cases:

@@ -188,6 +188,20 @@ def test_a_job_cancelled_by_its_caller_never_harms_the_engine(engine: Engine) ->
     fault.handle.remove()
 
 
+def test_a_job_out_of_memory_fails_alone(engine: Engine) -> None:
+    """A job whose work runs the device out of memory (too many or too long examples) fails with
+    RESOURCE_EXHAUSTED's error; it is not an engine fault: nothing restarts, streams go on."""
+
+    def work(route, job) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+
+    job = engine.run(None, work)
+    with pytest.raises(LimitExceededError, match="the device ran out of memory for this work; send fewer or shorter examples"):
+        job.future.result(timeout=10)
+    later = generate(engine)
+    assert later.ended.wait(10) and later.error is None and engine.stats["faults"] == 0
+
+
 def test_the_budget_counts_slot_buffers(runtime: Runtime, tiny_adapters: list[Path]) -> None:
     adapter = load_adapter(tiny_adapters[0], "a")
     slot_cost = runtime.slot_bytes([[adapter]])
