@@ -219,12 +219,14 @@ class Engine:
             return
         try:
             route = self.registry.route_for(job.hold)
-            self._install_slots()
-            job.future.set_result(job.work(route, job))
+            self._install_slots()  # out of memory here is a fault: slot columns may be half-moved
+            try:
+                result = job.work(route, job)
+            except torch.OutOfMemoryError:  # too much work in one job (e.g. long examples): that job's failure
+                raise LimitExceededError("the device ran out of memory for this work; send fewer or shorter examples") from None
+            job.future.set_result(result)
         except AdapterFusionError as error:  # that job's own failure; other exceptions are faults
             job.future.set_exception(error)
-        except torch.OutOfMemoryError:  # too much work in one job (e.g. long examples): that job's failure too
-            job.future.set_exception(LimitExceededError("the device ran out of memory for this work; send fewer or shorter examples"))
         finally:
             self._let_go(job)
 

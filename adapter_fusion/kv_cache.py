@@ -25,17 +25,20 @@ class GrowingLayer(DynamicLayer):
         super().__init__()
         if keys is not None:
             self.lazy_initialization(keys, values)
-            self._adopt(keys, values)
+            self._adopt(keys, values, double=False)
 
-    def _adopt(self, keys: Tensor, values: Tensor, coming: int = 0) -> None:
-        """Copy `keys`/`values` into fresh buffers with room for twice them and `coming` more positions."""
-        length = keys.shape[-2]
-        capacity = max(2 * (length + coming), MIN_CAPACITY)
+    def _adopt(self, keys: Tensor, values: Tensor, coming: int = 0, double: bool = True) -> None:
+        """Copy `keys`/`values` into fresh buffers with room for `coming` more positions, then as
+        many again as that (`double`: regrowth) or MIN_CAPACITY more (rows joining or leaving:
+        the copy is made anyway, doubling the room need not be)."""
+        held = keys.shape[-2]
+        need = held + coming
+        capacity = max(2 * need if double else need + MIN_CAPACITY, MIN_CAPACITY)
         self._keys = keys.new_empty(*keys.shape[:-2], capacity, keys.shape[-1])
         self._values = values.new_empty(*values.shape[:-2], capacity, values.shape[-1])
-        self._keys[..., :length, :] = keys
-        self._values[..., :length, :] = values
-        self.keys, self.values = self._keys[..., :length, :], self._values[..., :length, :]
+        self._keys[..., :held, :] = keys
+        self._values[..., :held, :] = values
+        self.keys, self.values = self._keys[..., :held, :], self._values[..., :held, :]
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
@@ -43,8 +46,10 @@ class GrowingLayer(DynamicLayer):
             self._adopt(key_states, value_states)
             return self.keys, self.values
         length, new = self.keys.shape[-2], key_states.shape[-2]
-        if length + new > self._keys.shape[-2]:
-            self._adopt(self.keys, self.values, new)  # doubles the room
+        # an inherited method (beam reorder, batch select, repeat) replaced the keys with a new tensor
+        replaced = self.keys.data_ptr() != self._keys.data_ptr() or self.keys.shape[0] != self._keys.shape[0]
+        if replaced or length + new > self._keys.shape[-2]:
+            self._adopt(self.keys, self.values, new)
         self._keys[..., length : length + new, :] = key_states
         self._values[..., length : length + new, :] = value_states
         self.keys, self.values = self._keys[..., : length + new, :], self._values[..., : length + new, :]

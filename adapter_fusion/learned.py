@@ -140,6 +140,7 @@ class CoefficientFit:
         runtime, started = self.runtime, time.perf_counter()
         if first:
             self._loss, self._start = 0.0, self.coefficients.detach().clone()
+            self.optimizer.zero_grad()  # nothing left over from a step that stopped midway
         widths = torch.tensor(runtime.slots.placements[route].widths)  # rank columns per source
         scales = {path: self.coefficients[g].repeat_interleave(widths).to(runtime.device, runtime.dtype) for path, g in self.groups.items()}
         with runtime.scaled(scales):

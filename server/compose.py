@@ -159,6 +159,8 @@ class ComposeRPCs:
             except asyncio.CancelledError:
                 abandoned.set()  # the thread stops at its next example or step and registers nothing
                 await finished(work)  # the data lock is held until it has
+                if hidden and not work.cancelled() and work.exception() is None:
+                    self.registry.discard(name)  # finished just as the call ended: not in the inline cache, so not kept
                 raise
 
     async def ComposeAdapter(self: AdapterFusionService, request: pb.ComposeAdapterRequest, context) -> pb.ComposeAdapterResponse:

@@ -56,6 +56,23 @@ def test_steps_regrowth_select_and_join_hold_what_dynamic_cache_holds() -> None:
         assert torch.equal(a.values, torch.cat([b.values, left_pad(c.values, length, 2)]))
 
 
+def test_inherited_batch_methods_then_steps_hold_what_dynamic_cache_holds() -> None:
+    """transformers' own reorder / select / repeat replace a layer's tensors; the next step adopts them."""
+    generator = torch.Generator().manual_seed(2)
+    ours, theirs = GrowingCache(), DynamicCache()
+    for change in (None, lambda c: c.reorder_cache(torch.tensor([2, 0, 3, 1])), lambda c: c.batch_select_indices(torch.tensor([1, 2])), lambda c: c.batch_repeat_interleave(2)):
+        if change is not None:
+            change(ours)
+            change(theirs)
+        batch = theirs.layers[0].keys.shape[0] if theirs.layers else BATCH
+        for width in (4, 1, 1):
+            new = [states(generator, batch, width) for _ in range(LAYERS)]
+            for layer, (k, v) in enumerate(new):
+                ours.update(k, v, layer)
+                theirs.update(k, v, layer)
+            assert_same(ours, theirs)
+
+
 def test_a_step_writes_in_place() -> None:
     generator = torch.Generator().manual_seed(1)
     cache = GrowingCache()
