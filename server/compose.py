@@ -21,8 +21,7 @@ import threading
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from adapter_fusion.errors import AlreadyExistsError, InvalidRequestError, LimitExceededError, RequestCancelledError
-from adapter_fusion.lorahub import MAX_SOURCES
+from adapter_fusion.errors import AlreadyExistsError, LimitExceededError, RequestCancelledError
 from adapter_fusion.merge import get_method, parse_parameters
 from adapter_fusion.recipe import Recipe, merge_recipe, parse_recipe
 from adapter_fusion.registry import AdapterInfo, Choice
@@ -92,11 +91,7 @@ class ComposeRPCs:
         if count > self.limits.max_examples:
             raise LimitExceededError(f"{count} examples in the recipe; the limit is {self.limits.max_examples}")
         if method.data == "coefficients":
-            if len(spec.sources) > MAX_SOURCES:
-                raise InvalidRequestError(f"learned needs 1..{MAX_SOURCES} adapters, got {len(spec.sources)}")
-            steps = parse_parameters(method, spec.parameters).steps
-            if steps > self.limits.max_search_budget:
-                raise LimitExceededError(f"steps {steps} is over this server's cap of {self.limits.max_search_budget}")
+            self._check_learned(len(spec.sources), parse_parameters(method, spec.parameters).steps, "steps")
         elif len(spec.sources) > self.limits.max_data_sources:
             raise LimitExceededError(
                 f"{spec.method} keeps per-module statistics of every source: {len(spec.sources)} sources is over this server's cap of "

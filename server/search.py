@@ -60,28 +60,33 @@ class SearchRPCs:
         async for message in self.calls.streaming("SearchWeights", context, self._search(request)):  # grpc.aio wants an async generator here
             yield message
 
-    def _capped_budget(self: AdapterFusionService, budget: int) -> int:
-        if budget > self.limits.max_search_budget:
-            raise LimitExceededError(f"budget {budget} is over this server's cap of {self.limits.max_search_budget}")
-        return budget
+    def _under_cap(self: AdapterFusionService, what: str, value: int, cap: int) -> int:
+        if value > cap:
+            raise LimitExceededError(f"{what} {value} is over this server's cap of {cap}")
+        return value
+
+    def _check_learned(self: AdapterFusionService, n_sources: int, steps: int, what: str) -> int:
+        """What a learned fit may cost here, from SearchWeights or a recipe alike: its sources side
+        by side in one slot, its Adam steps (`what` names them in the error)."""
+        if not 1 <= n_sources <= MAX_SOURCES:
+            raise InvalidRequestError(f"learned needs 1..{MAX_SOURCES} adapters, got {n_sources}")
+        return self._under_cap(what, steps, self.limits.max_search_budget)
 
     def _lorahub_settings(self: AdapterFusionService, request: pb.SearchWeightsRequest) -> tuple[int, str, int, float, float]:
         if request.per or request.HasField("lr") or request.batch_size:
             raise InvalidRequestError("per, lr and batch_size are settings of method 'learned'; lorahub takes budget, optimizer, parallel, l1, bound")
-        budget, optimizer, parallel = self._capped_budget(request.budget or 40), request.optimizer or "NGOpt", request.parallel or 1
+        budget = self._under_cap("budget", request.budget or 40, self.limits.max_search_budget)
+        optimizer, parallel = request.optimizer or "NGOpt", self._under_cap("parallel", request.parallel or 1, self.limits.max_search_parallel)
         l1 = request.l1 if request.HasField("l1") else 0.05
         bound = request.bound if request.HasField("bound") else 1.5
-        if parallel > self.limits.max_search_parallel:
-            raise LimitExceededError(f"parallel {parallel} is over this server's cap of {self.limits.max_search_parallel}")
         check_settings(len(request.adapters), len(request.examples), budget, optimizer, parallel, l1, bound, request.seed)
         return budget, optimizer, parallel, l1, bound
 
     def _learned_settings(self: AdapterFusionService, request: pb.SearchWeightsRequest) -> LearnedParams:
         if request.optimizer or request.parallel:
             raise InvalidRequestError("optimizer and parallel are settings of method 'lorahub'; learned takes budget (steps), per, lr, l1, bound, batch_size")
-        if not 1 <= len(request.adapters) <= MAX_SOURCES:
-            raise InvalidRequestError(f"learned needs 1..{MAX_SOURCES} adapters, got {len(request.adapters)}")
-        given = {"per": request.per or None, "steps": self._capped_budget(request.budget or 30), "batch_size": request.batch_size or None}
+        steps = self._check_learned(len(request.adapters), request.budget or 30, "budget")
+        given = {"per": request.per or None, "steps": steps, "batch_size": request.batch_size or None}
         given |= {key: getattr(request, key) for key in ("lr", "l1", "bound") if request.HasField(key)}
         return parse_parameters(get_method("learned"), {k: v for k, v in given.items() if v is not None})
 
