@@ -118,9 +118,16 @@ class Decoder:
         self.active = self.active + list(requests)
         self.cache, self.mask, self.logits = cache, mask, logits
 
-    @torch.no_grad()
     def step(self) -> list[tuple[Request, int]]:
-        """Choose one token per active row, retire finished rows, run the next forward.
+        """One token per active row, then the next forward; (request, token) for every row."""
+        emitted = self.choose()
+        self.advance()
+        return emitted
+
+    @torch.no_grad()
+    def choose(self) -> list[tuple[Request, int]]:
+        """Choose one token per active row from the last forward's logits and retire finished
+        rows; `advance()` then runs the next forward (a server streams the tokens in between).
 
         Returns (request, token) for every row this step, finished ones included."""
         emitted: list[tuple[Request, int]] = []
@@ -154,6 +161,11 @@ class Decoder:
             self.cache = self.cache.select(index)
             self.mask = self.mask[index]
             self.active = [self.active[b] for b in keep]
+        return emitted
+
+    @torch.no_grad()
+    def advance(self) -> None:
+        """The forward of the tokens `choose()` appended: next-token logits for every active row."""
         if self.active:
             ids = torch.tensor([[r.output_ids[-1]] for r in self.active], device=self.runtime.device)
             self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.active), 1)], dim=1)
@@ -161,4 +173,3 @@ class Decoder:
             self.logits = self._forward(ids, self.mask, positions, [r.route for r in self.active], self.cache)
         else:
             self._reset()
-        return emitted

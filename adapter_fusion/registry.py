@@ -1,4 +1,4 @@
-"""The adapter registry: names, pins, references, the memory budget (LRU), reloads, slot numbers.
+"""The adapter registry: names, pins, references, the memory budget (LRU), reloads from the store.
 
 Any thread may call it. Its lock guards only bookkeeping and is never held while the store is
 read or slots are written, so a caller on an event loop never waits behind disk or model work.
@@ -7,59 +7,21 @@ Residency: an adapter's factors stay in memory while it is pinned, in use, or wi
 budget, which counts the factors and the stacked slot buffers built from them (least recently
 used unpinned ones are evicted first and reloaded from the store on demand). A request holds a
 reference to the entry it resolved, so unloading or evicting never changes what an in-flight
-request computes: the slot is freed when its last request ends.
+request computes: the slot is freed when its last request ends. Slot numbers are kept by
+`adapter_fusion.slot_numbers`, under this lock; what each registered name holds, by `adapter_fusion.entries`.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 from adapter_fusion.adapters import Adapter
+from adapter_fusion.entries import AdapterInfo, Choice, Entry, Hold
 from adapter_fusion.errors import AlreadyExistsError, InvalidRequestError, LimitExceededError, NotFoundError, quoted
+from adapter_fusion.slot_numbers import SlotNumbers, SlotTable
 from adapter_fusion.slots import Route
-
-SlotTable = list[list[Adapter]]  # slot i + 1 holds table[i]: its sources' factors, side by side
-Choice = str | Sequence[tuple[str, float]] | None  # an adapter, a weighted mix of loaded adapters (no merge), or the base model
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    name: str
-    rank: int
-    target_modules: list[str]
-    size_bytes: int
-    source: str  # where it came from: a path, or the canonical recipe it was composed from
-    pinned: bool
-    base_model: str | None
-
-    @staticmethod
-    def of(adapter: Adapter, source: str, pinned: bool) -> AdapterInfo:
-        ranks = adapter.ranks.values()
-        return AdapterInfo(adapter.name, max(ranks, default=0), adapter.target_names, adapter.size_bytes, source, pinned, adapter.base_model)
-
-
-@dataclass(eq=False)
-class Entry:
-    info: AdapterInfo
-    sources: list[Adapter] | None  # one adapter, or a group weighted per row; None: evicted
-    hidden: bool = False  # inline compositions and search groups: usable, not listed
-    persisted: bool = True  # in the store, so it can be evicted and reloaded; else evicting drops it
-    refs: int = 0
-    slot: int | None = None
-    removed: bool = False
-    last_used: float = field(default_factory=time.monotonic)
-
-
-@dataclass(frozen=True)
-class Hold:
-    """What one request holds: its entries and, for a mix, each one's weight."""
-
-    entries: tuple[Entry, ...]
-    weights: tuple[float, ...] | None = None  # None: one adapter (or none) used as it is
-
 
 class AdapterRegistry:
     def __init__(
@@ -75,8 +37,7 @@ class AdapterRegistry:
         self.reload = reload
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] = {}
-        self._slots: list[Entry | None] = []
-        self._changed: set[int] = set()  # slots whose contents changed since `take_slot_changes`
+        self._slots = SlotNumbers()
         self.stats = {"loads": 0, "evictions": 0}
 
     # ---- names --------------------------------------------------------------------------------
@@ -118,7 +79,7 @@ class AdapterRegistry:
             del self._entries[name]
             entry.removed = True
             if entry.refs == 0:
-                self._free_slot(entry)
+                self._slots.free(entry)
 
     def discard(self, name: str) -> bool:
         """Unregister `name` if it is registered; whether it was."""
@@ -140,7 +101,7 @@ class AdapterRegistry:
             if entry is None or entry.sources is None or entry.info.pinned or entry.refs > 0 or not entry.persisted or self.reload is None:
                 return False
             entry.sources = None
-            self._free_slot(entry)
+            self._slots.free(entry)
             self.stats["evictions"] += 1
             return True
 
@@ -189,7 +150,7 @@ class AdapterRegistry:
             for entry in hold.entries:
                 entry.refs -= 1
                 if entry.refs == 0 and entry.removed:
-                    self._free_slot(entry)
+                    self._slots.free(entry)
 
     def route_for(self, hold: Hold) -> Route:
         """The slot (or mix of slots) a held request runs in, each made resident on first use."""
@@ -203,29 +164,23 @@ class AdapterRegistry:
         self._resident(entry)
         with self._lock:
             if entry.slot is None:
-                free = next((i for i, e in enumerate(self._slots) if e is None), len(self._slots))
-                if free == len(self._slots):
-                    self._slots.append(None)
-                self._slots[free], entry.slot = entry, free + 1
-                self._changed.add(entry.slot)
+                self._slots.assign(entry)
                 try:
                     self._enforce_budget(keep=entry)
                 except LimitExceededError:
-                    self._free_slot(entry)
+                    self._slots.free(entry)
                     raise
             return entry.slot
 
     def take_slot_changes(self) -> list[tuple[int, list[Adapter] | None]]:
         """(slot, its sources, or None: free it) for each slot changed since the last call."""
         with self._lock:
-            changes = [(slot, self._slots[slot - 1].sources if self._slots[slot - 1] is not None else None) for slot in sorted(self._changed)]
-            self._changed.clear()
-            return changes
+            return self._slots.take_changes()
 
     def invalidate_slots(self) -> None:
         """The model's slot buffers are in an unknown state (a fault): write every slot again."""
         with self._lock:
-            self._changed = set(range(1, len(self._slots) + 1))
+            self._slots.invalidate()
 
     # ---- residency (lock held unless said) ----------------------------------------------------
 
@@ -256,12 +211,6 @@ class AdapterRegistry:
             entry.last_used = time.monotonic()
             return entry.sources
 
-    def _free_slot(self, entry: Entry) -> None:
-        if entry.slot is not None:
-            self._slots[entry.slot - 1] = None
-            self._changed.add(entry.slot)
-            entry.slot = None
-
     def _admit(self, entry: Entry) -> None:
         """Register a resident entry within the memory budget, or refuse it whole."""
         self._entries[entry.info.name] = entry
@@ -273,8 +222,7 @@ class AdapterRegistry:
 
     def _usage(self) -> int:
         factors = sum(e.info.size_bytes for e in self._entries.values() if e.sources is not None)
-        table = [e.sources if e is not None and e.sources is not None else [] for e in self._slots]
-        return factors + self.slot_bytes(table)
+        return factors + self.slot_bytes(self._slots.table())
 
     def _enforce_budget(self, keep: Entry | None = None) -> None:
         """Evict least recently used, unpinned, unused adapters until the budget holds."""
@@ -286,7 +234,7 @@ class AdapterRegistry:
             if e is keep or e.info.pinned or e.refs > 0 or (self.reload is None and e.persisted):
                 continue
             e.sources = None
-            self._free_slot(e)
+            self._slots.free(e)
             if not e.persisted:  # nothing to reload it from: the name goes (an inline cache recomposes)
                 del self._entries[e.info.name]
                 e.removed = True

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from adapter_fusion.registry import Hold
+from adapter_fusion.entries import Hold
 from adapter_fusion.decoding import Request
 
 

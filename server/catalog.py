@@ -13,7 +13,8 @@ from pathlib import Path
 
 from adapter_fusion.adapters import Adapter, load_adapter
 from adapter_fusion.atomic import sweep_leftovers
-from adapter_fusion.registry import AdapterInfo, AdapterRegistry
+from adapter_fusion.entries import AdapterInfo
+from adapter_fusion.registry import AdapterRegistry
 from server.store import AdapterStore
 
 log = logging.getLogger("adapter_fusion.server")

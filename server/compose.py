@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from adapter_fusion.errors import AlreadyExistsError, LimitExceededError, RequestCancelledError
 from adapter_fusion.merge import get_method, parse_parameters
 from adapter_fusion.recipe import Recipe, merge_recipe, parse_recipe
-from adapter_fusion.registry import AdapterInfo, Choice
+from adapter_fusion.entries import AdapterInfo, Choice
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from server.store import check_name
 

@@ -23,7 +23,7 @@ from adapter_fusion.learned import CoefficientFit, learned_adapter
 from adapter_fusion.lorahub import MAX_SOURCES, SearchProgress, check_settings, search, weighted_objective
 from adapter_fusion.merge import get_method, merge, parse_parameters
 from adapter_fusion.merge.learned import LearnedParams
-from adapter_fusion.registry import AdapterInfo
+from adapter_fusion.entries import AdapterInfo
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from server.calls import Done, reports_of
 from server.store import check_name

@@ -22,7 +22,7 @@ from adapter_fusion.adapters import Adapter, load_adapter, save_adapter
 from adapter_fusion.bake import bake
 from adapter_fusion.engine import Engine
 from adapter_fusion.errors import AdapterFormatError, InvalidRequestError, NotFoundError
-from adapter_fusion.registry import AdapterInfo
+from adapter_fusion.entries import AdapterInfo
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
 from server.calls import Calls, Done, NameLocks, Observer, reports_of

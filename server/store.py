@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from adapter_fusion.adapters import WEIGHTS_NAME, Adapter, load_adapter, read_config, write_adapter_files
 from adapter_fusion.atomic import atomic_directory, fsync_path, remove_tree, sweep_leftovers
 from adapter_fusion.errors import AdapterFormatError, InvalidRequestError, quoted
-from adapter_fusion.registry import AdapterInfo
+from adapter_fusion.entries import AdapterInfo
 
 log = logging.getLogger("adapter_fusion.store")
 META = "adapter_fusion_store.json"

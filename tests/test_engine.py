@@ -15,7 +15,7 @@ import torch
 from adapter_fusion import load_adapter
 from adapter_fusion.engine import Engine, Event, Limits
 from adapter_fusion.errors import EngineFaultError, LimitExceededError, RequestCancelledError, ShuttingDownError, UnavailableError
-from adapter_fusion.registry import AdapterInfo
+from adapter_fusion.entries import AdapterInfo
 from adapter_fusion.decoding import Request
 from adapter_fusion.runtime import Runtime
 
@@ -200,6 +200,46 @@ def test_a_job_out_of_memory_fails_alone(engine: Engine) -> None:
         job.future.result(timeout=10)
     later = generate(engine)
     assert later.ended.wait(10) and later.error is None and engine.stats["faults"] == 0
+
+
+def test_tokens_go_out_before_the_next_forward(engine: Engine) -> None:
+    """A row's token reaches its client before the batch's next forward runs, not one step later:
+    each forward after the prefill sees every token chosen before it already delivered (counted
+    where the engine hands tokens to the streams, which may hold back text that can still change)."""
+    delivered_at_forward: list[int] = []
+    stream = Stream()
+    before = engine.stats["tokens"]
+    handle = engine.runtime.model.register_forward_pre_hook(lambda module, args: delivered_at_forward.append(engine.stats["tokens"] - before))
+    try:
+        engine.submit(Request(prompt_ids=list(PROMPT), max_new_tokens=4), None, stream)
+        assert stream.ended.wait(10) and stream.error is None
+    finally:
+        handle.remove()
+    assert delivered_at_forward == [0, 1, 2, 3]  # the prefill, then one forward per token but the last
+
+
+def test_a_full_queue_refuses_and_holds_nothing(runtime: Runtime, tiny_adapters: list[Path]) -> None:
+    """A generation refused because the queue is full keeps no reference on its adapter: once the
+    accepted ones end, the adapter can be evicted."""
+    engine = Engine(runtime, Limits(max_queue=1, max_batch=1), reload=lambda name: load_adapter(tiny_adapters[0], name))
+    adapter = load_adapter(tiny_adapters[0], "a")
+    engine.registry.register(adapter, AdapterInfo.of(adapter, "a", pinned=False))
+    engine.start()
+    fault = Fault(engine.runtime.model)
+    fault.release.clear()
+    try:
+        running = generate(engine, adapter="a")
+        assert fault.entered.wait(10)  # in the batch: the queue is empty again
+        queued = generate(engine, adapter="a")
+        with pytest.raises(LimitExceededError, match=r"the queue is full \(1 waiting requests\); retry later"):
+            generate(engine, adapter="a")
+        fault.release.set()
+        assert running.ended.wait(10) and queued.ended.wait(10) and queued.error is None
+        assert engine.registry.evict("a")  # no reference left behind
+    finally:
+        fault.release.set()
+        fault.handle.remove()
+        engine.stop()
 
 
 def test_the_budget_counts_slot_buffers(runtime: Runtime, tiny_adapters: list[Path]) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from adapter_fusion import load_adapter
 from adapter_fusion import atomic
-from adapter_fusion.registry import AdapterInfo
+from adapter_fusion.entries import AdapterInfo
 from server.store import META, QUARANTINE, AdapterStore
 
 DEMO = Path(__file__).parent.parent / "examples" / "adapters"

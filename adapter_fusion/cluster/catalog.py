@@ -27,7 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from adapter_fusion.adapters import Adapter
-from adapter_fusion.registry import AdapterInfo, AdapterRegistry
+from adapter_fusion.entries import AdapterInfo
+from adapter_fusion.registry import AdapterRegistry
 from server.catalog import LocalCatalog
 from server.store import NAME, AdapterStore
 

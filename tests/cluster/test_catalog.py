@@ -11,7 +11,8 @@ import pytest
 
 from adapter_fusion.adapters import load_adapter
 from adapter_fusion.cluster.catalog import SharedCatalog
-from adapter_fusion.registry import AdapterInfo, AdapterRegistry
+from adapter_fusion.entries import AdapterInfo
+from adapter_fusion.registry import AdapterRegistry
 from adapter_fusion.runtime import Runtime
 from server.store import AdapterStore
 
