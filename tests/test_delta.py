@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapter_fusion.delta import LowRankDelta, inner
+from adapter_fusion.delta import LowRankDelta, inner, truncate_all
 
 
 def random_delta(seed: int, out: int, inp: int, rank: int) -> LowRankDelta:
@@ -81,3 +81,19 @@ def test_from_dense_randomized_is_near_exact() -> None:
 def test_from_dense_of_zero_is_rank_zero() -> None:
     delta, report = LowRankDelta.from_dense(torch.zeros(8, 4), 3)
     assert delta.rank == 0 and report.energy_kept == 1.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([(6, 5), (3, 9), (12, 12)]), st.integers(0, 8), st.one_of(st.none(), st.integers(0, 6))), min_size=1, max_size=8), st.integers(0, 2**16))
+def test_truncate_all_equals_each_truncate(specs: list, seed: int) -> None:
+    """Batched by shape and inner rank (modules of one kind together), the result and the report
+    of every delta are those of its own truncate (a cancelling pair among them: rank 0)."""
+    deltas = [random_delta(seed + i, out, inp, rank) for i, ((out, inp), rank, _) in enumerate(specs)]
+    cancel = random_delta(seed, 6, 5, 2)
+    deltas.append(LowRankDelta.concat([cancel, cancel.scaled(-1.0)]))
+    ranks = [target for _, _, target in specs] + [None]
+    for delta, rank, (batched, report) in zip(deltas, ranks, truncate_all(deltas, ranks)):
+        alone, alone_report = delta.truncate(rank)
+        assert batched.rank == alone.rank
+        torch.testing.assert_close(batched.dense(), alone.dense(), rtol=1e-5, atol=1e-5)
+        assert abs(report.energy_kept - alone_report.energy_kept) < 1e-9 and abs(report.relative_error - alone_report.relative_error) < 1e-6

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from adapter_fusion import METHODS, load_adapter, merge
 from adapter_fusion.errors import IncompatibleAdaptersError, RecipeError
+from adapter_fusion.merge import driver
 from adapter_fusion.merge.base import ModuleSources
 
 WEIGHTS = [0.6, -0.4, 0.8, 0.5]
@@ -153,6 +154,20 @@ def test_svd_is_the_exact_best_rank_r(sources, raw) -> None:
     assert all(m.rank == 6 for m in result.report)
     default = merge(sources, "svd", WEIGHTS)  # PEFT's default: the largest source rank
     assert {m.rank for m in default.report} == {8}
+
+
+def test_truncation_in_batches_gives_the_same_merge(sources, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Low-rank results wait to be truncated together, in batches of at most PENDING_BYTES: a
+    batch per module gives the same factors and report as one batch for the whole merge."""
+    whole = merge(sources, "svd", WEIGHTS, rank=6)
+    monkeypatch.setattr(driver, "PENDING_BYTES", 1)
+    per_module = merge(sources, "svd", WEIGHTS, rank=6)
+    assert [m.rank for m in whole.report] == [m.rank for m in per_module.report]
+    for a, b in zip(whole.report, per_module.report):  # computed in float64 either way
+        assert a.path == b.path and abs(a.energy_kept - b.energy_kept) < 1e-12 and abs(a.relative_error - b.relative_error) < 1e-9
+    for path, delta in whole.adapter.modules.items():  # float32 factors from float64: at most a rounding apart
+        torch.testing.assert_close(delta.B, per_module.adapter.modules[path].B, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(delta.A, per_module.adapter.modules[path].A, rtol=1e-6, atol=1e-7)
 
 
 def test_slerp_matches_the_dense_formula(sources, raw) -> None:

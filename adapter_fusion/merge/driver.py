@@ -1,19 +1,23 @@
-"""Run a merge method over every module of the sources, one module at a time."""
+"""Run a merge method over every module of the sources, one module at a time (low-rank results
+are truncated together at the end: `delta.truncate_all`)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 from torch import Tensor
 
 from adapter_fusion.adapters import Adapter, check_compatible
-from adapter_fusion.delta import LowRankDelta, Truncation
+from adapter_fusion.delta import LowRankDelta, Truncation, truncate_all
 from adapter_fusion.errors import RecipeError
 from adapter_fusion.merge.base import MergeMethod, ModuleSources, Params
 from adapter_fusion.merge.registry import get_method, parse_parameters
+
+
+PENDING_BYTES = 64 << 20  # low-rank results held for one batched truncation: bounds the memory on large models
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,9 @@ def _target_rank(method: MergeMethod, rank: int | None, sources: list[Adapter], 
     return max(a.modules[path].rank for a in sources if path in a.modules)
 
 
-def _finish(method: MergeMethod, combined: LowRankDelta | Tensor, rank: int | None, seed: int, path: str) -> tuple[LowRankDelta, Truncation]:
+def _finish(method: MergeMethod, combined: LowRankDelta | Tensor, rank: int | None, seed: int, path: str) -> tuple[LowRankDelta, Truncation] | int | None:
+    """One module's result, or, for a low-rank result still to be truncated, the rank to
+    truncate it to (the caller truncates such modules together: `delta.truncate_all`)."""
     parts = [combined] if isinstance(combined, Tensor) else [combined.A, combined.B]
     if not all(bool(torch.isfinite(p).all()) for p in parts):  # e.g. DARE's 1/density at a tiny density
         raise RecipeError(f"method {method.name!r} overflows float32 on module {path!r}; use a larger density or smaller weights")
@@ -81,7 +87,7 @@ def _finish(method: MergeMethod, combined: LowRankDelta | Tensor, rank: int | No
         return LowRankDelta.from_dense(combined, rank, seed=seed)
     if method.default_rank == "keep" and rank is None:
         return combined, Truncation(combined.rank, 1.0, 0.0)
-    return combined.truncate(rank)
+    return rank
 
 
 def merge(
@@ -126,17 +132,26 @@ def merge(
 
     paths = sorted(set().union(*(a.modules for a in sources)))
     shapes = {path: a.modules[path].shape for a in sources for path in a.modules}
-    modules: dict[str, LowRankDelta] = {}
-    report: list[ModuleReport] = []
+    finished: dict[str, tuple[LowRankDelta, Truncation]] = {}
+    pending: dict[str, tuple[LowRankDelta, int | None]] = {}  # low-rank results, truncated together
+    held = 0  # bytes in `pending`
     for done, path in enumerate(paths):
         stats = None if spec.data is None else _statistics_of(statistics, path, len(sources))
         group = ModuleSources(path, shapes[path], [a.modules.get(path) for a in sources], weights, seed, stats)
-        target = _target_rank(spec, rank, sources, path)
-        delta, kept = _finish(spec, spec.combine(group, params), target, seed, path)
-        modules[path] = delta
-        report.append(ModuleReport(path, kept.rank, kept.energy_kept, kept.relative_error))
+        combined = spec.combine(group, params)
+        outcome = _finish(spec, combined, _target_rank(spec, rank, sources, path), seed, path)
+        if isinstance(outcome, tuple):
+            finished[path] = outcome
+        else:
+            pending[path] = combined, outcome
+            held += combined.B.nbytes + combined.A.nbytes
+        if held > PENDING_BYTES or done == len(paths) - 1:
+            finished.update(zip(pending, truncate_all([d for d, _ in pending.values()], [r for _, r in pending.values()])))
+            pending, held = {}, 0
         if on_module is not None:
             on_module(done + 1, len(paths), path)
+    modules = {path: finished[path][0] for path in paths}
+    report = [ModuleReport(path, *astuple(finished[path][1])) for path in paths]
 
     first = sources[0]
     recipe = {
