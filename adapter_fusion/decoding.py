@@ -75,7 +75,8 @@ def detokenize(tokenizer, request: Request, final: bool = False) -> None:
 
 
 class Decoder:
-    """A running batch: admit requests at step boundaries, `step()` emits one token per row."""
+    """A running batch: admit requests at step boundaries; each step chooses one token per row
+    (`choose()`, which a server streams at once) and runs the next forward (`advance()`)."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -160,6 +161,7 @@ class Decoder:
             index = torch.tensor(keep, dtype=torch.long, device=self.runtime.device)
             self.cache = self.cache.select(index)
             self.mask = self.mask[index]
+            self.logits = self.logits[index]  # the batch stays whole between choose and advance
             self.active = [self.active[b] for b in keep]
         return emitted
 

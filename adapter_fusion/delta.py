@@ -113,13 +113,16 @@ def truncate_all(deltas: Sequence[LowRankDelta], ranks: Sequence[int | None], rt
     merge's modules of one kind) share one batched QR, SVD and product: a few LAPACK calls per
     kind instead of a dozen small calls per module, each of which wakes the thread pool (on a
     server whose pool sleeps between requests that wake-up, not the arithmetic, is most of a merge)."""
-    if any(rank is not None and rank < 0 for rank in ranks):
-        raise ValueError(f"ranks must be >= 0, got {list(ranks)}")
+    if len(ranks) != len(deltas):
+        raise ValueError(f"got {len(ranks)} ranks for {len(deltas)} deltas")
+    for rank in ranks:
+        if rank is not None and rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
     kinds: dict[tuple, list[int]] = defaultdict(list)
-    for i, delta in enumerate(deltas):
-        kinds[(tuple(delta.B.shape), tuple(delta.A.shape), delta.B.dtype, delta.A.dtype)].append(i)
+    for i, d in enumerate(deltas):
+        kinds[(tuple(d.B.shape), tuple(d.A.shape), d.B.dtype, d.A.dtype, d.B.device)].append(i)
     out: list[tuple[LowRankDelta, Truncation]] = [None] * len(deltas)  # type: ignore[list-item]
-    for (_, _, b_dtype, a_dtype), members in kinds.items():
+    for (_, _, b_dtype, a_dtype, _), members in kinds.items():
         B = torch.stack([deltas[i].B for i in members]).double()  # (n, out, R)
         A = torch.stack([deltas[i].A for i in members]).double()  # (n, R, in)
         Qb, Rb = torch.linalg.qr(B)  # (n, out, k), (n, k, R)
@@ -130,10 +133,11 @@ def truncate_all(deltas: Sequence[LowRankDelta], ranks: Sequence[int | None], rt
         B_all = ((Qb @ U[..., :m]) * root[:, None, :]).to(b_dtype)  # (n, out, m)
         A_all = (root[..., None] * (Vh[:, :m] @ Qa.transpose(1, 2))).to(a_dtype)  # (n, m, in)
         floors = (rtol * torch.linalg.vector_norm(B, dim=(1, 2)) * torch.linalg.vector_norm(A, dim=(1, 2))).tolist()
+        del B, A, Qb, Qa  # the batch's float64 working set goes before its outputs are cut apart
         for j, i in enumerate(members):
             numerical = int((S[j] > floors[j]).sum()) if floors[j] > 0 else 0
             keep = numerical if ranks[i] is None else min(numerical, ranks[i])
-            truncated = LowRankDelta(B_all[j, :, :keep].contiguous(), A_all[j, :keep].contiguous())
+            truncated = LowRankDelta(B_all[j, :, :keep].clone(), A_all[j, :keep].clone())  # its own storage, not a view of the batch
             out[i] = truncated, _truncation_report(S[j, :numerical], keep)  # below the floor is rounding noise
     return out
 

@@ -65,6 +65,7 @@ class Engine:
         self.limits.check(request)
         with self._wake:
             self._check_open()
+            self.scheduler.check_room()
             self.scheduler.queue(Pending(request, self.registry.hold(adapter), emit))
         return request
 

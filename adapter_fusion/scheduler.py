@@ -40,11 +40,12 @@ class Scheduler:
 
     # ---- queues (any thread, `wake` held) -----------------------------------------------------
 
-    def queue(self, pending: Pending) -> None:
-        """Queue a generation; refused (letting go of what it holds) when the queue is full."""
+    def check_room(self) -> None:
+        """Refuse a generation while the queue is full (before it holds any adapter)."""
         if len(self._waiting) >= self.limits.max_queue:
-            self._let_go(pending)
             raise LimitExceededError(f"the queue is full ({self.limits.max_queue} waiting requests); retry later")
+
+    def queue(self, pending: Pending) -> None:
         self._waiting.append(pending)
         self.stats["requests"] += 1
         self.wake.notify()

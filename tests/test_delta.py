@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -83,17 +84,40 @@ def test_from_dense_of_zero_is_rank_zero() -> None:
     assert delta.rank == 0 and report.energy_kept == 1.0
 
 
+def one_at_a_time(delta: LowRankDelta, rank: int | None, rtol: float = 1e-6) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """The reference: one delta's QR + small SVD on its own, as truncate did before batching
+    (ΔW_r dense, the rank kept, and the singular values above the floor)."""
+    Qb, Rb = torch.linalg.qr(delta.B.double())
+    Qa, Ra = torch.linalg.qr(delta.A.double().T)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
+    floor = rtol * float(torch.linalg.norm(delta.B.double()) * torch.linalg.norm(delta.A.double()))
+    numerical = int((S > floor).sum()) if floor > 0 else 0
+    keep = numerical if rank is None else min(numerical, rank)
+    return ((Qb @ U[:, :keep]) * S[:keep]) @ (Vh[:keep] @ Qa.T), keep, S[:numerical]
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from([(6, 5), (3, 9), (12, 12)]), st.integers(0, 8), st.one_of(st.none(), st.integers(0, 6))), min_size=1, max_size=8), st.integers(0, 2**16))
-def test_truncate_all_equals_each_truncate(specs: list, seed: int) -> None:
-    """Batched by shape and inner rank (modules of one kind together), the result and the report
-    of every delta are those of its own truncate (a cancelling pair among them: rank 0)."""
+def test_truncate_all_equals_one_at_a_time(specs: list, seed: int) -> None:
+    """Batched by shape and inner rank (modules of one kind together), every delta gets what its
+    own QR + SVD gives (a cancelling pair among them: rank 0), in its own storage, not a view."""
     deltas = [random_delta(seed + i, out, inp, rank) for i, ((out, inp), rank, _) in enumerate(specs)]
     cancel = random_delta(seed, 6, 5, 2)
     deltas.append(LowRankDelta.concat([cancel, cancel.scaled(-1.0)]))
     ranks = [target for _, _, target in specs] + [None]
     for delta, rank, (batched, report) in zip(deltas, ranks, truncate_all(deltas, ranks)):
-        alone, alone_report = delta.truncate(rank)
-        assert batched.rank == alone.rank
-        torch.testing.assert_close(batched.dense(), alone.dense(), rtol=1e-5, atol=1e-5)
-        assert abs(report.energy_kept - alone_report.energy_kept) < 1e-9 and abs(report.relative_error - alone_report.relative_error) < 1e-6
+        dense, keep, singular = one_at_a_time(delta, rank)
+        assert batched.rank == keep and report.rank == keep
+        torch.testing.assert_close(batched.dense().double(), dense, rtol=1e-5, atol=1e-5)  # float32 factors of float64 ones
+        energy = float(singular[:keep].square().sum() / singular.square().sum()) if keep < len(singular) else 1.0
+        assert abs(report.energy_kept - energy) < 1e-9
+        for factor in (batched.B, batched.A):
+            assert factor.untyped_storage().nbytes() == factor.numel() * factor.element_size()
+
+
+def test_truncate_all_refuses_mismatched_ranks() -> None:
+    delta = random_delta(0, 4, 4, 2)
+    with pytest.raises(ValueError, match="got 1 ranks for 2 deltas"):
+        truncate_all([delta, delta], [1])
+    with pytest.raises(ValueError, match="rank must be >= 0, got -1"):
+        delta.truncate(-1)

@@ -219,8 +219,8 @@ def test_tokens_go_out_before_the_next_forward(engine: Engine) -> None:
 
 
 def test_a_full_queue_refuses_and_holds_nothing(runtime: Runtime, tiny_adapters: list[Path]) -> None:
-    """A generation refused because the queue is full keeps no reference on its adapter: once the
-    accepted ones end, the adapter can be evicted."""
+    """A generation refused because the queue is full is refused before it holds or even looks up
+    its adapter: once the accepted ones end, the adapter can be evicted."""
     engine = Engine(runtime, Limits(max_queue=1, max_batch=1), reload=lambda name: load_adapter(tiny_adapters[0], name))
     adapter = load_adapter(tiny_adapters[0], "a")
     engine.registry.register(adapter, AdapterInfo.of(adapter, "a", pinned=False))
@@ -233,6 +233,8 @@ def test_a_full_queue_refuses_and_holds_nothing(runtime: Runtime, tiny_adapters:
         queued = generate(engine, adapter="a")
         with pytest.raises(LimitExceededError, match=r"the queue is full \(1 waiting requests\); retry later"):
             generate(engine, adapter="a")
+        with pytest.raises(LimitExceededError, match="the queue is full"):  # refused before any name is looked up
+            generate(engine, adapter="no-such-adapter")
         fault.release.set()
         assert running.ended.wait(10) and queued.ended.wait(10) and queued.error is None
         assert engine.registry.evict("a")  # no reference left behind

@@ -170,6 +170,16 @@ def test_truncation_in_batches_gives_the_same_merge(sources, monkeypatch: pytest
         torch.testing.assert_close(delta.A, per_module.adapter.modules[path].A, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("method", ["svd", "ties"])  # low-rank results truncated in batches; dense ones factored at once
+def test_progress_reports_each_module_once_when_it_is_final(method, sources, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(driver, "PENDING_BYTES", 1 << 12)  # a few modules per batch
+    calls: list[tuple[int, int, str]] = []
+    result = merge(sources, method, WEIGHTS, rank=4, on_module=lambda done, total, path: calls.append((done, total, path)))
+    modules = sorted(result.adapter.modules)
+    assert [done for done, _, _ in calls] == list(range(1, len(modules) + 1)) and {total for _, total, _ in calls} == {len(modules)}
+    assert sorted(path for _, _, path in calls) == modules
+
+
 def test_slerp_matches_the_dense_formula(sources, raw) -> None:
     t = 0.3
     result = merge(sources[:2], "slerp", parameters={"t": t})

@@ -1,5 +1,5 @@
-"""Run a merge method over every module of the sources, one module at a time (low-rank results
-are truncated together at the end: `delta.truncate_all`)."""
+"""Run a merge method over every module of the sources, one module at a time; low-rank results
+are truncated in batches of modules (`delta.truncate_all`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from adapter_fusion.merge.base import MergeMethod, ModuleSources, Params
 from adapter_fusion.merge.registry import get_method, parse_parameters
 
 
-PENDING_BYTES = 64 << 20  # low-rank results held for one batched truncation: bounds the memory on large models
+PENDING_BYTES = 16 << 20  # low-rank results held for one batched truncation; its float64 working set is ~8x this
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,9 @@ def merge(
 
     `rank` is the output rank (omitted: the method's default, see each method's summary);
     `weights` default to 1 each. Peak memory is one module's dense deltas for elementwise
-    methods, and only factors for the low-rank ones. `statistics` ({module: one tensor per
+    methods, and only factors for the low-rank ones (those awaiting truncation: PENDING_BYTES,
+    and ~8x that while a batch is truncated). `on_module` reports each module once its result is
+    final. `statistics` ({module: one tensor per
     source}) feeds the data-aware methods; `adapter_fusion.data_merge` collects it from examples.
     """
     spec = get_method(method)
@@ -141,15 +143,18 @@ def merge(
         combined = spec.combine(group, params)
         outcome = _finish(spec, combined, _target_rank(spec, rank, sources, path), seed, path)
         if isinstance(outcome, tuple):
-            finished[path] = outcome
+            ready = {path: outcome}
         else:
             pending[path] = combined, outcome
             held += combined.B.nbytes + combined.A.nbytes
-        if held > PENDING_BYTES or done == len(paths) - 1:
-            finished.update(zip(pending, truncate_all([d for d, _ in pending.values()], [r for _, r in pending.values()])))
+            ready = {}
+        if held >= PENDING_BYTES or done == len(paths) - 1:
+            ready |= zip(pending, truncate_all([d for d, _ in pending.values()], [r for _, r in pending.values()]))
             pending, held = {}, 0
-        if on_module is not None:
-            on_module(done + 1, len(paths), path)
+        for final in ready:
+            finished[final] = ready[final]
+            if on_module is not None:
+                on_module(len(finished), len(paths), final)
     modules = {path: finished[path][0] for path in paths}
     report = [ModuleReport(path, *astuple(finished[path][1])) for path in paths]
 
