@@ -23,6 +23,10 @@ from adapter_fusion.errors import AlreadyExistsError, InvalidRequestError, Limit
 from adapter_fusion.slot_numbers import SlotNumbers, SlotTable
 from adapter_fusion.slots import Route
 
+def _not_loaded(name: str) -> NotFoundError:
+    return NotFoundError(f"no adapter named {quoted(name)} is loaded; call LoadAdapter first")
+
+
 class AdapterRegistry:
     def __init__(
         self,
@@ -74,23 +78,20 @@ class AdapterRegistry:
             self._admit(Entry(info, list(adapters), hidden=True, persisted=False))
 
     def unregister(self, name: str) -> None:
+        if not self.discard(name):
+            raise _not_loaded(name)
+
+    def discard(self, name: str) -> bool:
+        """Unregister `name` if it is registered; whether it was. Requests holding it keep it
+        (and its slot) until they end."""
         with self._lock:
-            entry = self._entry(name)
-            del self._entries[name]
+            entry = self._entries.pop(name, None)
+            if entry is None:
+                return False
             entry.removed = True
             if entry.refs == 0:
                 self._slots.free(entry)
-
-    def discard(self, name: str) -> bool:
-        """Unregister `name` if it is registered; whether it was."""
-        with self._lock:
-            if name not in self._entries:
-                return False
-        try:
-            self.unregister(name)
-        except NotFoundError:  # another thread was first
-            return False
-        return True
+            return True
 
     def evict(self, name: str) -> bool:
         """Drop a resident adapter's factors now (they are reloaded from the store on next use),
@@ -165,11 +166,7 @@ class AdapterRegistry:
         with self._lock:
             if entry.slot is None:
                 self._slots.assign(entry)
-                try:
-                    self._enforce_budget(keep=entry)
-                except LimitExceededError:
-                    self._slots.free(entry)
-                    raise
+                self._fit(undo=lambda: self._slots.free(entry), keep=entry)
             return entry.slot
 
     def take_slot_changes(self) -> list[tuple[int, list[Adapter] | None]]:
@@ -187,7 +184,7 @@ class AdapterRegistry:
     def _entry(self, name: str) -> Entry:
         entry = self._entries.get(name)
         if entry is None:
-            raise NotFoundError(f"no adapter named {quoted(name)} is loaded; call LoadAdapter first")
+            raise _not_loaded(name)
         return entry
 
     def _resident(self, entry: Entry) -> list[Adapter]:
@@ -203,21 +200,21 @@ class AdapterRegistry:
             if entry.sources is None:
                 entry.sources = loaded
                 self.stats["loads"] += 1
-                try:
-                    self._enforce_budget(keep=entry)
-                except LimitExceededError:
-                    entry.sources = None
-                    raise
+                self._fit(undo=lambda: setattr(entry, "sources", None), keep=entry)
             entry.last_used = time.monotonic()
             return entry.sources
 
     def _admit(self, entry: Entry) -> None:
         """Register a resident entry within the memory budget, or refuse it whole."""
         self._entries[entry.info.name] = entry
+        self._fit(undo=lambda: self._entries.pop(entry.info.name))
+
+    def _fit(self, undo: Callable[[], object], keep: Entry | None = None) -> None:
+        """Enforce the budget after a change; if it cannot hold, undo that change and refuse."""
         try:
-            self._enforce_budget()
+            self._enforce_budget(keep)
         except LimitExceededError:
-            del self._entries[entry.info.name]
+            undo()
             raise
 
     def _usage(self) -> int:
