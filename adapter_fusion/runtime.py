@@ -9,6 +9,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -52,6 +53,7 @@ class Runtime:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # a fast tokenizer's encode may reset its padding/truncation state: one encoding thread at a time
         self._encoding = threading.Lock()
+        self.end_of_turn = self._end_of_turn()
 
     def check(self, adapter: Adapter) -> None:
         """Refuse an adapter whose modules this model lacks or whose shapes differ."""
@@ -93,6 +95,27 @@ class Runtime:
         """Token ids of raw text (with the end-of-sequence marks a seq2seq model expects)."""
         with self._encoding:
             return self.tokenizer(text, add_special_tokens=self.is_seq2seq)["input_ids"]
+
+    def answer_ids(self, text: str, chat: bool) -> list[int]:
+        """A target as a fit learns it: in a chat, followed by the token that ends the assistant's
+        turn, so the fit learns where an answer stops as well as how it starts (a seq2seq target
+        carries its end-of-sequence mark already)."""
+        ids = self.text_ids(text)
+        return ids + [self.end_of_turn] if chat and self.end_of_turn is not None else ids
+
+    def _end_of_turn(self) -> int | None:
+        """The stop token the chat template closes an assistant's message with (None: seq2seq, no
+        chat template, or no stop token after the message)."""
+        if self.is_seq2seq or not self.tokenizer.chat_template:
+            return None
+        marker = "ANSWER"
+        turn = [{"role": "user", "content": "question"}, {"role": "assistant", "content": marker}]
+        try:
+            text = self.tokenizer.apply_chat_template(turn, tokenize=False)
+        except (TemplateError, ValueError):  # a template that refuses this turn: fits learn the answer alone
+            return None
+        after = self.tokenizer(text[text.rindex(marker) + len(marker) :], add_special_tokens=False)["input_ids"]
+        return next((i for i in after if i in self.stop_ids), None)
 
     def scaled(self, scales: dict[str, Tensor]) -> AbstractContextManager[None]:
         """Within the block, each listed layer scales its routed columns (`lora_layers.scale_columns`)."""

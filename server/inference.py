@@ -51,9 +51,10 @@ class InferenceRPCs:
             return self._capped(runtime.chat_ids(messages), "the prompt", limit)
         raise InvalidRequestError("the prompt is empty: set `prompt` or `messages`")
 
-    def _example_ids(self: AdapterFusionService, examples, raw: bool, where: str = "") -> tuple[list[list[int]], list[list[int]]]:
+    def _example_ids(self: AdapterFusionService, examples, raw: bool, where: str = "", fit: bool = False) -> tuple[list[list[int]], list[list[int]]]:
         """Token ids of each example's input and target, every limit checked; `where` names the
-        set in errors (a recipe has several)."""
+        set in errors (a recipe has several). For a `fit`, targets are as fits learn them
+        (`Runtime.answer_ids`); Score reads them as given."""
         at = f"{where}: " if where else ""
         if not examples:
             raise InvalidRequestError(f"{at}at least one example is needed")
@@ -66,7 +67,8 @@ class InferenceRPCs:
                 raise InvalidRequestError(f"{at}example {i} needs a non-empty input and target")
             text, target = self._text(ex.input, f"{at}example {i}'s input"), self._text(ex.target, f"{at}example {i}'s target")
             prompts.append(self._capped(runtime.text_ids(text) if raw else runtime.chat_ids(text), f"{at}example {i}'s input", limits.max_prompt_tokens))
-            targets.append(self._capped(runtime.text_ids(target), f"{at}example {i}'s target", limits.max_target_tokens))
+            target_ids = runtime.answer_ids(target, not raw) if fit else runtime.text_ids(target)
+            targets.append(self._capped(target_ids, f"{at}example {i}'s target", limits.max_target_tokens))
         return prompts, targets
 
     # ---- generation and scoring ----------------------------------------------------------------

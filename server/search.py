@@ -100,7 +100,7 @@ class SearchRPCs:
             raise AlreadyExistsError(f"adapter {name!r} already exists; pick another output_name")
         settings = self._lorahub_settings(request) if method == "lorahub" else self._learned_settings(request)
         sources = await asyncio.to_thread(lambda: [self.registry.get(a) for a in request.adapters])  # NOT_FOUND before any work
-        prompts, targets = await asyncio.to_thread(self._example_ids, request.examples, request.raw)
+        prompts, targets = await asyncio.to_thread(self._example_ids, request.examples, request.raw, fit=True)
         group = f"search-{hashlib.sha256(f'{name}/{time.time_ns()}'.encode()).hexdigest()[:12]}"
         self.registry.register_group(group, sources)
         fitting = Fitting(name, sources, group, prompts, targets)

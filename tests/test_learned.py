@@ -213,3 +213,24 @@ def test_refusals(planted) -> None:
         fit_coefficients(runtime, adapters, examples, init=[1.0, 1.0])
     with pytest.raises(RecipeError, match="lr must be in \\(0, 10\\], got 0"):
         fit_coefficients(runtime, adapters, examples, lr=0)
+
+
+def test_fit_targets_end_where_the_answer_ends(gentle) -> None:
+    """In a chat, a fit learns the answer and the end of the assistant's turn (without it, per-module
+    fits learned the right first digits and then did not stop); raw text is learned as given; a
+    template with no turn end, or one that refuses the probe, leaves answers alone."""
+    runtime = gentle[0]
+    end = runtime.tokenizer.convert_tokens_to_ids("<|im_end|>")  # SmolLM2's chat template closes each message with it
+    assert runtime.end_of_turn == end
+    _, targets = tokenize_examples(runtime, [("say yes", "yes")], chat=True)
+    assert targets == [runtime.text_ids("yes") + [end]]
+    _, raw = tokenize_examples(runtime, [("say yes", "yes")], chat=False)
+    assert raw == [runtime.text_ids("yes")]
+    template = runtime.tokenizer.chat_template
+    try:
+        runtime.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+        assert runtime._end_of_turn() is None
+        runtime.tokenizer.chat_template = "{{ raise_exception('this template takes no assistant turn') }}"
+        assert runtime._end_of_turn() is None
+    finally:
+        runtime.tokenizer.chat_template = template
