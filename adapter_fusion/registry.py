@@ -1,14 +1,15 @@
-"""The adapter registry: names, pins, references, the memory budget (LRU), reloads from the store.
+"""The adapter registry: names, pins, references, residency within the memory budget, reloads
+from the store.
 
 Any thread may call it. Its lock guards only bookkeeping and is never held while the store is
 read or slots are written, so a caller on an event loop never waits behind disk or model work.
 
 Residency: an adapter's factors stay in memory while it is pinned, in use, or within the memory
-budget, which counts the factors and the stacked slot buffers built from them (least recently
-used unpinned ones are evicted first and reloaded from the store on demand). A request holds a
-reference to the entry it resolved, so unloading or evicting never changes what an in-flight
-request computes: the slot is freed when its last request ends. Slot numbers are kept by
-`adapter_fusion.slot_numbers`, under this lock; what each registered name holds, by `adapter_fusion.entries`.
+budget (`adapter_fusion.budget`: least recently used ones are evicted first and reloaded from the
+store on demand). A request holds a reference to the entry it resolved, so unloading or evicting
+never changes what an in-flight request computes: the slot is freed when its last request ends.
+Under this lock, `adapter_fusion.slot_numbers` keeps the slot numbers; `adapter_fusion.entries`
+says what each name holds.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import time
 from collections.abc import Callable
 
 from adapter_fusion.adapters import Adapter
+from adapter_fusion.budget import MemoryBudget
 from adapter_fusion.entries import AdapterInfo, Choice, Entry, Hold
 from adapter_fusion.errors import AlreadyExistsError, InvalidRequestError, LimitExceededError, NotFoundError, quoted
 from adapter_fusion.slot_numbers import SlotNumbers, SlotTable
 from adapter_fusion.slots import Route
+
 
 def _not_loaded(name: str) -> NotFoundError:
     return NotFoundError(f"no adapter named {quoted(name)} is loaded; call LoadAdapter first")
@@ -36,8 +39,7 @@ class AdapterRegistry:
         reload: Callable[[str], Adapter] | None = None,
     ) -> None:
         self.check = check  # refuses adapters the model cannot run
-        self.slot_bytes = slot_bytes  # what a slot table costs once stacked into buffers
-        self.budget_bytes = budget_bytes
+        self.budget = MemoryBudget(budget_bytes, slot_bytes, can_reload=reload is not None)
         self.reload = reload
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] = {}
@@ -99,11 +101,9 @@ class AdapterRegistry:
         Ray Serve routes to it, not more. Whether it was evicted."""
         with self._lock:
             entry = self._entries.get(name)
-            if entry is None or entry.sources is None or entry.info.pinned or entry.refs > 0 or not entry.persisted or self.reload is None:
+            if entry is None or entry.sources is None or not entry.persisted or not self.budget.droppable(entry):
                 return False
-            entry.sources = None
-            self._slots.free(entry)
-            self.stats["evictions"] += 1
+            self._drop(entry)
             return True
 
     def listing(self, include_hidden: bool = False) -> list[tuple[AdapterInfo, bool]]:
@@ -212,33 +212,16 @@ class AdapterRegistry:
     def _fit(self, undo: Callable[[], object], keep: Entry | None = None) -> None:
         """Enforce the budget after a change; if it cannot hold, undo that change and refuse."""
         try:
-            self._enforce_budget(keep)
+            self.budget.enforce(self._entries, self._slots, self._drop, keep)
         except LimitExceededError:
             undo()
             raise
 
-    def _usage(self) -> int:
-        factors = sum(e.info.size_bytes for e in self._entries.values() if e.sources is not None)
-        return factors + self.slot_bytes(self._slots.table())
-
-    def _enforce_budget(self, keep: Entry | None = None) -> None:
-        """Evict least recently used, unpinned, unused adapters until the budget holds."""
-        usage = self._usage()
-        resident = [e for e in self._entries.values() if e.sources is not None]
-        for e in sorted(resident, key=lambda e: e.last_used):
-            if usage <= self.budget_bytes:
-                return
-            if e is keep or e.info.pinned or e.refs > 0 or (self.reload is None and e.persisted):
-                continue
-            e.sources = None
-            self._slots.free(e)
-            if not e.persisted:  # nothing to reload it from: the name goes (an inline cache recomposes)
-                del self._entries[e.info.name]
-                e.removed = True
-            self.stats["evictions"] += 1
-            usage = self._usage()
-        if usage > self.budget_bytes:
-            raise LimitExceededError(
-                f"resident adapters and their slot buffers need {usage / 1e6:.1f} MB, over the memory budget of "
-                f"{self.budget_bytes / 1e6:.1f} MB, and nothing can be evicted (pinned or in use)"
-            )
+    def _drop(self, entry: Entry) -> None:
+        """Evict its factors (and its slot); a name never stored goes with them (an inline cache recomposes)."""
+        entry.sources = None
+        self._slots.free(entry)
+        if not entry.persisted:
+            del self._entries[entry.info.name]
+            entry.removed = True
+        self.stats["evictions"] += 1
