@@ -22,6 +22,7 @@ from adapter_fusion.errors import AdapterFusionError
 from adapter_fusion.runtime import Runtime
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
+from adapter_fusion.worker_threads import in_thread
 from server.calls import Observer
 from server.catalog import LocalCatalog
 from server.interceptors import BearerAuth, DecodeGuard
@@ -88,7 +89,7 @@ class Running:
         while self.service.calls.in_flight and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         await self.server.stop(0)
-        await asyncio.to_thread(self.engine.stop)
+        await in_thread(self.engine.stop)
 
 
 @dataclass
@@ -105,12 +106,12 @@ async def build_core(
 ) -> Core:
     """Load the model, repair and register the store, preload, and build the service; the engine
     is not started yet. Disk and model work run in worker threads."""
-    store = await asyncio.to_thread(AdapterStore, config.store_dir)
-    runtime = await asyncio.to_thread(Runtime, config.base_dir, device=config.device, dtype=config.dtype, slot_columns=config.slot_columns)
+    store = await in_thread(AdapterStore, config.store_dir)
+    runtime = await in_thread(Runtime, config.base_dir, device=config.device, dtype=config.dtype, slot_columns=config.slot_columns)
     engine = Engine(runtime, config.limits, reload=store.load, on_state=on_state)
     catalog = catalog_class(store, engine.registry, config.output_roots)
-    await asyncio.to_thread(catalog.recover)  # everything registered before a restart, loaded on first use
-    await asyncio.to_thread(catalog.preload, config.preload)
+    await in_thread(catalog.recover)  # everything registered before a restart, loaded on first use
+    await in_thread(catalog.preload, config.preload)
     paths = PathPolicy.of(config.adapter_roots, config.output_roots, protected=[config.store_dir, config.base_dir])
     service = AdapterFusionService(engine, store, paths, config.service_limits, observer(engine), catalog)
     return Core(engine, service)

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 
 from adapter_fusion.errors import EngineFaultError, ShuttingDownError, new_error_id
+from adapter_fusion.worker_threads import in_thread
 from server.errors import status_of
 
 log = logging.getLogger("adapter_fusion.server")
@@ -111,7 +112,7 @@ async def reports_of(work: Callable[[Callable[[Any], None]], Any]) -> AsyncItera
     """Run work(report) in a thread; yield each item it reports as it comes, then Done(result)."""
     loop = asyncio.get_running_loop()
     updates: asyncio.Queue = asyncio.Queue()
-    task = asyncio.ensure_future(asyncio.to_thread(work, lambda item: loop.call_soon_threadsafe(updates.put_nowait, item)))
+    task = asyncio.ensure_future(in_thread(work, lambda item: loop.call_soon_threadsafe(updates.put_nowait, item)))
     try:
         while not task.done() or not updates.empty():
             getter = asyncio.ensure_future(updates.get())

@@ -26,6 +26,7 @@ from adapter_fusion.merge import get_method, parse_parameters
 from adapter_fusion.recipe import Recipe, merge_recipe, parse_recipe
 from adapter_fusion.entries import AdapterInfo, Choice
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
+from adapter_fusion.worker_threads import in_thread
 from server.store import check_name
 
 if TYPE_CHECKING:
@@ -148,7 +149,7 @@ class ComposeRPCs:
             return info, result.report
 
         async with self._data_lock if get_method(spec.method).data else contextlib.nullcontext():
-            work = asyncio.ensure_future(asyncio.to_thread(compose))
+            work = asyncio.ensure_future(in_thread(compose))
             try:
                 return await asyncio.shield(work)
             except asyncio.CancelledError:

@@ -12,6 +12,7 @@ from adapter_fusion.engine import Event
 from adapter_fusion.errors import InvalidRequestError, LimitExceededError
 from adapter_fusion.decoding import Request
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
+from adapter_fusion.worker_threads import in_thread
 from server.calls import thread_safe_emit
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ class InferenceRPCs:
         events: asyncio.Queue[Event] = asyncio.Queue()
         handle: Request | None = None
         try:
-            prompt_ids = await asyncio.to_thread(self._prompt_ids, request)
+            prompt_ids = await in_thread(self._prompt_ids, request)
             target = await self._target(request)
             handle = Request(
                 prompt_ids=prompt_ids,
@@ -115,7 +116,7 @@ class InferenceRPCs:
 
     async def Score(self: AdapterFusionService, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         async def work() -> pb.ScoreResponse:
-            prompts, targets = await asyncio.to_thread(self._example_ids, request.examples, request.raw)
+            prompts, targets = await in_thread(self._example_ids, request.examples, request.raw)
             job = self.engine.score(await self._target(request), prompts, targets)
             try:
                 nll = await asyncio.wrap_future(job.future)

@@ -25,6 +25,7 @@ from adapter_fusion.merge import get_method, merge, parse_parameters
 from adapter_fusion.merge.learned import LearnedParams
 from adapter_fusion.entries import AdapterInfo
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
+from adapter_fusion.worker_threads import in_thread
 from server.calls import Done, reports_of
 from server.store import check_name
 
@@ -99,8 +100,8 @@ class SearchRPCs:
         if self.registry.has(name):
             raise AlreadyExistsError(f"adapter {name!r} already exists; pick another output_name")
         settings = self._lorahub_settings(request) if method == "lorahub" else self._learned_settings(request)
-        sources = await asyncio.to_thread(lambda: [self.registry.get(a) for a in request.adapters])  # NOT_FOUND before any work
-        prompts, targets = await asyncio.to_thread(self._example_ids, request.examples, request.raw, fit=True)
+        sources = await in_thread(lambda: [self.registry.get(a) for a in request.adapters])  # NOT_FOUND before any work
+        prompts, targets = await in_thread(self._example_ids, request.examples, request.raw, fit=True)
         group = f"search-{hashlib.sha256(f'{name}/{time.time_ns()}'.encode()).hexdigest()[:12]}"
         self.registry.register_group(group, sources)
         fitting = Fitting(name, sources, group, prompts, targets)
@@ -113,7 +114,7 @@ class SearchRPCs:
                         continue
                     info = AdapterInfo.of(item.adapter, f"{method} over {', '.join(request.adapters)}", request.pin)
                     async with self.names.hold(name):
-                        await asyncio.to_thread(self._register_fitted, item.adapter, info)
+                        await in_thread(self._register_fitted, item.adapter, info)
                     item.last.adapter.CopyFrom(self._info(name))
                     yield item.last
         finally:
@@ -146,7 +147,7 @@ class SearchRPCs:
                     yield pb.SearchWeightsProgress(evaluations=item.evaluations, best_loss=item.best_loss, best_weights=item.best_weights)
                     continue
                 result = item.result
-                adapter = (await asyncio.to_thread(merge, fitting.sources, "linear", result.weights, None, None, 0, fitting.name)).adapter
+                adapter = (await in_thread(merge, fitting.sources, "linear", result.weights, None, None, 0, fitting.name)).adapter
                 adapter.extra["lorahub"] = {"weights": result.weights, "best_loss": result.best_loss, "sources": list(request.adapters)}
                 yield Fitted(adapter, pb.SearchWeightsProgress(evaluations=len(result.losses), best_loss=result.best_loss, best_weights=result.weights))
         finally:
@@ -176,5 +177,5 @@ class SearchRPCs:
                     job.cancelled.set()  # a client gone: the piece not yet started never runs
             yield pb.SearchWeightsProgress(evaluations=done, best_loss=fit.result.best_loss, best_weights=fit.source_weights())
         result = fit.finish()
-        adapter = (await asyncio.to_thread(learned_adapter, fitting.sources, result, p, zeros, None, request.seed, fitting.name)).adapter
+        adapter = (await in_thread(learned_adapter, fitting.sources, result, p, zeros, None, request.seed, fitting.name)).adapter
         yield Fitted(adapter, pb.SearchWeightsProgress(evaluations=p.steps, best_loss=result.best_loss, best_weights=fit.source_weights()))

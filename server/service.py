@@ -25,6 +25,7 @@ from adapter_fusion.errors import AdapterFormatError, InvalidRequestError, NotFo
 from adapter_fusion.entries import AdapterInfo
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
+from adapter_fusion.worker_threads import in_thread
 from server.calls import Calls, Done, NameLocks, Observer, reports_of
 from server.catalog import LocalCatalog
 from server.compose import ComposeRPCs
@@ -104,7 +105,7 @@ class AdapterFusionService(ComposeRPCs, InferenceRPCs, SearchRPCs, pb_grpc.Adapt
     async def _synced(self, names: list[str]) -> None:
         """Bring these names up to date with the catalog (reads the shared store on a cluster)."""
         if self.catalog.shared:
-            await asyncio.to_thread(self.catalog.sync, names)
+            await in_thread(self.catalog.sync, names)
 
     # ---- registry ------------------------------------------------------------------------------
 
@@ -126,7 +127,7 @@ class AdapterFusionService(ComposeRPCs, InferenceRPCs, SearchRPCs, pb_grpc.Adapt
         async def work() -> pb.AdapterInfo:
             name = check_name(request.name)
             async with self.names.hold(name):
-                await asyncio.to_thread(load, name)
+                await in_thread(load, name)
                 return self._info(name)
 
         return await self.calls.unary("LoadAdapter", context, work)
@@ -141,7 +142,7 @@ class AdapterFusionService(ComposeRPCs, InferenceRPCs, SearchRPCs, pb_grpc.Adapt
         async def work() -> pb.UnloadAdapterResponse:
             name = check_name(request.name)
             async with self.names.hold(name):
-                await asyncio.to_thread(unload, name)
+                await in_thread(unload, name)
             return pb.UnloadAdapterResponse()
 
         return await self.calls.unary("UnloadAdapter", context, work)
@@ -149,7 +150,7 @@ class AdapterFusionService(ComposeRPCs, InferenceRPCs, SearchRPCs, pb_grpc.Adapt
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context) -> pb.ListAdaptersResponse:
         async def work() -> pb.ListAdaptersResponse:
             if self.catalog.shared:
-                await asyncio.to_thread(self.catalog.sync_all)
+                await in_thread(self.catalog.sync_all)
             rows = sorted(self.registry.listing(), key=lambda row: row[0].name)
             return pb.ListAdaptersResponse(adapters=[info_message(i, r) for i, r in rows])
 
@@ -171,7 +172,7 @@ class AdapterFusionService(ComposeRPCs, InferenceRPCs, SearchRPCs, pb_grpc.Adapt
         async def work() -> pb.ExportAdapterResponse:
             dtype = _check_dtype(request.dtype or "float32")
             async with self.names.hold(check_name(request.name)):
-                return await asyncio.to_thread(export, dtype)
+                return await in_thread(export, dtype)
 
         return await self.calls.unary("ExportAdapter", context, work)
 

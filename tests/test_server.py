@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from adapter_fusion.client import Client, make_recipe
 from adapter_fusion.engine import Limits
+from adapter_fusion.worker_threads import WORKERS
 from server.app import BackgroundServer, ServerConfig
 from server.service import ServiceLimits
 
@@ -154,6 +155,22 @@ def test_compose_and_inline_recipes(client: Client, server: BackgroundServer) ->
     assert client.chat(UPPER, recipe=recipe, max_new_tokens=12) == "GUITAR RIVER ORANGE"
     assert inline_names() - before == composed and registry.stats["loads"] == loads  # cached: nothing composed again
     assert not [a for a in client.list_adapters() if a.name.startswith("inline-")]  # inline compositions are not listed
+
+
+def test_merge_threads_end_with_their_work(client: Client) -> None:
+    """Loads and merges run on threads that end once idle (`adapter_fusion.worker_threads`): a
+    thread that ran torch keeps OpenMP helpers while it lives, and with more of them than cores
+    every forward of the engine slows."""
+    client.load_adapter("threads-upper", DEMO / "uppercase")
+    client.compose("threads-mix", make_recipe("svd", {"threads-upper": 1.0, "reverse": 0.5}, rank=4))
+    deadline = time.monotonic() + 10
+    while any(t.name == WORKERS.name for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    names = [t.name for t in threading.enumerate()]
+    assert WORKERS.name not in names  # they ended
+    assert not [n for n in names if n.startswith("asyncio_")]  # and nothing ran on the event loop's pooled threads
+    client.unload_adapter("threads-mix")
+    client.unload_adapter("threads-upper")
 
 
 def test_score(client: Client) -> None:

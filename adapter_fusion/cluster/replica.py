@@ -12,7 +12,6 @@ router and to the registry.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -25,6 +24,7 @@ from adapter_fusion.cluster.routing import RECIPE_PREFIX, adapters_of, routing_k
 from adapter_fusion.cluster.wire import ReplicaTag, RpcFailure
 from adapter_fusion.errors import AdapterFusionError
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
+from adapter_fusion.worker_threads import in_thread
 from server.app import ServerConfig, build_core
 
 METHODS = set(pb.DESCRIPTOR.services_by_name["AdapterFusion"].methods_by_name)
@@ -114,7 +114,7 @@ class Replica:
     async def _load(self, key: str) -> Residency:
         with self._names_lock:  # (a key dropped between its request's _route and here: an adapter key names itself)
             names = self._names.setdefault(key, [] if key.startswith(RECIPE_PREFIX) else [key])
-        await asyncio.to_thread(self._warm, list(names))
+        await in_thread(self._warm, list(names))
         return Residency(key, self._release)
 
     def _warm(self, names: list[str]) -> None:

@@ -43,7 +43,7 @@ def test_health_watch_streams_do_not_pin_worker_threads(tmp_path: Path, tok_base
     config = ServerConfig(base_dir=tok_base, store_dir=tmp_path / "store", adapter_roots=[tmp_path / "adapters"], output_roots=[tmp_path / "out"], port=0)
     with serving(config) as server, Client(server.address) as client:
         load(client, "alpha", "alpha")
-        n = min(32, (os.cpu_count() or 1) + 4)  # the default executor's size (asyncio.to_thread's threads)
+        n = min(32, (os.cpu_count() or 1) + 4)  # the worker pool size (min(32, cores + 4), as the default executor the bug exhausted)
         watches = []
         for _ in range(n):  # one after another: each is cancelled before the next opens
             watches.append(_watch_and_cancel(server.address).name)
