@@ -207,7 +207,8 @@ class AdapterRegistry:
     def _admit(self, entry: Entry) -> None:
         """Register a resident entry within the memory budget, or refuse it whole."""
         self._entries[entry.info.name] = entry
-        self._fit(undo=lambda: self._entries.pop(entry.info.name))
+        # one with no copy in the store is refused rather than evicted as it arrives (its name would go)
+        self._fit(undo=lambda: self._entries.pop(entry.info.name), keep=None if entry.persisted else entry)
 
     def _fit(self, undo: Callable[[], object], keep: Entry | None = None) -> None:
         """Enforce the budget after a change; if it cannot hold, undo that change and refuse."""

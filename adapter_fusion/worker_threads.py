@@ -44,8 +44,12 @@ class ShortLivedThreads(Executor):
             self._queue.append((future, functools.partial(fn, *args, **kwargs)))
             if len(self._threads) < self.max_workers:
                 thread = threading.Thread(target=self._work, name=self.name)
+                try:
+                    thread.start()  # it waits for this lock before looking at the queue
+                except BaseException:
+                    self._queue.pop()  # not started: the caller gets the error, nothing runs later
+                    raise
                 self._threads.add(thread)
-                thread.start()
         return future
 
     def _work(self) -> None:

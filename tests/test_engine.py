@@ -261,3 +261,15 @@ def test_the_budget_counts_slot_buffers(runtime: Runtime, tiny_adapters: list[Pa
     group = Engine(runtime, Limits(memory_budget_bytes=adapter.size_bytes + 1))
     group.registry.register(adapter, AdapterInfo.of(adapter, "a", pinned=True))
     group.registry.register_group("g", [adapter])  # shares the factors: not counted twice
+
+
+def test_a_hidden_composition_that_cannot_fit_is_refused_not_dropped(runtime: Runtime, tiny_adapters: list[Path]) -> None:
+    """An entry with no copy in the store (an inline composition) is never the one the budget
+    evicts as it arrives: that would drop its name at once, and its request would find nothing."""
+    pinned, composed = load_adapter(tiny_adapters[0], "pinned"), load_adapter(tiny_adapters[1], "composed")
+    engine = Engine(runtime, Limits(memory_budget_bytes=pinned.size_bytes + composed.size_bytes - 1))
+    engine.registry.register(pinned, AdapterInfo.of(pinned, "p", pinned=True))
+    with pytest.raises(LimitExceededError, match="memory budget"):
+        engine.registry.register(composed, AdapterInfo.of(composed, "recipe", pinned=False), hidden=True, persisted=False)
+    assert not engine.registry.has("composed") and engine.registry.stats["evictions"] == 0
+

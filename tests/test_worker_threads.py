@@ -70,6 +70,23 @@ def test_shutdown_cancels_what_waits_and_refuses_new_work() -> None:
     assert not _alive("test-shutdown")
 
 
+def test_a_thread_that_cannot_start_fails_its_submit_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = ShortLivedThreads(max_workers=1, name="test-start")
+    ran = []
+
+    def refuse(self) -> None:
+        raise RuntimeError("can't start new thread")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(threading.Thread, "start", refuse)
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            pool.submit(ran.append, "refused")
+    assert pool.submit(lambda: "next").result(timeout=10) == "next"  # no phantom thread holds the one place
+    _wait_ended("test-start")
+    assert ran == []  # the refused call never runs later
+    pool.shutdown()
+
+
 def test_in_thread_carries_the_callers_context() -> None:
     request_id = contextvars.ContextVar("request_id")
 
@@ -83,6 +100,7 @@ def test_in_thread_carries_the_callers_context() -> None:
 CHECK = """
 import os, time, torch
 from adapter_fusion.worker_threads import WORKERS
+torch.set_num_threads(2)  # a team of two whatever OMP_NUM_THREADS says
 torch.ones(512, 512) @ torch.ones(512, 512)  # this thread's own team exists before counting
 before = len(os.listdir("/proc/self/task"))
 def parallel_work():

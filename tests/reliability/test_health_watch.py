@@ -11,6 +11,7 @@ and `adapter-fusion serve` never exited on SIGTERM after a single Watch.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import time
@@ -38,17 +39,25 @@ def _watch_and_cancel(address: str) -> grpc.StatusCode:
             stream.cancel()
 
 
+async def _default_executor_answers() -> str:
+    """The server's RPCs now run their blocking work on `adapter_fusion.worker_threads`, so the
+    loop's default executor is checked directly: it is where a synchronous servicer's Watch runs."""
+    return await asyncio.get_running_loop().run_in_executor(None, lambda: "free")
+
+
 def test_health_watch_streams_do_not_pin_worker_threads(tmp_path: Path, tok_base: Path, tok_adapters: list[Path]) -> None:
     shutil.copytree(tok_adapters[0], tmp_path / "adapters" / "alpha")
     config = ServerConfig(base_dir=tok_base, store_dir=tmp_path / "store", adapter_roots=[tmp_path / "adapters"], output_roots=[tmp_path / "out"], port=0)
     with serving(config) as server, Client(server.address) as client:
         load(client, "alpha", "alpha")
-        n = min(32, (os.cpu_count() or 1) + 4)  # the worker pool size (min(32, cores + 4), as the default executor the bug exhausted)
+        n = min(32, (os.cpu_count() or 1) + 4)  # the event loop's default executor's size
         watches = []
         for _ in range(n):  # one after another: each is cancelled before the next opens
             watches.append(_watch_and_cancel(server.address).name)
             time.sleep(0.05)
         bump("health_watch_streams_opened_and_cancelled", n)
+        free = asyncio.run_coroutine_threadsafe(_default_executor_answers(), server.loop)  # what the Watch streams pinned
+        assert free.result(timeout=10) == "free"
         load_code, load_details = code_of(lambda: load(client, "beta", "alpha", timeout=10))
         generate_code, generate_details = code_of(lambda: greedy(client, "alpha", tokens=2, timeout=10))
         assert (load_code, generate_code) == (grpc.StatusCode.OK, grpc.StatusCode.OK), (
