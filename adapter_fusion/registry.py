@@ -40,7 +40,7 @@ class AdapterRegistry:
     ) -> None:
         self.check = check  # refuses adapters the model cannot run
         self.budget = MemoryBudget(budget_bytes, slot_bytes, can_reload=reload is not None)
-        self.reload = reload
+        self._reload = reload  # read only here: the budget was told at construction whether it exists
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] = {}
         self._slots = SlotNumbers()
@@ -193,9 +193,9 @@ class AdapterRegistry:
             if entry.sources is not None:
                 entry.last_used = time.monotonic()
                 return entry.sources
-            if self.reload is None or not entry.persisted:
+            if self._reload is None or not entry.persisted:
                 raise NotFoundError(f"adapter {quoted(entry.info.name)} was evicted and there is no store to reload it from")
-        loaded = [self.reload(entry.info.name)]  # two threads may both read it: harmless
+        loaded = [self._reload(entry.info.name)]  # two threads may both read it: harmless
         with self._lock:
             if entry.sources is None:
                 entry.sources = loaded
