@@ -4,9 +4,9 @@ A thread that runs torch keeps its own OpenMP team (idle helper threads) for as 
 lives. Once the process holds more OpenMP threads than cores, libgomp shortens the spin of
 every team between parallel regions to almost nothing (its "throttled" spin count), so each of
 the engine's thousands of small parallel regions per forward waits on a futex instead. Measured
-on 2 cores: a one-row prefill took 125 ms before and 175-240 ms after 20 merges had run in a
-pooled thread; asyncio's default pool keeps its threads, and a server loads its model in one,
-so it always served that way. A team goes away with its thread: these threads end when the
+on 2 cores: a one-row prefill took 125 ms before and 173 ms after 20 merges had run in a pooled
+thread (up to 238 ms after batched QRs); asyncio's default pool keeps its threads, and a server
+loads its model in one, so it always served that way. A team goes away with its thread: these threads end when the
 queue is empty, and the engine's team spins again.
 """
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,11 @@ def planted(smollm2: Path, tmp_path_factory: pytest.TempPathFactory):
     outputs = runtime.greedy([runtime.text_ids(x) for x in inputs], [1] * len(inputs), 6)
     examples = [(x, runtime.tokenizer.decode(o)) for x, o in zip(inputs, outputs)]
     return runtime, adapters, examples
+
+
+def wait_threads_ended(name: str, seconds: float = 10) -> None:
+    """Wait until no thread named `name` is alive (e.g. `adapter_fusion.worker_threads`' once idle)."""
+    deadline = time.monotonic() + seconds
+    while any(t.name == name for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert not [t for t in threading.enumerate() if t.name == name], f"{name} threads still alive after the work ended"

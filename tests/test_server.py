@@ -18,6 +18,7 @@ from adapter_fusion.engine import Limits
 from adapter_fusion.worker_threads import WORKERS
 from server.app import BackgroundServer, ServerConfig
 from server.service import ServiceLimits
+from tests.conftest import wait_threads_ended
 
 DEMO = Path(__file__).parent.parent / "examples" / "adapters"
 UPPER = "Rewrite the text in uppercase letters.\nguitar river orange"
@@ -163,10 +164,7 @@ def test_merge_threads_end_with_their_work(client: Client, server: BackgroundSer
     every forward of the engine slows."""
     client.load_adapter("threads-upper", DEMO / "uppercase")
     client.compose("threads-mix", make_recipe("svd", {"threads-upper": 1.0, "reverse": 0.5}, rank=4))
-    deadline = time.monotonic() + 10
-    while any(t.name == WORKERS.name for t in threading.enumerate()) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert WORKERS.name not in [t.name for t in threading.enumerate()]  # they ended
+    wait_threads_ended(WORKERS.name)
     assert server.loop._default_executor is None  # and the event loop's pooled threads never started (CPython's attribute)
     client.unload_adapter("threads-mix")
     client.unload_adapter("threads-upper")

@@ -14,17 +14,7 @@ from concurrent.futures import CancelledError
 import pytest
 
 from adapter_fusion.worker_threads import WORKERS, ShortLivedThreads, in_thread
-
-
-def _alive(name: str) -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == name]
-
-
-def _wait_ended(name: str, seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds
-    while _alive(name) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert not _alive(name), f"{name} threads still alive after the work ended"
+from tests.conftest import wait_threads_ended
 
 
 def test_results_errors_and_the_thread_cap() -> None:
@@ -48,7 +38,7 @@ def test_results_errors_and_the_thread_cap() -> None:
     with pytest.raises(ValueError, match="call 3 fails"):
         futures[3].result()
     assert most == 2  # queued calls wait for one of the two threads
-    _wait_ended("test-short-lived")  # and both end once the queue is empty
+    wait_threads_ended("test-short-lived")  # and both end once the queue is empty
     assert pool.submit(lambda: "again").result(timeout=10) == "again"  # a new thread for new work
     pool.shutdown()
 
@@ -67,7 +57,7 @@ def test_shutdown_cancels_what_waits_and_refuses_new_work() -> None:
     with pytest.raises(RuntimeError, match="after shutdown"):
         pool.submit(lambda: None)
     pool.shutdown(wait=True)
-    assert not _alive("test-shutdown")
+    assert not [t for t in threading.enumerate() if t.name == "test-shutdown"]
 
 
 def test_a_thread_that_cannot_start_fails_its_submit_only(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -82,7 +72,7 @@ def test_a_thread_that_cannot_start_fails_its_submit_only(monkeypatch: pytest.Mo
         with pytest.raises(RuntimeError, match="can't start new thread"):
             pool.submit(ran.append, "refused")
     assert pool.submit(lambda: "next").result(timeout=10) == "next"  # no phantom thread holds the one place
-    _wait_ended("test-start")
+    wait_threads_ended("test-start")
     assert ran == []  # the refused call never runs later
     pool.shutdown()
 
