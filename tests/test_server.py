@@ -317,6 +317,11 @@ def test_budget_evicts_and_reloads(config: ServerConfig, tmp_path: Path) -> None
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "memory budget" in details
             assert "pinned1" not in {a.name for a in c.list_adapters()}  # refused whole
             assert not (small.store_dir / "pinned1").exists()
+            # an inline composition that cannot fit beside the pinned one is refused, not registered
+            # and evicted at once (its request then found no adapter under its hidden name)
+            recipe = make_recipe("svd", {"pinned0": 0.5}, rank=8)
+            code, details = code_of(lambda: c.chat(UPPER, recipe=recipe, max_new_tokens=4))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "memory budget" in details, (code, details)
     finally:
         running.stop()
 
