@@ -2,7 +2,9 @@
 
 When a change goes over it, the least recently used adapters that nothing needs are dropped first
 (unpinned and unused; reloadable from the store, or, when never stored, gone with their name);
-when it still does not fit, the change is refused. The registry (`adapter_fusion.registry`) owns
+when it still does not fit, the change is refused. A pinned adapter counts with the slot it will
+need when served, from the moment it is pinned: a pin that could never be served is refused when
+it is made, not at its first request. The registry (`adapter_fusion.registry`) owns
 the entries and calls this under its lock.
 """
 
@@ -22,8 +24,25 @@ class MemoryBudget:
         self.can_reload = can_reload
 
     def usage(self, entries: Iterable[Entry], slots: SlotNumbers) -> int:
+        """Resident factors, plus the slot buffers of every assigned slot and of the slot each
+        pinned adapter not in one yet will take."""
+        entries = list(entries)
         factors = sum(e.info.size_bytes for e in entries if e.sources is not None)
-        return factors + self.slot_bytes(slots.table())
+        pinned = [e.sources for e in entries if e.info.pinned and e.slot is None and e.sources is not None]
+        return factors + self.slot_bytes(slots.table() + pinned)
+
+    def check_servable(self, entries: Iterable[Entry], entry: Entry) -> None:
+        """Refuse an adapter that could never be served: its factors and slot beside every pinned
+        one's would not fit, whatever else were evicted."""
+        pinned = [e for e in entries if e.info.pinned and e.sources is not None and e is not entry]
+        need = entry.info.size_bytes + sum(e.info.size_bytes for e in pinned)
+        need += self.slot_bytes([e.sources for e in pinned] + [entry.sources or []])
+        if need > self.limit_bytes:
+            what = "beside the pinned adapters" if pinned else "on its own"
+            raise LimitExceededError(
+                f"adapter {entry.info.name!r} could never be served: with its slot buffers it needs {need / 1e6:.1f} MB {what}, "
+                f"over the memory budget of {self.limit_bytes / 1e6:.1f} MB; unpin or unload adapters, or raise the budget"
+            )
 
     def droppable(self, entry: Entry) -> bool:
         """Nothing needs its factors now, and they can be read again or were never stored."""

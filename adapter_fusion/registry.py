@@ -205,7 +205,9 @@ class AdapterRegistry:
             return entry.sources
 
     def _admit(self, entry: Entry) -> None:
-        """Register a resident entry within the memory budget, or refuse it whole."""
+        """Register a resident entry within the memory budget, or refuse it whole (also when it
+        could never be served beside the pinned ones)."""
+        self.budget.check_servable(self._entries.values(), entry)
         self._entries[entry.info.name] = entry
         # one with no copy in the store is refused rather than evicted as it arrives (its name would go)
         self._fit(undo=lambda: self._entries.pop(entry.info.name), keep=None if entry.persisted else entry)

@@ -21,10 +21,12 @@ import threading
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from adapter_fusion.errors import AlreadyExistsError, LimitExceededError, RequestCancelledError
+from adapter_fusion.adapters import Adapter
+from adapter_fusion.errors import AlreadyExistsError, LimitExceededError, NotFoundError, RequestCancelledError, quoted
 from adapter_fusion.merge import get_method, parse_parameters
+from adapter_fusion.merge.cost import merge_cost
 from adapter_fusion.recipe import Recipe, merge_recipe, parse_recipe
-from adapter_fusion.entries import AdapterInfo, Choice
+from adapter_fusion.entries import HIDDEN, AdapterInfo, Choice, hidden_name
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.worker_threads import in_thread
 from server.store import check_name
@@ -75,6 +77,8 @@ class ComposeRPCs:
         """The parsed recipe and a hash of what it means: the recipe, and where each source came
         from. INVALID_ARGUMENT, RESOURCE_EXHAUSTED and NOT_FOUND before any work."""
         await self._synced([s.adapter for s in recipe.sources] + list(also))
+        if len(recipe.sources) > self.limits.max_recipe_sources:
+            raise LimitExceededError(f"the recipe has {len(recipe.sources)} sources; this server's cap is {self.limits.max_recipe_sources}")
         spec = parse_recipe(recipe_dict(recipe))
         self._check_data_bounds(recipe, spec)
         origins = [self.registry.info(s.adapter).source for s in spec.sources]
@@ -97,6 +101,24 @@ class ComposeRPCs:
             raise LimitExceededError(
                 f"{spec.method} keeps per-module statistics of every source: {len(spec.sources)} sources is over this server's cap of "
                 f"{self.limits.max_data_sources}"
+            )
+
+    def _check_cost(self: AdapterFusionService, spec: Recipe, sources: list[Adapter]) -> None:
+        """Refuse a merge whose output or work is over this server's caps, from the sources' shapes
+        before any arithmetic: its rank, its bytes (it must fit the memory budget to be served),
+        and an elementwise method's dense work."""
+        cost = merge_cost(sources, get_method(spec.method), spec.rank)
+        budget = self.registry.budget.limit_bytes
+        if cost.max_rank > self.limits.max_output_rank:
+            raise LimitExceededError(f"the {spec.method} output would have rank {cost.max_rank}; this server's cap is {self.limits.max_output_rank}")
+        if cost.output_bytes > budget:
+            raise LimitExceededError(
+                f"the {spec.method} output would take {cost.output_bytes / 1e6:.1f} MB, over the memory budget of {budget / 1e6:.1f} MB"
+            )
+        if cost.dense_values > self.limits.max_dense_values:
+            raise LimitExceededError(
+                f"{spec.method} would form {cost.dense_values:,} dense delta values ({len(sources)} sources); this server's cap is "
+                f"{self.limits.max_dense_values:,}: use fewer sources, fewer target modules, or a low-rank method (linear, svd)"
             )
 
     async def _compose(
@@ -136,6 +158,7 @@ class ComposeRPCs:
                 self._example_ids(rows, recipe.raw, where)  # every text and token limit, as Score checks them
             runtime = self.engine.runtime
             sources = [self.registry.get(s.adapter) for s in spec.sources]
+            self._check_cost(spec, sources)
             result = merge_recipe(spec, sources, name, runtime.base_dir, str(runtime.device), on_example=tick)
             tick()  # a call abandoned during the last step registers nothing
             info = AdapterInfo.of(result.adapter, described, pin)
@@ -175,6 +198,8 @@ class ComposeRPCs:
         or an adapter composed once and cached by the recipe's canonical hash."""
         which = request.WhichOneof("target")
         if which == "adapter":
+            if request.adapter.startswith(HIDDEN):  # the server's own entries are not the client's to name
+                raise NotFoundError(f"no adapter named {quoted(request.adapter)} is loaded; call LoadAdapter first")
             await self._synced([request.adapter])
             return request.adapter
         if which != "recipe":
@@ -182,7 +207,7 @@ class ComposeRPCs:
         spec, key = await self._parsed(request.recipe)
         if spec.method in MERGE_FREE and spec.rank is None:
             return [(s.adapter, s.weight) for s in spec.sources]
-        name = f"inline-{key}"
+        name = hidden_name("inline", key)
         async with self._inline_lock:  # held for bookkeeping only, never while composing
             if key in self._inline and self.registry.has(name):
                 self._inline.move_to_end(key)

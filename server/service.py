@@ -45,6 +45,9 @@ class ServiceLimits:
     max_search_budget: int = 1000  # SearchWeights evaluations (lorahub) or Adam steps (learned)
     max_search_parallel: int = 64  # SearchWeights candidates per batched pass
     max_data_sources: int = 8  # regmean / fisher sources per recipe: each keeps per-module statistics (~1 GB on SmolLM2)
+    max_recipe_sources: int = 64  # sources of any recipe (the same adapter may be named many times)
+    max_output_rank: int = 1024  # a composed adapter's rank in any module
+    max_dense_values: int = 2_000_000_000  # source ΔW values an elementwise method (ties, dare, ...) forms: ~20 SmolLM2-sized sources
 
 
 def info_message(info: AdapterInfo, resident: bool) -> pb.AdapterInfo:

@@ -14,6 +14,7 @@ import pytest
 from adapter_fusion import load_adapter
 from adapter_fusion.client import Client, make_recipe
 from adapter_fusion.data_merge import merge_with_data
+from adapter_fusion.entries import hidden_name
 from adapter_fusion.learned import merge_learned
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from server.app import BackgroundServer, ServerConfig
@@ -94,7 +95,7 @@ def test_an_inline_data_recipe_is_composed_once_and_raw_is_part_of_it(served) ->
     running, client, _ = served
 
     def inline_adapters() -> set[str]:
-        return {i.name for i, _ in running.running.engine.registry.listing(include_hidden=True) if i.name.startswith("inline-")}
+        return {i.name for i, _ in running.running.engine.registry.listing(include_hidden=True) if i.name.startswith(hidden_name("inline", ""))}
 
     before = inline_adapters()
     recipe = make_recipe("regmean", {"a": 1.0, "b": 1.0}, source_examples={"a": UPPER, "b": DIGITS})

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from adapter_fusion.client import Client, make_recipe
 from adapter_fusion.engine import Limits
+from adapter_fusion.entries import HIDDEN, hidden_name
 from adapter_fusion.worker_threads import WORKERS
 from server.app import BackgroundServer, ServerConfig
 from server.service import ServiceLimits
@@ -145,7 +146,7 @@ def test_compose_and_inline_recipes(client: Client, server: BackgroundServer) ->
     registry = server.running.engine.registry
 
     def inline_names() -> set[str]:
-        return {i.name for i, _ in registry.listing(include_hidden=True) if i.name.startswith("inline-")}
+        return {i.name for i, _ in registry.listing(include_hidden=True) if i.name.startswith(hidden_name("inline", ""))}
 
     recipe = make_recipe("svd", {"upper": 1.0, "reverse": 0.0}, rank=8)  # truncated: composed, not served merge-free
     before = inline_names()
@@ -155,7 +156,7 @@ def test_compose_and_inline_recipes(client: Client, server: BackgroundServer) ->
     loads = registry.stats["loads"]
     assert client.chat(UPPER, recipe=recipe, max_new_tokens=12) == "GUITAR RIVER ORANGE"
     assert inline_names() - before == composed and registry.stats["loads"] == loads  # cached: nothing composed again
-    assert not [a for a in client.list_adapters() if a.name.startswith("inline-")]  # inline compositions are not listed
+    assert not [a for a in client.list_adapters() if a.name.startswith(HIDDEN)]  # inline compositions are not listed
 
 
 def test_merge_threads_end_with_their_work(client: Client, server: BackgroundServer) -> None:

@@ -74,6 +74,7 @@ class MergeMethod:
     # rank (PEFT's svd default), "keep" = no re-factoring at all (cat, factor_linear).
     default_rank: Literal["exact", "max", "keep"] = "max"
     sources: int | None = None  # exact number of sources required, None = any
+    dense: bool = False  # combines each module's dense ΔWᵢ (elementwise rules): its work grows with out × in × sources
     # what a data-aware method needs per module and source, collected by `adapter_fusion.data_merge`
     # from each source's examples: "gram" = mean x xᵀ of the module's inputs (in, in), "fisher" =
     # mean squared per-example gradient of the target log-likelihood w.r.t. ΔW (out, in);

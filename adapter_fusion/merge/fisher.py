@@ -43,4 +43,5 @@ FISHER = MergeMethod(
     "Fisher merging: per-entry mean weighted by each source's diagonal Fisher on its examples (needs examples)",
     default_rank="max",
     data="fisher",
+    dense=True,
 )

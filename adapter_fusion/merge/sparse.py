@@ -233,9 +233,9 @@ def della(module: ModuleSources, p: DellaParams) -> Tensor:
     return _elect_and_merge(stacked, module, p)
 
 
-TIES = MergeMethod("ties", ties, TiesParams, "TIES: trim, elect sign, disjoint mean; re-factored to `rank`")
-DARE_LINEAR = MergeMethod("dare_linear", dare_linear, DareParams, "DARE drop-and-rescale, weighted sum")
-DARE_TIES = MergeMethod("dare_ties", dare_ties, DareTiesParams, "DARE drop-and-rescale, then TIES sign election")
-MAGNITUDE_PRUNE = MergeMethod("magnitude_prune", magnitude_prune, PruneParams, "top-density by magnitude, weighted sum")
-BREADCRUMBS = MergeMethod("breadcrumbs", breadcrumbs, BreadcrumbsParams, "drop outliers (gamma) and small entries, weighted sum")
-DELLA = MergeMethod("della", della, DellaParams, "magnitude-ranked random drop, rescale, TIES sign election")
+TIES = MergeMethod("ties", ties, TiesParams, "TIES: trim, elect sign, disjoint mean; re-factored to `rank`", dense=True)
+DARE_LINEAR = MergeMethod("dare_linear", dare_linear, DareParams, "DARE drop-and-rescale, weighted sum", dense=True)
+DARE_TIES = MergeMethod("dare_ties", dare_ties, DareTiesParams, "DARE drop-and-rescale, then TIES sign election", dense=True)
+MAGNITUDE_PRUNE = MergeMethod("magnitude_prune", magnitude_prune, PruneParams, "top-density by magnitude, weighted sum", dense=True)
+BREADCRUMBS = MergeMethod("breadcrumbs", breadcrumbs, BreadcrumbsParams, "drop outliers (gamma) and small entries, weighted sum", dense=True)
+DELLA = MergeMethod("della", della, DellaParams, "magnitude-ranked random drop, rescale, TIES sign election", dense=True)
