@@ -109,12 +109,12 @@ class ComposeRPCs:
         and an elementwise method's dense work."""
         cost = merge_cost(sources, get_method(spec.method), spec.rank)
         budget = self.registry.budget.limit_bytes
-        if cost.max_rank > self.limits.max_output_rank:
-            raise LimitExceededError(f"the {spec.method} output would have rank {cost.max_rank}; this server's cap is {self.limits.max_output_rank}")
         if cost.output_bytes > budget:
             raise LimitExceededError(
                 f"the {spec.method} output would take {cost.output_bytes / 1e6:.1f} MB, over the memory budget of {budget / 1e6:.1f} MB"
             )
+        if cost.max_rank > self.limits.max_output_rank:
+            raise LimitExceededError(f"the {spec.method} output would have rank {cost.max_rank}; this server's cap is {self.limits.max_output_rank}")
         if cost.dense_values > self.limits.max_dense_values:
             raise LimitExceededError(
                 f"{spec.method} would form {cost.dense_values:,} dense delta values ({len(sources)} sources); this server's cap is "
