@@ -10,15 +10,6 @@ from dataclasses import dataclass, field
 from adapter_fusion.adapters import Adapter
 
 Choice = str | Sequence[tuple[str, float]] | None  # an adapter, a weighted mix of loaded adapters (no merge), or the base model
-HIDDEN = "~"  # starts every name the server gives itself; no client name can (`server.store.check_name`)
-
-
-def hidden_name(kind: str, key: str) -> str:
-    """A name in the server's own namespace (inline compositions, search groups): no client can
-    give it, so none can take it first or address what it holds."""
-    return f"{HIDDEN}{kind}-{key}"
-
-
 @dataclass(frozen=True)
 class AdapterInfo:
     name: str

@@ -26,7 +26,8 @@ from adapter_fusion.errors import AlreadyExistsError, LimitExceededError, NotFou
 from adapter_fusion.merge import get_method, parse_parameters
 from adapter_fusion.merge.cost import merge_cost
 from adapter_fusion.recipe import Recipe, merge_recipe, parse_recipe
-from adapter_fusion.entries import HIDDEN, AdapterInfo, Choice, hidden_name
+from adapter_fusion.entries import AdapterInfo, Choice
+from adapter_fusion.names import HIDDEN, hidden_name
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.worker_threads import in_thread
 from server.store import check_name

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import uuid
 from dataclasses import asdict
@@ -27,25 +26,14 @@ from safetensors import SafetensorError, safe_open
 
 from adapter_fusion.adapters import WEIGHTS_NAME, Adapter, load_adapter, read_config, write_adapter_files
 from adapter_fusion.atomic import atomic_directory, fsync_path, remove_tree, sweep_leftovers
-from adapter_fusion.errors import AdapterFormatError, InvalidRequestError, quoted
+from adapter_fusion.errors import AdapterFormatError, quoted
 from adapter_fusion.entries import AdapterInfo
+from adapter_fusion.names import NAME, check_name
 
 log = logging.getLogger("adapter_fusion.store")
 META = "adapter_fusion_store.json"
 QUARANTINE = ".quarantine"
 ENTRY_KEY = "entry"  # a fresh id per save; not part of AdapterInfo
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def check_name(name: str) -> str:
-    """Adapter names become directory names: letters, digits, '.', '_', '-', at most 128."""
-    if not NAME.match(name) or name in (".", ".."):
-        raise InvalidRequestError(
-            f"invalid adapter name {quoted(name)}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
-    return name
-
-
 class AdapterStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
-from server.store import NAME
+from adapter_fusion.names import NAME
 
 MULTIPLEXED_KEY = "multiplexed_model_id"  # Ray Serve's metadata key
 APPLICATION_KEY = "application"  # Ray Serve's metadata key naming the application (needed only if the cluster runs several)
