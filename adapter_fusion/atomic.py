@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from adapter_fusion.errors import OutputExistsError, PathNotAllowedError
-from adapter_fusion.nofollow import DIR_FLAGS, can_hold, held_path, lexists_at, open_below, rename_noreplace
+from adapter_fusion.nofollow import DIR_FLAGS, PathChangedError, can_hold, held_path, lexists_at, open_below, rename_noreplace
 
 MARKER = ".adapter_fusion_output"
 _MARKER_TEXT = (json.dumps({"written_by": "adapter-fusion"}) + "\n").encode()
@@ -118,7 +118,10 @@ def atomic_directory(target: str | Path, overwrite: bool = False, root: Path | N
         if lexists_at(parent, target.name) and not overwrite:
             raise OutputExistsError(f"{target} already exists; choose another output or pass overwrite")
         tmp_name = f".{target.name}.{secrets.token_hex(4)}.tmp"
-        os.mkdir(tmp_name, 0o755, dir_fd=parent)
+        try:
+            os.mkdir(tmp_name, 0o755, dir_fd=parent)
+        except FileNotFoundError:  # the held parent was removed since it was opened
+            raise PathChangedError() from None
         published = False
         try:
             tmp = os.open(tmp_name, DIR_FLAGS, dir_fd=parent)
@@ -131,7 +134,10 @@ def atomic_directory(target: str | Path, overwrite: bool = False, root: Path | N
                 fsync_tree(where)
             finally:
                 os.close(tmp)
-            _publish(parent, tmp_name, target.name, overwrite, only_ours=root is not None)
+            try:
+                _publish(parent, tmp_name, target.name, overwrite, only_ours=root is not None)
+            except FileNotFoundError:  # the parent (and the temp dir in it) was removed meanwhile
+                raise PathChangedError() from None
             published = True
         finally:
             if not published:

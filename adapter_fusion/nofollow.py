@@ -26,10 +26,14 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class PathChangedError(PathNotAllowedError):
-    """A directory on a checked path became a symlink or a file before the write reached it."""
+    """A directory on a checked path became a symlink or a file, or went away, before the write
+    reached it."""
 
     def __init__(self) -> None:
-        super().__init__("the output's directory changed while it was being written (a part of its path is now a symlink or a file); nothing was written")
+        super().__init__(
+            "the output's directory changed while it was being written (a part of its path was removed or is now a symlink "
+            "or a file); nothing was written"
+        )
 
 
 def can_hold() -> bool:
