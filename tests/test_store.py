@@ -120,3 +120,17 @@ def test_entries_that_do_not_validate_are_quarantined(store: AdapterStore, damag
     quarantined = list((store.root / QUARANTINE).iterdir())
     assert len(quarantined) == 1 and quarantined[0].name.startswith("bad.")
     assert sum("does not validate" in r.message for r in caplog.records) == 1  # one log line per entry
+
+
+def test_quota_usage_is_counted_at_start_and_kept_by_saves_and_deletes(store: AdapterStore) -> None:
+    _save(store, "upper")
+    _save(store, "other")
+    on_disk = atomic.tree_bytes(store.root)
+    assert store.quota.used == on_disk  # every byte written, the marker included
+    _save(store, "upper")  # a replace counts its difference, not twice
+    assert store.quota.used == atomic.tree_bytes(store.root)
+    store.delete("other")
+    assert store.quota.used == atomic.tree_bytes(store.root) < on_disk
+    restarted = AdapterStore(store.root, quota_bytes=store.quota.limit)
+    restarted.recover()
+    assert restarted.quota.used == atomic.tree_bytes(store.root)
