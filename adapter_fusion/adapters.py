@@ -25,10 +25,12 @@ from safetensors.torch import load_file, save_file
 from adapter_fusion.atomic import atomic_directory
 from adapter_fusion.delta import LowRankDelta
 from adapter_fusion.errors import AdapterFormatError, IncompatibleAdaptersError, UnsupportedAdapterError
+from adapter_fusion.jsonfile import read_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+MAX_CONFIG_BYTES = 4 << 20  # a config with a rank_pattern for every module of a 70B model is ~100 KB
 _PREFIX = "base_model.model."
 # PEFT names factors "<module>.lora_A.weight"; older files keep the adapter name before ".weight".
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
@@ -88,7 +90,8 @@ def _fail(path: Path, reason: str, kind: type[AdapterFormatError] = AdapterForma
     return kind(f"{path}: {reason}")
 
 
-def read_config(directory: str | Path) -> dict:
+def read_config(directory: str | Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict:
+    """The adapter's config, bounded (see `jsonfile`): a hostile one is refused, never a crash."""
     directory = Path(directory)
     if not directory.is_dir():
         raise AdapterFormatError(f"{directory}: not a directory (expected a PEFT adapter dir with {CONFIG_NAME})")
@@ -96,8 +99,8 @@ def read_config(directory: str | Path) -> dict:
     if not path.is_file():
         raise _fail(path, "missing; a PEFT adapter dir holds adapter_config.json and adapter_model.safetensors")
     try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        config = read_json(path, max_bytes)
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, over the size or depth bound
         raise _fail(path, f"not valid JSON ({error})") from None
     if not isinstance(config, dict):
         raise _fail(path, "must hold a JSON object")
@@ -253,6 +256,17 @@ def save_adapter(adapter: Adapter, directory: str | Path, dtype: str = "float32"
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         write_adapter_files(adapter, tmp, dtype)
     return Path(directory)
+
+
+def saved_bytes(adapter: Adapter, dtype: str = "float32") -> int:
+    """An upper bound on what `write_adapter_files` writes, from the shapes alone (no byte
+    written): the factors in `dtype`, plus the safetensors header, the config and metadata."""
+    element = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    modules = {path: d for path, d in adapter.modules.items() if d.rank > 0}
+    tensors = sum(d.A.numel() + d.B.numel() for d in modules.values()) * element
+    names = sum(6 * len(path) + 1024 for path in modules)  # 2 header entries, target_modules, 2 patterns (escaped)
+    extra = len(json.dumps(adapter.extra, indent=2, default=str)) if adapter.extra else 0
+    return tensors + names + extra + (16 << 10)  # the config's other fields are ~1 KB
 
 
 def write_adapter_files(adapter: Adapter, directory: Path, dtype: str = "float32") -> None:

@@ -18,6 +18,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -25,6 +26,7 @@ from safetensors import safe_open
 from adapter_fusion.adapters import DTYPES, Adapter
 from adapter_fusion.atomic import atomic_directory
 from adapter_fusion.errors import AdapterFusionError, IncompatibleAdaptersError
+from adapter_fusion.nofollow import create_file
 
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "adapter_fusion_bake.json"
@@ -181,25 +183,19 @@ def _targets(adapter: Adapter, tensors: dict[str, _Tensor], tied: bool) -> tuple
     return targets, untied
 
 
-def bake(
-    base_dir: str | Path,
-    adapter: Adapter,
-    output_dir: str | Path,
-    dtype: str | None = None,
-    max_shard_size: int | str = "50GB",
-    overwrite: bool = False,
-    on_progress: ProgressCallback | None = None,
-) -> BakeManifest:
-    """Write base + ΔW as a model directory that `AutoModelForCausalLM.from_pretrained` loads.
+class _Plan(NamedTuple):
+    config: dict  # the base's config.json
+    base: list[_Tensor]  # as stored
+    tensors: list[_Tensor]  # as written, in order (the untied lm_head appended)
+    targets: dict[str, str]  # tensor name -> adapter module
+    untied: list[str]
+    embed: _Tensor | None
 
-    `dtype` (float32/bfloat16/float16) casts floating tensors; None keeps each stored dtype.
-    """
-    base_dir, output_dir = Path(base_dir), Path(output_dir)
+
+def _plan(base_dir: Path, adapter: Adapter, dtype: str | None) -> _Plan:
+    """What a bake writes, from the base's headers alone; refuses what does not fit."""
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    cap = parse_size(max_shard_size)
-    if cap <= 0:
-        raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
     config_path = base_dir / "config.json"
     if not config_path.is_file():
         raise BakeError(f"{base_dir}: no config.json; give a transformers model directory")
@@ -220,6 +216,39 @@ def bake(
             raise IncompatibleAdaptersError("adapter targets the tied lm_head but no embed_tokens weight was found")
         plan.append(_Tensor(name, embed.source, embed.shape, embed.dtype, embed.offset))
         targets[name] = "lm_head"
+    return _Plan(config, base, plan, targets, untied, embed)
+
+
+def planned_bytes(base_dir: str | Path, adapter: Adapter, dtype: str | None = None) -> int:
+    """An upper bound on what `bake` writes, before a byte is written: the tensors, their
+    headers and index, the base's other files, the manifest."""
+    base_dir = Path(base_dir)
+    plan = _plan(base_dir, adapter, dtype)
+    extras = sum(f.stat().st_size for f in base_dir.iterdir() if f.is_file() and not WEIGHT_FILES.match(f.name))
+    names = sum(3 * len(t.name) + 256 for t in plan.tensors)  # shard header, index, manifest mentions
+    return sum(t.nbytes for t in plan.tensors) + names + 2 * extras + (64 << 10)
+
+
+def bake(
+    base_dir: str | Path,
+    adapter: Adapter,
+    output_dir: str | Path,
+    dtype: str | None = None,
+    max_shard_size: int | str = "50GB",
+    overwrite: bool = False,
+    on_progress: ProgressCallback | None = None,
+    root: Path | None = None,
+) -> BakeManifest:
+    """Write base + ΔW as a model directory that `AutoModelForCausalLM.from_pretrained` loads.
+
+    `dtype` (float32/bfloat16/float16) casts floating tensors; None keeps each stored dtype.
+    `root`: the write root `output_dir` was checked against (see `atomic_directory`).
+    """
+    base_dir, output_dir = Path(base_dir), Path(output_dir)
+    cap = parse_size(max_shard_size)
+    if cap <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
+    config, base, plan, targets, untied, embed = _plan(base_dir, adapter, dtype)
     shards = _plan_shards(plan, cap)
     total = sum(t.nbytes for t in plan)
     names = (
@@ -241,11 +270,11 @@ def bake(
     stored |= {name: stored[embed.name] for name in untied if embed is not None}
     done = 0
     handles: dict[Path, object] = {}
-    with atomic_directory(output_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(output_dir, overwrite=overwrite, root=root) as tmp:
         try:
             for file, shard in zip(names, shards):
                 digest = hashlib.sha256()
-                with open(tmp / file, "wb") as out:
+                with create_file(tmp, file) as out:
                     header = _header(shard)
                     out.write(header)
                     digest.update(header)

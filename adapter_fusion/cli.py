@@ -244,6 +244,8 @@ def serve(
     preload: Annotated[list[Path] | None, typer.Option(help="adapter dir registered (pinned) at start (repeat); default: the demo adapters when --base is the default")] = None,
     memory_budget_mb: Annotated[int, typer.Option(help="resident adapter factors plus slot buffers, MB")] = 1024,
     slot_columns: Annotated[int, typer.Option(help="rank columns per layer allocated for resident slots at start (they double when full)")] = 64,
+    store_quota_mb: Annotated[int, typer.Option(help="disk the adapter store may hold, MB; a write past it is RESOURCE_EXHAUSTED")] = 10240,
+    output_quota_mb: Annotated[int, typer.Option(help="disk each --output-root may hold (exports, bakes), MB")] = 20480,
     max_new_tokens: Annotated[int, typer.Option(help="cap on a request's max_new_tokens")] = 512,
     max_prompt_tokens: Annotated[int, typer.Option()] = 2048,
     max_queue: Annotated[int, typer.Option(help="waiting requests before RESOURCE_EXHAUSTED")] = 256,
@@ -265,6 +267,7 @@ def serve(
     from adapter_fusion.engine import Limits
     from adapter_fusion.models import DEMO_ADAPTERS, cache_dir, default_base, resolve_device, resolve_dtype
     from server.app import ServerConfig, serve as run_server
+    from server.service import ServiceLimits
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if (tls_cert is None) != (tls_key is None):
@@ -298,6 +301,8 @@ def serve(
             device=device,
             dtype=dtype,
             slot_columns=slot_columns,
+            store_quota_bytes=store_quota_mb << 20,
+            service_limits=ServiceLimits(output_quota_bytes=output_quota_mb << 20),
         )
         asyncio.run(run_server(config))
     except AdapterFusionError as error:

@@ -28,7 +28,8 @@ from server.catalog import LocalCatalog
 from server.interceptors import BearerAuth, DecodeGuard
 from server.paths import PathPolicy
 from server.service import AdapterFusionService, ServiceLimits
-from server.store import AdapterStore
+from server.quota import megabytes
+from server.store import DEFAULT_QUOTA_BYTES, AdapterStore
 
 log = logging.getLogger("adapter_fusion.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdapterFusion"].full_name
@@ -59,6 +60,7 @@ class ServerConfig:
     device: str | None = None  # cpu, cuda, cuda:N, mps; None: cuda when available, else cpu
     dtype: str | None = None  # float32, bfloat16, float16; None: bfloat16 on cuda, else float32
     slot_columns: int = 64  # rank columns per layer the slot buffers start with (`slots.SlotBank`)
+    store_quota_bytes: int = DEFAULT_QUOTA_BYTES  # what the adapter store may hold on disk (`server.store`)
 
 
 def _is_loopback(host: str) -> bool:
@@ -106,7 +108,7 @@ async def build_core(
 ) -> Core:
     """Load the model, repair and register the store, preload, and build the service; the engine
     is not started yet. Disk and model work run in worker threads."""
-    store = await in_thread(AdapterStore, config.store_dir)
+    store = await in_thread(AdapterStore, config.store_dir, config.store_quota_bytes)
     runtime = await in_thread(Runtime, config.base_dir, device=config.device, dtype=config.dtype, slot_columns=config.slot_columns)
     engine = Engine(runtime, config.limits, reload=store.load, on_state=on_state)
     catalog = catalog_class(store, engine.registry, config.output_roots)
@@ -180,6 +182,11 @@ async def serve(config: ServerConfig) -> None:
     scheme = "TLS" if config.tls_cert else "plaintext"
     names = ", ".join(info.name for info, _ in running.engine.registry.listing()) or "none"
     log.info("adapter-fusion serving %s on %s:%d (%s); adapters: %s", config.base_dir.name, config.host, running.port, scheme, names)
+    quota = running.service.store.quota
+    log.info(
+        "disk quotas: store %s of %s used (--store-quota-mb); each output root %s (--output-quota-mb)",
+        megabytes(quota.used), megabytes(quota.limit), megabytes(config.service_limits.output_quota_bytes),
+    )
     log.info("try: python examples/grpc_client.py --address %s:%d", config.host, running.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -8,6 +8,10 @@ elsewhere is refused). A write never targets a root itself, an ancestor of any r
 the base model, or anything inside those two; it replaces an existing directory only when asked
 to and only if this project wrote it (`atomic.MARKER`). Errors name the allowed roots, never
 where a path led outside them.
+
+The checks resolve a path once; the write that follows never resolves it again: it walks down
+from the write root's descriptor without following links (`write_root_of`, `atomic_directory`),
+so a directory swapped for a symlink after the check ends the write with PERMISSION_DENIED.
 """
 
 from __future__ import annotations
@@ -53,6 +57,11 @@ class PathPolicy:
         """The output dir `path` names, if writing it there is allowed (see the module doc)."""
         with _os_errors(path):
             return self._writable(path, overwrite)
+
+    def write_root_of(self, real: Path) -> Path:
+        """The write root a `writable` path lies in (the innermost, if roots nest): writes walk
+        down from it without following links (`atomic_directory(root=...)`)."""
+        return max((root for root in self.write_roots if real != root and real.is_relative_to(root)), key=lambda root: len(root.parts))
 
     def _readable(self, path: str) -> Path:
         real = self._resolve(path, self.read_roots, "read")

@@ -18,10 +18,11 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 
-from adapter_fusion.adapters import Adapter, load_adapter, save_adapter
-from adapter_fusion.bake import bake
+from adapter_fusion.adapters import Adapter, load_adapter, saved_bytes, write_adapter_files
+from adapter_fusion.atomic import MARKER_BYTES, atomic_directory, tree_bytes
+from adapter_fusion.bake import bake, planned_bytes
 from adapter_fusion.engine import Engine
-from adapter_fusion.errors import AdapterFormatError, InvalidRequestError, NotFoundError
+from adapter_fusion.errors import AdapterFormatError, InvalidRequestError, NotFoundError, quoted
 from adapter_fusion.entries import AdapterInfo
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
@@ -32,6 +33,7 @@ from server.compose import ComposeRPCs
 from server.inference import InferenceRPCs
 from server.search import SearchRPCs
 from server.paths import PathPolicy
+from server.quota import RootQuotas
 from server.store import AdapterStore, check_name
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -48,6 +50,7 @@ class ServiceLimits:
     max_recipe_sources: int = 64  # sources of any recipe (the same adapter may be named many times)
     max_output_rank: int = 1024  # a composed adapter's rank in any module
     max_dense_values: int = 2_000_000_000  # source ΔW values an elementwise method (ties, dare, ...) forms: ~20 SmolLM2-sized sources
+    output_quota_bytes: int = 20 << 30  # what each write root may hold (exports, bakes): a SmolLM2 bake is ~540 MB
 
 
 def info_message(info: AdapterInfo, resident: bool) -> pb.AdapterInfo:
@@ -85,6 +88,7 @@ class AdapterFusionService(ComposeRPCs, InferenceRPCs, SearchRPCs, pb_grpc.Adapt
         self.catalog = catalog or LocalCatalog(store, engine.registry)
         self.paths = paths
         self.limits = limits
+        self.outputs = RootQuotas(paths.write_roots, limits.output_quota_bytes)
         self.calls = Calls(observer)
         self.names = NameLocks()
         self._inline: OrderedDict[str, str] = OrderedDict()  # canonical recipe hash -> hidden adapter name
@@ -169,8 +173,12 @@ class AdapterFusionService(ComposeRPCs, InferenceRPCs, SearchRPCs, pb_grpc.Adapt
                 adapter = self.registry.get(request.name)
                 with self.catalog.writing_output(path):
                     path = self.paths.writable(request.path, request.overwrite)  # again: now nobody else writes there
-                    out = save_adapter(adapter, path, dtype, request.overwrite)
-            return pb.ExportAdapterResponse(path=str(out), size_bytes=sum(f.stat().st_size for f in out.iterdir() if f.is_file()))
+                    root = self.paths.write_root_of(path)
+                    with self.outputs.claim(root, saved_bytes(adapter, dtype), f"exporting {quoted(request.name)}") as claim:
+                        with atomic_directory(path, request.overwrite, root=root) as tmp:  # never re-resolves `path`
+                            write_adapter_files(adapter, tmp, dtype)
+                            claim.written = tree_bytes(tmp) + MARKER_BYTES
+            return pb.ExportAdapterResponse(path=str(path), size_bytes=claim.written)
 
         async def work() -> pb.ExportAdapterResponse:
             dtype = _check_dtype(request.dtype or "float32")
@@ -200,7 +208,9 @@ class AdapterFusionService(ComposeRPCs, InferenceRPCs, SearchRPCs, pb_grpc.Adapt
             base = self.engine.runtime.base_dir
             with self.catalog.writing_output(path):
                 path = self.paths.writable(request.output_path, request.overwrite)  # again: now nobody else writes there
-                return bake(base, adapter, path, dtype, request.max_shard_bytes or "5GB", request.overwrite, tick)
+                root = self.paths.write_root_of(path)
+                with self.outputs.claim(root, planned_bytes(base, adapter, dtype), f"baking {quoted(request.adapter)}"):
+                    return bake(base, adapter, path, dtype, request.max_shard_bytes or "5GB", request.overwrite, tick, root=root)
 
         last = 0.0
         try:

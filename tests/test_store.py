@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -55,13 +56,15 @@ def test_metadata_is_written_before_the_entry_becomes_visible(store: AdapterStor
 
 
 def test_every_file_and_directory_is_fsynced_before_the_rename(store: AdapterStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    synced: list[str] = []
-    real = atomic.fsync_path
-    monkeypatch.setattr(atomic, "fsync_path", lambda path: (synced.append(Path(path).name), real(path)))
+    """Files and dirs are fsynced through descriptors: record which inodes, in what order."""
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino), real(fd)))
     _save(store, "upper")
-    names = {p.name for p in (store.root / "upper").iterdir()}
-    assert names <= set(synced) and META in names  # every file, the entry dir and then the parent
-    assert synced[-1] == store.root.name
+    entry = store.root / "upper"
+    inodes = {p.stat().st_ino for p in entry.iterdir()} | {entry.stat().st_ino}
+    assert inodes <= set(synced) and META in {p.name for p in entry.iterdir()}  # every file and the entry dir
+    assert synced[-1] == store.root.stat().st_ino  # and then the parent, after the rename
 
 
 def test_recover_repairs_what_a_crash_left(store: AdapterStore) -> None:
@@ -117,3 +120,17 @@ def test_entries_that_do_not_validate_are_quarantined(store: AdapterStore, damag
     quarantined = list((store.root / QUARANTINE).iterdir())
     assert len(quarantined) == 1 and quarantined[0].name.startswith("bad.")
     assert sum("does not validate" in r.message for r in caplog.records) == 1  # one log line per entry
+
+
+def test_quota_usage_is_counted_at_start_and_kept_by_saves_and_deletes(store: AdapterStore) -> None:
+    _save(store, "upper")
+    _save(store, "other")
+    on_disk = atomic.tree_bytes(store.root)
+    assert store.quota.used == on_disk  # every byte written, the marker included
+    _save(store, "upper")  # a replace counts its difference, not twice
+    assert store.quota.used == atomic.tree_bytes(store.root)
+    store.delete("other")
+    assert store.quota.used == atomic.tree_bytes(store.root) < on_disk
+    restarted = AdapterStore(store.root, quota_bytes=store.quota.limit)
+    restarted.recover()
+    assert restarted.quota.used == atomic.tree_bytes(store.root)
