@@ -104,11 +104,13 @@ class ComposeRPCs:
                 f"{self.limits.max_data_sources}"
             )
 
-    def _check_cost(self: AdapterFusionService, spec: Recipe, sources: list[Adapter]) -> None:
+    def _check_cost(self: AdapterFusionService, spec: Recipe, sources: list[Adapter], stored: bool) -> None:
         """Refuse a merge whose output or work is over this server's caps, from the sources' shapes
-        before any arithmetic: its rank, its bytes (it must fit the memory budget to be served),
-        and an elementwise method's dense work."""
+        before any arithmetic: its bytes (it must fit the memory budget to be served, and the store's
+        quota if it is stored), its rank, and an elementwise method's dense work."""
         cost = merge_cost(sources, get_method(spec.method), spec.rank)
+        if stored:
+            self.store.quota.check(cost.output_bytes, f"the {spec.method} output")
         budget = self.registry.budget.limit_bytes
         if cost.output_bytes > budget:
             raise LimitExceededError(
@@ -159,7 +161,7 @@ class ComposeRPCs:
                 self._example_ids(rows, recipe.raw, where)  # every text and token limit, as Score checks them
             runtime = self.engine.runtime
             sources = [self.registry.get(s.adapter) for s in spec.sources]
-            self._check_cost(spec, sources)
+            self._check_cost(spec, sources, stored=not hidden)
             result = merge_recipe(spec, sources, name, runtime.base_dir, str(runtime.device), on_example=tick)
             tick()  # a call abandoned during the last step registers nothing
             info = AdapterInfo.of(result.adapter, described, pin)

@@ -55,16 +55,24 @@ class DiskQuota:
         with self._lock:
             self._used = max(0, self._used - nbytes)
 
+    def check(self, nbytes: int, label: str) -> None:
+        """Refuse now what `claim` would refuse: before the work that makes the bytes."""
+        with self._lock:
+            self._refuse_over(nbytes, label)
+
+    def _refuse_over(self, nbytes: int, label: str) -> None:
+        taken = self._used + self._claimed
+        if taken + nbytes > self.limit:
+            raise LimitExceededError(
+                f"{label} needs {megabytes(nbytes)} but {self.what} holds {megabytes(taken)} of its "
+                f"{megabytes(self.limit)} quota ({self.flag}); {self.how_to_free}"
+            )
+
     @contextmanager
     def claim(self, nbytes: int, label: str) -> Iterator[Claim]:
         """Hold room for a write of at most `nbytes` while it runs; refused if it does not fit."""
         with self._lock:
-            taken = self._used + self._claimed
-            if taken + nbytes > self.limit:
-                raise LimitExceededError(
-                    f"{label} needs {megabytes(nbytes)} but {self.what} holds {megabytes(taken)} of its "
-                    f"{megabytes(self.limit)} quota ({self.flag}); {self.how_to_free}"
-                )
+            self._refuse_over(nbytes, label)
             self._claimed += nbytes
         claim = Claim(nbytes)
         try:

@@ -111,3 +111,17 @@ def test_every_pin_accepted_can_be_served(tmp_path: Path, tok_base: Path, tok_ad
         for name in pinned:
             code, details = code_of(lambda: greedy(client, name))
             assert code == grpc.StatusCode.OK, (name, code, details)
+
+
+def test_a_stored_output_over_the_store_quota_is_refused_before_merging(tmp_path: Path, tok_base: Path, tok_adapters: list[Path]) -> None:
+    """The store's quota is checked against the output's size from shapes, before the merge runs
+    (the store's own check at the write would come only after the work)."""
+    config = _config(tmp_path, tok_base, tok_adapters, store_quota_bytes=300_000)
+    with serving(config) as server, Client(server.address) as client:
+        load(client, "alpha", "alpha")  # ~40 KB stored
+        code, details = code_of(lambda: client.compose("wide", _copies("ties", "alpha", 16), pin=False))
+        assert code == grpc.StatusCode.OK, details  # rank 4: fits
+        code, details = code_of(lambda: client.compose("wider", _copies("cat", "alpha", 16)))  # rank 64: ~560 KB
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "the cat output needs" in details and "--store-quota-mb" in details, details
+        code, details = code_of(lambda: _inline(client, make_recipe("svd", {"alpha": 0.5}, rank=64)))  # inline: never stored
+        assert code == grpc.StatusCode.OK, details
