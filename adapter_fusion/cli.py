@@ -109,6 +109,15 @@ def inspect(adapter: Annotated[Path, typer.Argument(help="PEFT adapter dir")]) -
     console.print(table)
 
 
+@app.command(name="base-model")
+def base_model() -> None:
+    """Print the default base model's directory (SmolLM2, converted on first use), for other servers:
+    vllm serve "$(adapter-fusion base-model)" --enable-lora ..."""
+    from adapter_fusion.models import default_base
+
+    print(default_base())
+
+
 @app.command()
 def bake(
     output: Annotated[Path, typer.Option(help="model dir to write")],
