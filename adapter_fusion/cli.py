@@ -249,6 +249,8 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="waiting requests before RESOURCE_EXHAUSTED")] = 256,
     max_batch: Annotated[int, typer.Option(help="rows decoded together")] = 32,
     max_request_mb: Annotated[float, typer.Option(help="largest request message")] = 4.0,
+    max_fit_memory_mb: Annotated[int, typer.Option(help="estimated peak of a data-aware composition (learned, regmean, fisher), MB")] = 4096,
+    max_fit_work_tokens: Annotated[int, typer.Option(help="example tokens a data-aware composition may run (× steps for learned)")] = 1_000_000,
     token: Annotated[str | None, typer.Option(envvar="ADAPTER_FUSION_TOKEN", help="require 'authorization: Bearer <token>'")] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate (with --tls-key) to serve TLS")] = None,
     tls_key: Annotated[Path | None, typer.Option()] = None,
@@ -265,6 +267,7 @@ def serve(
     from adapter_fusion.engine import Limits
     from adapter_fusion.models import DEMO_ADAPTERS, cache_dir, default_base, resolve_device, resolve_dtype
     from server.app import ServerConfig, serve as run_server
+    from server.service import ServiceLimits
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if (tls_cert is None) != (tls_key is None):
@@ -289,6 +292,7 @@ def serve(
                 memory_budget_bytes=memory_budget_mb << 20,
             ),
             max_request_bytes=int(max_request_mb * (1 << 20)),
+            service_limits=ServiceLimits(max_fit_memory_mb=max_fit_memory_mb, max_fit_work_tokens=max_fit_work_tokens),
             token=token,
             tls_cert=tls_cert,
             tls_key=tls_key,

@@ -109,17 +109,20 @@ class FitCost:
         return ", ".join(f"{name} {size / MB:,.0f}" for name, size in self.parts.items() if size)
 
     def check(self, bounds: FitBounds) -> None:
-        """LimitExceededError, with the estimate and the bound, if this fit is over either."""
-        if bounds.max_work_tokens is not None and self.work_tokens > bounds.max_work_tokens:
-            raise LimitExceededError(
-                f"{self.what} would run {self.work_tokens:,} example tokens through the model ({self.work}); this server's cap is "
-                f"{bounds.max_work_tokens:,}: fewer or shorter examples, fewer steps or sources"
-            )
+        """LimitExceededError naming the estimate and the bound of each bound this fit is over."""
+        over = []
         if bounds.max_memory_bytes is not None and self.memory_bytes > bounds.max_memory_bytes:
-            raise LimitExceededError(
-                f"{self.what} would need about {self.memory_bytes / MB:,.0f} MB at its peak (MB: {self.describe()}); this server's fit "
-                f"budget is {bounds.max_memory_bytes / MB:,.0f} MB: shorter examples or fewer sources"
+            over.append(
+                f"would need about {self.memory_bytes / MB:,.0f} MB at its peak (MB: {self.describe()}); this server's fit budget "
+                f"is {bounds.max_memory_bytes / MB:,.0f} MB"
             )
+        if bounds.max_work_tokens is not None and self.work_tokens > bounds.max_work_tokens:
+            over.append(
+                f"would run {self.work_tokens:,} example tokens through the model ({self.work}); this server's cap is "
+                f"{bounds.max_work_tokens:,}"
+            )
+        if over:
+            raise LimitExceededError(f"{self.what} {'; and '.join(over)}: fewer or shorter examples, fewer steps or sources")
 
 
 def batch_rows(widths: Sequence[int], batch_tokens: int, max_rows: int) -> list[int]:

@@ -136,7 +136,7 @@ class ComposeRPCs:
                 self._example_ids(rows, recipe.raw, where)  # every text and token limit, as Score checks them
             runtime = self.engine.runtime
             sources = [self.registry.get(s.adapter) for s in spec.sources]
-            result = merge_recipe(spec, sources, name, runtime.base_dir, str(runtime.device), on_example=tick)
+            result = merge_recipe(spec, sources, name, runtime.base_dir, str(runtime.device), on_example=tick, bounds=self.limits.fit_bounds())
             tick()  # a call abandoned during the last step registers nothing
             info = AdapterInfo.of(result.adapter, described, pin)
             with name_checked():

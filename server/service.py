@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from adapter_fusion.adapters import Adapter, load_adapter, save_adapter
 from adapter_fusion.bake import bake
 from adapter_fusion.engine import Engine
+from adapter_fusion.fit_cost import FitBounds
 from adapter_fusion.errors import AdapterFormatError, InvalidRequestError, NotFoundError
 from adapter_fusion.entries import AdapterInfo
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
@@ -45,6 +46,13 @@ class ServiceLimits:
     max_search_budget: int = 1000  # SearchWeights evaluations (lorahub) or Adam steps (learned)
     max_search_parallel: int = 64  # SearchWeights candidates per batched pass
     max_data_sources: int = 8  # regmean / fisher sources per recipe: each keeps per-module statistics (~1 GB on SmolLM2)
+    fit_batch_tokens: int = 2048  # padded tokens per micro-batch of a learned fit (one longer example runs alone)
+    max_fit_memory_mb: int = 4096  # a data-aware fit's estimated peak (model copy, activations, statistics), MB
+    max_fit_work_tokens: int = 1_000_000  # example tokens a fit runs: × steps (learned), over every source (regmean, fisher)
+
+    def fit_bounds(self) -> FitBounds:
+        """What a data-aware composition may cost, as the library checks it before any work."""
+        return FitBounds(self.fit_batch_tokens, self.max_fit_memory_mb << 20, self.max_fit_work_tokens)
 
 
 def info_message(info: AdapterInfo, resident: bool) -> pb.AdapterInfo:
