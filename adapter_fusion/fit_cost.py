@@ -10,7 +10,8 @@ the tokens of every source's examples for regmean and fisher (each source runs i
 The per-token coefficients below are counts of the tensors a transformer block keeps (norm
 inputs, q/k/v/o, the MLP's gate, up and product), rounded up; on SmolLM2-135M (float32, CPU)
 one example of 512, 1024 and 2048 tokens forward and backward peaked at 1.0, 1.5 and 3.2 GB over
-the loaded model, which these estimate at 1.3, 2.1 and 3.8 GB.
+the loaded model (a fifth of each example scored), which these estimate, less the model copy, at
+1.2, 2.0 and 3.6 GB.
 """
 
 from __future__ import annotations
