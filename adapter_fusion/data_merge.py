@@ -19,6 +19,8 @@ from torch import Tensor
 
 from adapter_fusion.adapters import Adapter
 from adapter_fusion.errors import IncompatibleAdaptersError, RecipeError, quoted
+from adapter_fusion.fit_cost import FitBounds, FitCost, ModelShape, statistics_cost
+from adapter_fusion.fit_guard import Tick, releasing, stop_points
 from adapter_fusion.merge import MergeResult, get_method, merge
 from adapter_fusion.merge.driver import ProgressCallback
 from adapter_fusion.merge.registry import data_methods
@@ -55,47 +57,73 @@ def load_examples(path: str | Path) -> list[Example]:
     return examples
 
 
+def load_tokenizer(base_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(base_dir)
+    except (OSError, ValueError, TypeError):
+        raise RecipeError(f"{base_dir}: no tokenizer; the examples are tokenized with the base model's tokenizer") from None
+
+
 def load_base(base_dir: str | Path, device: str | None = None):
     """(model, tokenizer) in float32, eval mode, parameters frozen (gradients go to probes only)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from adapter_fusion.models import resolve_device
 
     base_dir = Path(base_dir)
     if not (base_dir / "config.json").is_file():
         raise RecipeError(f"{base_dir}: not a model directory (no config.json); set `base:` in the recipe or pass --base")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    except (OSError, ValueError, TypeError):
-        raise RecipeError(f"{base_dir}: no tokenizer; the examples are tokenized with the base model's tokenizer") from None
+    tokenizer = load_tokenizer(base_dir)
     seq2seq = bool(AutoConfig.from_pretrained(base_dir).is_encoder_decoder)
     model_class = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     model = model_class.from_pretrained(base_dir, dtype=torch.float32).to(resolve_device(device)).eval()
     return model.requires_grad_(False), tokenizer
 
 
-def encode(model, tokenizer, example: Example, chat: bool) -> dict[str, Tensor]:
-    """Model inputs of one example (batch 1) with `labels` -100 except on the target tokens.
-    Causal: the input as a chat user message (the tokenizer's template; raw text if `chat` is off
-    or there is none), then the target. Seq2seq: input to the encoder, target as the labels."""
+def token_ids(config, tokenizer, example: Example, chat: bool) -> tuple[list[int], list[int]]:
+    """An example's input and target ids as `encode` feeds them (seq2seq: with special tokens)."""
     prompt, target = example
-    if model.config.is_encoder_decoder:
-        labels = torch.tensor([tokenizer(target)["input_ids"]])
-        return {
-            "input_ids": torch.tensor([tokenizer(prompt)["input_ids"]]),
-            "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=labels),
-            "labels": labels,
-        }
+    if config.is_encoder_decoder:
+        return tokenizer(prompt)["input_ids"], tokenizer(target)["input_ids"]
     if chat and tokenizer.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
     else:
         text = prompt
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = getattr(config, "max_position_embeddings", None)
     if limit and len(ids) + len(target_ids) > limit:
         raise RecipeError(f"example {quoted(prompt)} is {len(ids) + len(target_ids)} tokens, more than the base model's {limit}")
+    return ids, target_ids
+
+
+def encode(model, tokenizer, example: Example, chat: bool) -> dict[str, Tensor]:
+    """Model inputs of one example (batch 1) with `labels` -100 except on the target tokens.
+    Causal: the input as a chat user message (the tokenizer's template; raw text if `chat` is off
+    or there is none), then the target. Seq2seq: input to the encoder, target as the labels."""
+    ids, target_ids = token_ids(model.config, tokenizer, example, chat)
+    if model.config.is_encoder_decoder:
+        labels = torch.tensor([target_ids])
+        return {
+            "input_ids": torch.tensor([ids]),
+            "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=labels),
+            "labels": labels,
+        }
     return {"input_ids": torch.tensor([ids + target_ids]), "labels": torch.tensor([[-100] * len(ids) + target_ids])}
+
+
+def examples_cost(kind: str, base_dir: str | Path, sources: Sequence[Adapter], examples: Sequence[Sequence[Example]], chat: bool) -> FitCost:
+    """What collecting `kind` statistics would hold and run, from the tokenizer, the config and the
+    sources' module shapes alone: before the model is loaded."""
+    from transformers import AutoConfig
+
+    shape = ModelShape.of(base_dir)  # first: a path that is no model says so
+    config, tokenizer = AutoConfig.from_pretrained(base_dir), load_tokenizer(base_dir)
+    lengths = [[sum(map(len, token_ids(config, tokenizer, example, chat))) for example in rows] for rows in examples]
+    modules = {path: delta.shape for adapter in sources for path, delta in adapter.modules.items()}
+    return statistics_cost(kind, shape, modules, lengths)
 
 
 def target_nll(model, batch: dict[str, Tensor]) -> Tensor:
@@ -109,28 +137,55 @@ def target_nll(model, batch: dict[str, Tensor]) -> Tensor:
 
 
 class _Hooks:
-    """Forward hooks on the target modules: add the adapter's B (A x), remember each call's input
-    x and (for gradients) a zero probe added to the output, whose gradient is ∂loss/∂output."""
+    """Forward hooks on the target modules: add the adapter's B (A x) and fold what the method
+    needs into `sums` as each module runs, so no module's input outlives its use. "gram": x xᵀ
+    of the call's tokens, at once. "fisher": a zero probe added to the output, whose gradient is
+    ∂loss/∂output; a hook on it adds g xᵀ (∂loss/∂ΔW) to the example's gradient. `tick` runs
+    after each module's share."""
 
-    def __init__(self, model, shapes: dict[str, tuple[int, int]], adapter: Adapter, probes: bool) -> None:
-        self.calls: dict[str, list[tuple[Tensor, Tensor | None]]] = {path: [] for path in shapes}
+    def __init__(self, model, shapes: dict[str, tuple[int, int]], adapter: Adapter, kind: str, tick: Tick | None) -> None:
+        self.kind, self.tick = kind, tick
+        self.tokens = dict.fromkeys(shapes, 0)
+        self.sums = {p: torch.zeros(s[1], s[1], dtype=torch.float64) if kind == "gram" else torch.zeros(s) for p, s in shapes.items()}
+        self.gradient = {p: torch.zeros(s) for p, s in shapes.items()} if kind == "fisher" else {}  # one example's
         weight = next(model.parameters())
         self.handles = []
         for path in shapes:
             delta = adapter.modules.get(path)
             factors = None if delta is None else (delta.A.to(weight), delta.B.to(weight))  # the model's device and dtype
-            self.handles.append(model.get_submodule(path).register_forward_hook(self._hook(path, factors, probes)))
+            self.handles.append(model.get_submodule(path).register_forward_hook(self._hook(path, factors)))
 
-    def _hook(self, path: str, factors: tuple[Tensor, Tensor] | None, probes: bool):
+    def _hook(self, path: str, factors: tuple[Tensor, Tensor] | None):
         def hook(module, args, output: Tensor) -> Tensor:
             x = args[0]  # (1, T, in)
             if factors is not None:
                 output = output + (x @ factors[0].T) @ factors[1].T  # (1, T, out)
-            probe = torch.zeros_like(output, requires_grad=True) if probes else None
-            self.calls[path].append((x.detach(), probe))
-            return output + probe if probes else output
+            flat = x.detach().reshape(-1, x.shape[-1])  # (tokens, in)
+            if self.kind == "gram":
+                flat = flat.double().cpu()
+                self.sums[path] += flat.T @ flat
+                self.tokens[path] += flat.shape[0]
+                self._tick()
+                return output
+            probe = torch.zeros_like(output, requires_grad=True)
+            probe.register_hook(lambda g: self._add_gradient(path, g, flat))
+            return output + probe
 
         return hook
+
+    def _add_gradient(self, path: str, g: Tensor, x: Tensor) -> None:
+        self.gradient[path] += (g.reshape(-1, g.shape[-1]).T @ x).float().cpu()  # ∂loss/∂ΔW = Σ_tokens g xᵀ, (out, in)
+        self._tick()
+
+    def _tick(self) -> None:
+        if self.tick is not None:
+            self.tick()
+
+    def end_example(self) -> None:
+        """Fisher: the example's squared gradient joins the sum; the gradient restarts at 0."""
+        for path, g in self.gradient.items():
+            self.sums[path] += g.square()
+            g.zero_()
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -158,47 +213,36 @@ def module_shapes(model, sources: Sequence[Adapter]) -> dict[str, tuple[int, int
 
 def collect_statistics(
     kind: str, model, tokenizer, sources: Sequence[Adapter], examples: Sequence[Sequence[Example]], chat: bool = True,
-    on_example: ProgressCallback | None = None,
+    on_example: ProgressCallback | None = None, tick: Tick | None = None,
 ) -> dict[str, list[Tensor]]:
     """Per module, one statistic per source (see `MergeMethod.data`): "gram" = mean x xᵀ over
     the source's tokens, (in, in) float64; "fisher" = mean over its examples of the squared
-    gradient of log p(target | input) w.r.t. ΔW, (out, in) float32."""
+    gradient of log p(target | input) w.r.t. ΔW, (out, in) float32. One example at a time (the
+    micro-batch: Fisher needs per-example gradients); `tick` runs between modules and blocks."""
     shapes = module_shapes(model, sources)
     out: dict[str, list[Tensor]] = {path: [] for path in shapes}
     total, done = sum(map(len, examples)), 0
     for adapter, rows in zip(sources, examples):
-        sums = {path: torch.zeros(shape[1], shape[1], dtype=torch.float64) if kind == "gram" else torch.zeros(shape) for path, shape in shapes.items()}
-        tokens = dict.fromkeys(shapes, 0)
-        hooks = _Hooks(model, shapes, adapter, probes=kind == "fisher")
+        hooks = _Hooks(model, shapes, adapter, kind, tick)
         try:
-            for example in rows:
-                batch = {k: v.to(model.device) for k, v in encode(model, tokenizer, example, chat).items()}
-                with torch.enable_grad() if kind == "fisher" else torch.no_grad():
-                    loss = target_nll(model, batch)
-                calls = [(path, x, probe) for path, seen in hooks.calls.items() for x, probe in seen]
-                if kind == "fisher":
-                    grads = torch.autograd.grad(loss, [probe for _, _, probe in calls], allow_unused=True)
-                    per_module = {path: torch.zeros(shapes[path]) for path in shapes}
-                    for (path, x, _), g in zip(calls, grads):
-                        if g is not None:  # ∂loss/∂ΔW = Σ_tokens g xᵀ, (out, in)
-                            per_module[path] += (g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])).float().cpu()
-                    for path, g in per_module.items():
-                        sums[path] += g.square()
-                else:
-                    for path, x, _ in calls:
-                        flat = x.reshape(-1, x.shape[-1]).double().cpu()  # (tokens, in)
-                        sums[path] += flat.T @ flat
-                        tokens[path] += flat.shape[0]
-                for seen in hooks.calls.values():
-                    seen.clear()
-                done += 1
-                if on_example is not None:
-                    on_example(done, total, adapter.name)
+            with stop_points(model, tick):
+                for example in rows:
+                    batch = {k: v.to(model.device) for k, v in encode(model, tokenizer, example, chat).items()}
+                    if kind == "fisher":
+                        with torch.enable_grad():
+                            target_nll(model, batch).backward()  # the probes' hooks collect the gradients
+                        hooks.end_example()
+                    else:
+                        with torch.no_grad():
+                            model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
+                    done += 1
+                    if on_example is not None:
+                        on_example(done, total, adapter.name)
         finally:
             hooks.remove()
         for path in shapes:
-            count = tokens[path] if kind == "gram" else len(rows)
-            out[path].append(sums[path] / max(count, 1))
+            count = hooks.tokens[path] if kind == "gram" else len(rows)
+            out[path].append(hooks.sums[path] / max(count, 1))
     return out
 
 
@@ -216,9 +260,12 @@ def merge_with_data(
     device: str | None = None,
     on_module: ProgressCallback | None = None,
     on_example: ProgressCallback | None = None,
+    bounds: FitBounds = FitBounds(),
+    tick: Tick | None = None,
 ) -> MergeResult:
     """Compose `sources` with a data-aware method; `examples[i]` are source i's (input, target)
-    pairs, run through `base` (default: the default base model) with source i applied."""
+    pairs, run through `base` (default: the default base model) with source i applied. Over
+    `bounds`, refused before the model is loaded; the model copy is released after."""
     from adapter_fusion.models import default_base
 
     spec = get_method(method)
@@ -230,6 +277,8 @@ def merge_with_data(
         raise RecipeError(f"got examples for {len(examples)} sources, but {len(sources)} sources: every source needs its own")
     if any(len(rows) == 0 for rows in examples):
         raise RecipeError("every source needs at least one example")
-    model, tokenizer = load_base(base or default_base(), device)
-    statistics = collect_statistics(spec.data, model, tokenizer, sources, examples, chat, on_example)
+    base = base or default_base()
+    examples_cost(spec.data, base, sources, examples, chat).check(bounds)
+    with releasing():  # the model copy is this merge's alone
+        statistics = collect_statistics(spec.data, *load_base(base, device), sources, examples, chat, on_example, tick)
     return merge(sources, method, weights, parameters, rank, seed, name, on_module, statistics=statistics)

@@ -24,6 +24,8 @@ import torch
 
 from adapter_fusion.adapters import Adapter, check_compatible
 from adapter_fusion.errors import RecipeError
+from adapter_fusion.fit_cost import FitBounds, FitCost, ModelShape, batch_rows, learned_cost
+from adapter_fusion.fit_guard import Tick, releasing, stop_points
 from adapter_fusion.lorahub import SearchCancelled, tokenize_examples
 from adapter_fusion.merge import MergeResult, get_method, merge, parse_parameters
 from adapter_fusion.merge.driver import ProgressCallback
@@ -72,14 +74,16 @@ def check_fit(n_sources: int, n_examples: int, steps: int, lr: float, l1: float,
         raise RecipeError(f"batch_size must be >= 1, got {batch_size}")
 
 
-CHUNK_ROWS = 32  # examples per forward and backward: memory stays that of a batch the engine decodes
+CHUNK_ROWS = 32  # examples per forward and backward at most: memory stays that of a batch the engine decodes
 
 
 class CoefficientFit:
     """One fit's state, advanced an Adam step at a time by whoever owns the runtime: the loop in
     `fit_coefficients`, or the server's engine thread, where each piece of a step (at most
     `chunk_rows` examples forward and backward) is one job between decode steps, so streams keep
-    flowing. Every piece needs the sources side by side in the slot `route`."""
+    flowing. Every piece needs the sources side by side in the slot `route`. A piece holds at
+    most `chunk_rows` examples and, when `chunk_tokens` is set, at most that many padded tokens
+    (an example longer than that runs alone): its memory is bounded by tokens, not by rows."""
 
     def __init__(
         self,
@@ -95,6 +99,7 @@ class CoefficientFit:
         batch_size: int | None = None,
         seed: int = 0,
         chunk_rows: int = CHUNK_ROWS,
+        chunk_tokens: int | None = None,
     ) -> None:
         check_compatible(adapters)
         check_fit(len(adapters), len(prompts), 1, lr, l1, bound, batch_size)
@@ -103,6 +108,7 @@ class CoefficientFit:
             raise RecipeError(f"got {len(init)} initial coefficients for {len(adapters)} adapters")
         self.runtime, self.prompts, self.targets = runtime, prompts, targets
         self.l1, self.bound, self.batch_size, self.chunk_rows = l1, bound, batch_size, chunk_rows
+        self.chunk_tokens = chunk_tokens
         paths = [path for path in runtime.layers if any(path in a.modules for a in adapters)]
         self.groups = coefficient_groups(paths, per)
         self.coefficients = torch.tensor([init] * (max(self.groups.values()) + 1), requires_grad=True)  # (groups, n)
@@ -122,18 +128,21 @@ class CoefficientFit:
 
     def pieces(self) -> Iterator[Callable[[int], None]]:
         """One Adam step as pieces to run in order, each given the slot `route`: forward and
-        backward of at most `chunk_rows` examples (gradients summed over a minibatch, each
-        chunk's loss divided by the minibatch's target tokens: the same objective), the update
-        after a minibatch's last chunk; the last piece records the step."""
+        backward of one chunk (gradients summed over a minibatch, each chunk's loss divided by
+        the minibatch's target tokens: the same objective), the update after a minibatch's last
+        chunk; the last piece records the step."""
         n = len(self.prompts)
         shuffled = torch.randperm(n, generator=self.order).tolist() if self.batch_size else list(range(n))
         size = self.batch_size or n
         for at in range(0, n, size):
             batch = shuffled[at : at + size]
             tokens = sum(len(self.targets[i]) for i in batch)
-            for c in range(0, len(batch), self.chunk_rows):
-                rows = batch[c : c + self.chunk_rows]
-                yield functools.partial(self._accumulate, rows, tokens, len(batch), first=at == 0 and c == 0, last=c + self.chunk_rows >= len(batch))
+            widths = [len(self.prompts[i]) + len(self.targets[i]) for i in batch]
+            c = 0
+            for size in batch_rows(widths, self.chunk_tokens or sum(widths), self.chunk_rows):
+                rows = batch[c : c + size]
+                yield functools.partial(self._accumulate, rows, tokens, len(batch), first=at == 0 and c == 0, last=c + size >= len(batch))
+                c += size
         yield self._record
 
     def _accumulate(self, rows: list[int], tokens: int, batch: int, route: int, first: bool, last: bool) -> None:
@@ -188,22 +197,52 @@ def fit_coefficients(
     chat: bool = True,
     on_step: StepCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    bounds: FitBounds = FitBounds(),
+    tick: Tick | None = None,
 ) -> FitResult:
     """Fit coefficients (`per` source, layer or module, starting from `init`, default 1 each) by
     Adam on the examples' target loss, clamped to ±`bound`; full batch unless `batch_size`
-    (minibatches in a seeded order). Returns the coefficients of the best step seen."""
+    (minibatches in a seeded order), each step in micro-batches of `bounds.batch_tokens`
+    (gradients accumulated: the same step). The cost is checked against `bounds` before any
+    forward; `tick` runs between micro-batches and blocks (raising from it stops the fit).
+    Returns the coefficients of the best step seen."""
     adapters = list(adapters)
     check_fit(len(adapters), len(examples), steps, lr, l1, bound, batch_size)
     prompts, targets = tokenize_examples(runtime, examples, chat)
-    fit = CoefficientFit(runtime, adapters, prompts, targets, per, init, lr, l1, bound, batch_size, seed)
+    learned_cost(ModelShape.of(runtime.base_dir), [len(p) for p in prompts], [len(t) for t in targets], steps, bounds, runtime.dtype.itemsize).check(bounds)
+    fit = CoefficientFit(runtime, adapters, prompts, targets, per, init, lr, l1, bound, batch_size, seed, chunk_tokens=bounds.batch_tokens)
     runtime.set_slots([adapters])
-    for step in range(steps):
-        if should_stop is not None and should_stop():
-            raise SearchCancelled("fitting the coefficients was cancelled")
-        value = fit.step(1)
-        if on_step is not None:
-            on_step(step + 1, steps, value)
+    with stop_points(runtime.model, tick):
+        for step in range(steps):
+            if should_stop is not None and should_stop():
+                raise SearchCancelled("fitting the coefficients was cancelled")
+            for piece in fit.pieces():
+                if tick is not None:
+                    tick()
+                piece(1)
+            if on_step is not None:
+                on_step(step + 1, steps, fit.result.losses[-1])
     return fit.finish()
+
+
+def examples_cost(base_dir: str | Path, examples: Sequence[tuple[str, str]], chat: bool, steps: int, bounds: FitBounds) -> FitCost:
+    """A learned fit's cost from the tokenizer and the checkpoint's shapes alone, before a model
+    is loaded. Token counts as `tokenize_examples` makes them, a chat target counted with the
+    token that ends the assistant's turn."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    seq2seq = bool(AutoConfig.from_pretrained(base_dir).is_encoder_decoder)
+    use_chat = chat and not seq2seq and bool(tokenizer.chat_template)
+    prompts, targets = [], []
+    for x, y in examples:
+        if use_chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True, tokenize=False)
+            prompts.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        else:
+            prompts.append(len(tokenizer(x, add_special_tokens=seq2seq)["input_ids"]))
+        targets.append(len(tokenizer(y, add_special_tokens=seq2seq)["input_ids"]) + int(use_chat))
+    return learned_cost(ModelShape.of(base_dir), prompts, targets, steps, bounds)
 
 
 def learned_adapter(
@@ -238,15 +277,23 @@ def merge_learned(
     device: str | None = None,
     on_module: ProgressCallback | None = None,
     on_step: StepCallback | None = None,
+    bounds: FitBounds = FitBounds(),
+    tick: Tick | None = None,
 ) -> MergeResult:
     """The `learned` method end to end: fit the coefficients on `examples` (one set shared by all
     sources) through `base` (a model dir, a loaded Runtime, or None: the default base), starting
-    from `weights`, then merge Σ cᵢΔWᵢ per module. The fit's curve is kept in the adapter's extra."""
+    from `weights`, then merge Σ cᵢΔWᵢ per module. The fit's curve is kept in the adapter's extra.
+    Over `bounds`, refused before a model is loaded; a model loaded here is released after."""
     from adapter_fusion.models import default_base
 
     p = parse_parameters(get_method("learned"), parameters)
-    runtime = base if isinstance(base, Runtime) else Runtime(base or default_base(), device=device)
-    fit = fit_coefficients(
-        runtime, sources, examples, p.per, weights, p.steps, p.lr, p.l1, p.bound, p.batch_size, seed, chat, on_step
-    )
+    settings = (p.per, weights, p.steps, p.lr, p.l1, p.bound, p.batch_size, seed, chat, on_step)
+    if isinstance(base, Runtime):
+        fit = fit_coefficients(base, sources, examples, *settings, bounds=bounds, tick=tick)
+    else:
+        base = base or default_base()
+        check_fit(len(sources), len(examples), p.steps, p.lr, p.l1, p.bound, p.batch_size)
+        examples_cost(base, examples, chat, p.steps, bounds).check(bounds)
+        with releasing():  # the model copy is this fit's alone
+            fit = fit_coefficients(Runtime(base, device=device), sources, examples, *settings, bounds=bounds, tick=tick)
     return learned_adapter(sources, fit, p, weights, rank, seed, name, on_module)

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from adapter_fusion.adapters import Adapter, load_adapter, save_adapter
 from adapter_fusion.errors import OutputExistsError, RecipeError
+from adapter_fusion.fit_cost import FitBounds
 from adapter_fusion.merge import MergeResult, get_method, merge, parse_parameters
 from adapter_fusion.merge.driver import ProgressCallback, check_weights
 from adapter_fusion.merge.registry import data_methods
@@ -190,29 +191,43 @@ def merge_recipe(
     device: str | None = None,
     on_module: ProgressCallback | None = None,
     on_example: ProgressCallback | None = None,
+    bounds: FitBounds = FitBounds(),
 ) -> MergeResult:
     """Merge loaded `adapters` (the recipe's sources, in order) by the recipe; a data-aware method
-    first runs its examples through `base` on `device` (`on_example` ticks per example or Adam
-    step; raising from it stops the work)."""
+    first runs its examples through `base` on `device`, in micro-batches and within `bounds`
+    (refused before a model is loaded when over them). `on_example` ticks per example or Adam
+    step, and again (with the last progress) between micro-batches and blocks, so raising from
+    it stops the work within one block's forward or backward."""
     data = get_method(recipe.method).data
+    last: list = []  # the latest progress, repeated by the ticks between
+
+    def report(done: int, total: int, what: str) -> None:
+        last[:] = [done, total, what]
+        if on_example is not None:
+            on_example(done, total, what)
+
+    def tick() -> None:
+        if on_example is not None and last:
+            on_example(*last)
+
     if data == "coefficients":
         from adapter_fusion.learned import merge_learned
 
-        def step(done: int, total: int, loss: float) -> None:
-            if on_example is not None:
-                on_example(done, total, f"loss {loss:.4f}")
-
+        steps = parse_parameters(get_method("learned"), recipe.parameters).steps
+        last[:] = [0, steps, "fitting"]
         return merge_learned(
             adapters, read_examples(recipe.examples), base, recipe.weights, recipe.parameters, recipe.rank, recipe.seed,
-            name, chat=recipe.chat, device=device, on_module=on_module, on_step=step,
+            name, chat=recipe.chat, device=device, on_module=on_module, on_step=lambda done, total, loss: report(done, total, f"loss {loss:.4f}"),
+            bounds=bounds, tick=tick,
         )
     if data is not None:
         from adapter_fusion.data_merge import merge_with_data
 
         examples = [read_examples(s.examples) for s in recipe.sources]
+        last[:] = [0, sum(map(len, examples)), recipe.sources[0].adapter]
         return merge_with_data(
             adapters, recipe.method, examples, base, recipe.weights, recipe.parameters, recipe.rank, recipe.seed, name,
-            chat=recipe.chat, device=device, on_module=on_module, on_example=on_example,
+            chat=recipe.chat, device=device, on_module=on_module, on_example=report, bounds=bounds, tick=tick,
         )
     return merge(adapters, recipe.method, recipe.weights, recipe.parameters, recipe.rank, recipe.seed, name, on_module)
 

@@ -162,7 +162,7 @@ class ComposeRPCs:
             runtime = self.engine.runtime
             sources = [self.registry.get(s.adapter) for s in spec.sources]
             self._check_cost(spec, sources, stored=not hidden)
-            result = merge_recipe(spec, sources, name, runtime.base_dir, str(runtime.device), on_example=tick)
+            result = merge_recipe(spec, sources, name, runtime.base_dir, str(runtime.device), on_example=tick, bounds=self.limits.fit_bounds())
             tick()  # a call abandoned during the last step registers nothing
             info = AdapterInfo.of(result.adapter, described, pin)
             with name_checked():

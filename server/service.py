@@ -23,6 +23,7 @@ from adapter_fusion.atomic import MARKER_BYTES, atomic_directory, tree_bytes
 from adapter_fusion.bake import bake, planned_bytes
 from adapter_fusion.engine import Engine
 from adapter_fusion.errors import AdapterFormatError, InvalidRequestError, NotFoundError, quoted
+from adapter_fusion.fit_cost import FitBounds
 from adapter_fusion.entries import AdapterInfo
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
@@ -51,6 +52,13 @@ class ServiceLimits:
     max_output_rank: int = 1024  # a composed adapter's rank in any module
     max_dense_values: int = 2_000_000_000  # source ΔW values an elementwise method (ties, dare, ...) forms: ~20 SmolLM2-sized sources
     output_quota_bytes: int = 20 << 30  # what each write root may hold (exports, bakes): a SmolLM2 bake is ~540 MB
+    fit_batch_tokens: int = 2048  # padded tokens per micro-batch of a learned fit (one longer example runs alone)
+    max_fit_memory_mb: int = 4096  # a data-aware fit's estimated peak (model copy, activations, statistics), MB
+    max_fit_work_tokens: int = 1_000_000  # example tokens a fit runs: × steps (learned), over every source (regmean, fisher)
+
+    def fit_bounds(self) -> FitBounds:
+        """What a data-aware composition may cost, as the library checks it before any work."""
+        return FitBounds(self.fit_batch_tokens, self.max_fit_memory_mb << 20, self.max_fit_work_tokens)
 
 
 def info_message(info: AdapterInfo, resident: bool) -> pb.AdapterInfo:

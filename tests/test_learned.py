@@ -158,6 +158,27 @@ def test_chunked_pieces_are_the_same_step(gentle) -> None:
         np.testing.assert_allclose(chunked.result.coefficients[path], coefficients, atol=1e-5)
 
 
+def test_token_bounded_micro_batches_are_the_full_batch_step(gentle) -> None:
+    """A full-batch step cut into micro-batches of at most `chunk_tokens` padded tokens (one row
+    each here: every example is longer than the bound) accumulates the same gradient: the same
+    float32 argument as above, so the same 1e-5."""
+    runtime, adapters, examples = gentle
+    prompts, targets = tokenize_examples(runtime, examples, chat=True)
+    runtime.set_slots([adapters])
+    shortest = min(len(p) + len(t) for p, t in zip(prompts, targets))
+
+    def fit(tokens: int | None) -> CoefficientFit:
+        return CoefficientFit(runtime, adapters, prompts, targets, "module", seed=3, chunk_tokens=tokens)
+
+    assert len(list(fit(shortest).pieces())) == len(examples) + 1  # one example per micro-batch, then the record
+    whole, micro = fit(None), fit(shortest)
+    for _ in range(3):
+        a, b = whole.step(1), micro.step(1)
+        assert abs(a - b) < 1e-5 * max(1.0, abs(a)), (a, b)
+    for path, coefficients in whole.finish().coefficients.items():
+        np.testing.assert_allclose(micro.result.coefficients[path], coefficients, atol=1e-5)
+
+
 def test_seq2seq_coefficients_are_fitted_too(smollm2: Path, tmp_path: Path) -> None:
     base = tiny_t5(tmp_path / "t5", tokenizer_from=smollm2)
     adapters = [load_adapter(write_peft_adapter(base, tmp_path / f"t{i}", seed=i, targets=["q", "v"], task_type="SEQ_2_SEQ_LM")) for i in range(2)]
