@@ -303,7 +303,9 @@ def serve(
                 memory_budget_bytes=memory_budget_mb << 20,
             ),
             max_request_bytes=int(max_request_mb * (1 << 20)),
-            service_limits=ServiceLimits(max_fit_memory_mb=max_fit_memory_mb, max_fit_work_tokens=max_fit_work_tokens),
+            service_limits=ServiceLimits(
+                max_fit_memory_mb=max_fit_memory_mb, max_fit_work_tokens=max_fit_work_tokens, output_quota_bytes=output_quota_mb << 20
+            ),
             token=token,
             tls_cert=tls_cert,
             tls_key=tls_key,
@@ -314,7 +316,6 @@ def serve(
             dtype=dtype,
             slot_columns=slot_columns,
             store_quota_bytes=store_quota_mb << 20,
-            service_limits=ServiceLimits(output_quota_bytes=output_quota_mb << 20),
         )
         asyncio.run(run_server(config))
     except AdapterFusionError as error:
