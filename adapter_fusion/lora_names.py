@@ -74,6 +74,7 @@ class LoraNames:
         terms = _parse_mix(body)
         if len(terms) > self.limits.max_sources:
             raise LimitExceededError(f"the mix has {len(terms)} adapters; the limit is {self.limits.max_sources}")
+        terms = _canonical(terms)
         paths = {name: self._entry(name) for name, _ in terms}
         key = _key("mix", *(f"{name}={weight!r}" for name, weight in terms), *(f"{n}:{_stamp(p)}" for n, p in sorted(paths.items())))
 
@@ -126,6 +127,15 @@ def _parse_mix(body: str) -> list[tuple[str, float]]:
     if not terms:
         raise InvalidRequestError("an empty mix: write mix:NAME=WEIGHT+NAME=WEIGHT")
     return terms
+
+
+def _canonical(terms: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """One term per adapter (weights of a repeated name add up), sorted: every spelling of one
+    sum is one cache entry."""
+    summed: dict[str, float] = {}
+    for name, weight in terms:
+        summed[name] = summed.get(name, 0.0) + weight
+    return sorted(summed.items())
 
 
 def _check_base(adapter: Adapter, base_model: str | None) -> None:

@@ -40,6 +40,8 @@ def test_a_mix_is_composed_once_and_follows_its_entries(names: LoraNames, tiny_a
     for path, delta in expected.modules.items():
         assert float((got.modules[path].dense() - delta.dense()).abs().max()) < 1e-5
     assert not names.resolve("mix:a=0.5+b=-0.25").built  # reused
+    respelled = names.resolve("mix:b=-0.25+a=0.25+a=0.25")  # the same sum written otherwise: the same entry
+    assert not respelled.built and respelled.path == first.path
     over = names.resolve("mix:a+c")  # ranks 4 + 8 over the engine's 8: the exact truncation, its error kept
     assert over.rank == 8 and over.relative_error > 0
     store = AdapterStore(tmp_path / "store")  # b replaced: the same mix name now means other factors
