@@ -26,6 +26,7 @@ from adapter_fusion.atomic import atomic_directory
 from adapter_fusion.delta import LowRankDelta
 from adapter_fusion.errors import AdapterFormatError, IncompatibleAdaptersError, UnsupportedAdapterError
 from adapter_fusion.jsonfile import read_json
+from adapter_fusion.patterns import PatternError, Resolved, resolve
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -117,12 +118,15 @@ def _check_supported(path: Path, config: dict) -> None:
         raise _fail(path, "unsupported: " + "; ".join(problems), UnsupportedAdapterError)
 
 
-def _pattern_value(patterns: dict, module: str, default: float) -> float:
-    """PEFT's rule: a pattern key matches a module whose path ends with it (after a dot)."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+def _patterns(path: Path, config: dict, modules: list[str], rank_pattern: dict, alpha_pattern: dict) -> Resolved:
+    """PEFT's pattern and target rules applied to `modules` with bounded matching (`patterns`)."""
+    targets = config.get("target_modules")
+    if not (targets is None or isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise _fail(path, "target_modules must be a regex string or a list of module names")
+    try:
+        return resolve(modules, list(rank_pattern), list(alpha_pattern), targets)
+    except PatternError as error:
+        raise _fail(path, str(error)) from None
 
 
 def _number(path: Path, key: str, value: object, integer: bool = False) -> float:
@@ -136,7 +140,7 @@ def _number(path: Path, key: str, value: object, integer: bool = False) -> float
 
 def _scale_fields(path: Path, config: dict) -> tuple[int, float, dict, dict]:
     """r, lora_alpha and the rank/alpha patterns, each checked (a NaN alpha would load and
-    silently generate nothing; a bad pattern regex would fail mid-load)."""
+    silently generate nothing). The pattern keys are checked where they are matched (`_patterns`)."""
     r = int(_number(path, "r", config.get("r", 8), integer=True))
     alpha = _number(path, "lora_alpha", config.get("lora_alpha", r))
     patterns = []
@@ -145,10 +149,6 @@ def _scale_fields(path: Path, config: dict) -> tuple[int, float, dict, dict]:
         if not isinstance(pattern, dict):
             raise _fail(path, f"{key} must be a mapping of module patterns to numbers")
         for regex, value in pattern.items():
-            try:
-                re.compile(regex)
-            except re.error as error:
-                raise _fail(path, f"{key} key {regex[:80]!r} is not a valid regular expression ({error})") from None
             _number(path, f"{key}[{regex[:80]!r}]", value, integer)
         patterns.append(pattern)
     return r, alpha, patterns[0], patterns[1]
@@ -195,6 +195,7 @@ def load_adapter(directory: str | Path, name: str | None = None, allow_pickle: b
         raise _fail(weights_path, "holds no LoRA weights")
 
     r_default, alpha_default, rank_pattern, alpha_pattern = _scale_fields(config_path, config)
+    found = _patterns(config_path, config, sorted(factors), rank_pattern, alpha_pattern)
     modules: dict[str, LowRankDelta] = {}
     for module, pair in sorted(factors.items()):
         if set(pair) != {"A", "B"}:
@@ -203,7 +204,9 @@ def load_adapter(directory: str | Path, name: str | None = None, allow_pickle: b
         A, B = pair["A"], pair["B"]
         if A.ndim != 2 or B.ndim != 2:
             raise _fail(weights_path, f"module {module!r}: only 2-D (linear) LoRA weights compose, got A {tuple(A.shape)}", UnsupportedAdapterError)
-        r = int(_pattern_value(rank_pattern, module, r_default))
+        if not found.targeted[module]:  # PEFT would make no layer for it and drop these weights
+            raise _fail(config_path, f"module {module!r} has LoRA weights but target_modules does not select it")
+        r = int(rank_pattern[found.rank_key[module]]) if found.rank_key[module] is not None else r_default
         if A.shape[0] != r or B.shape[1] != r:
             raise _fail(
                 weights_path,
@@ -211,7 +214,7 @@ def load_adapter(directory: str | Path, name: str | None = None, allow_pickle: b
             )
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise _fail(weights_path, f"module {module!r} holds NaN or infinite values")
-        alpha = _pattern_value(alpha_pattern, module, alpha_default)
+        alpha = alpha_pattern[found.alpha_key[module]] if found.alpha_key[module] is not None else alpha_default
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         root = math.sqrt(abs(scale))
         modules[module] = LowRankDelta(B.float() * math.copysign(root, scale), A.float() * root)

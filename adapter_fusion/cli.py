@@ -268,6 +268,11 @@ def serve(
     metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus /metrics on this port")] = None,
     grace: Annotated[float, typer.Option(help="seconds to finish in-flight streams on SIGTERM")] = 10.0,
     insecure: Annotated[bool, typer.Option(help="allow a non-loopback --host with neither --token nor TLS")] = False,
+    handshake_timeout: Annotated[float, typer.Option(help="seconds a new connection has to send its HTTP/2 settings (and finish TLS)")] = 5.0,
+    max_connections: Annotated[int, typer.Option(help="open client connections; more are closed at accept")] = 10_000,
+    max_streams_per_connection: Annotated[int | None, typer.Option(help="concurrent calls on one connection; default: gRPC's (unlimited)")] = None,
+    connection_idle: Annotated[float | None, typer.Option(help="seconds without a call before a connection gets GOAWAY; default: none")] = None,
+    connection_age: Annotated[float | None, typer.Option(help="seconds before any connection gets GOAWAY; default: none")] = None,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
 ) -> None:
@@ -279,6 +284,7 @@ def serve(
     from adapter_fusion.models import DEMO_ADAPTERS, cache_dir, default_base, resolve_device, resolve_dtype
     from server.app import ServerConfig, serve as run_server
     from server.service import ServiceLimits
+    from server.connections import ConnectionLimits
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if (tls_cert is None) != (tls_key is None):
@@ -316,6 +322,13 @@ def serve(
             dtype=dtype,
             slot_columns=slot_columns,
             store_quota_bytes=store_quota_mb << 20,
+            connections=ConnectionLimits(
+                handshake_timeout_s=handshake_timeout,
+                max_connections=max_connections,
+                max_streams_per_connection=max_streams_per_connection,
+                idle_timeout_s=connection_idle,
+                max_age_s=connection_age,
+            ),
         )
         asyncio.run(run_server(config))
     except AdapterFusionError as error:

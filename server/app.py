@@ -25,6 +25,7 @@ from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
 from adapter_fusion.worker_threads import in_thread
 from server.calls import Observer
 from server.catalog import LocalCatalog
+from server.connections import ConnectionLimits, options as connection_options, raise_fd_limit
 from server.interceptors import BearerAuth, DecodeGuard
 from server.paths import PathPolicy
 from server.service import AdapterFusionService, ServiceLimits
@@ -61,6 +62,7 @@ class ServerConfig:
     dtype: str | None = None  # float32, bfloat16, float16; None: bfloat16 on cuda, else float32
     slot_columns: int = 64  # rank columns per layer the slot buffers start with (`slots.SlotBank`)
     store_quota_bytes: int = DEFAULT_QUOTA_BYTES  # what the adapter store may hold on disk (`server.store`)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # handshake, connection, stream and ping bounds
 
 
 def _is_loopback(host: str) -> bool:
@@ -131,7 +133,9 @@ def check_exposure(config: ServerConfig) -> None:
 async def create_server(config: ServerConfig) -> Running:
     """Load the model and the store, start serving on config.host:config.port (0 = pick one)."""
     check_exposure(config)
+    max_connections = raise_fd_limit(config.connections.max_connections)
     options = [("grpc.max_receive_message_length", config.max_request_bytes), ("grpc.so_reuseport", 0)]
+    options += connection_options(config.connections, max_connections)
     interceptors = ([BearerAuth(config.token)] if config.token else []) + [DecodeGuard(SERVICE_NAME)]
     server = grpc.aio.server(options=options, interceptors=interceptors)
     health_servicer = health.aio.HealthServicer()  # Watch streams live on the loop, ended with the server
