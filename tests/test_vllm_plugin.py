@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +18,7 @@ import pytest
 from adapter_fusion.client import Client, make_recipe
 from adapter_fusion.engine import Limits
 from adapter_fusion.models import DEMO_ADAPTERS
-from adapter_fusion.vllm_env import cpu_environment
+from adapter_fusion.vllm_env import OpenAIServer
 from server.app import BackgroundServer, ServerConfig
 
 if importlib.util.find_spec("vllm") is None:
@@ -66,78 +62,47 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def vllm_server(smollm2: Path, ours: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+def vllm_server(smollm2: Path, ours: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OpenAIServer, Path]]:
     store, _ = ours
-    cache, port, log = tmp_path_factory.mktemp("mixes"), _free_port(), tmp_path_factory.mktemp("vllm") / "server.log"
-    env = {**os.environ, **cpu_environment(), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "ADAPTER_FUSION_STORE": str(store),
-           "ADAPTER_FUSION_MIX_CACHE": str(cache), "ADAPTER_FUSION_MAX_LORA_RANK": "16"}
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2), "--host", "127.0.0.1",
-               "--port", str(port), "--dtype", "float32", "--enable-lora", "--max-lora-rank", "16", "--max-loras", "4", "--max-model-len", "1024"]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    cache = tmp_path_factory.mktemp("mixes")
+    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "ADAPTER_FUSION_STORE": str(store), "ADAPTER_FUSION_MIX_CACHE": str(cache), "ADAPTER_FUSION_MAX_LORA_RANK": "16"}
+    args = ["--dtype", "float32", "--enable-lora", "--max-lora-rank", "16", "--max-loras", "4", "--max-model-len", "1024"]
+    server = OpenAIServer(smollm2, _free_port(), args, env, log=tmp_path_factory.mktemp("vllm") / "server.log")
     try:
-        deadline = time.monotonic() + 600
-        while not _healthy(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"vLLM's server did not start (exit {process.poll()}):\n{log.read_text()[-3000:]}")
-            time.sleep(1)
-        yield url, cache
+        server.wait_ready()
+        yield server, cache
     finally:
-        _stop_group(process)
+        server.stop()
+        with pytest.raises(ProcessLookupError):  # no process of vLLM's is left, engine core included
+            os.killpg(server.process.pid, 0)
 
 
-def _healthy(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
-
-
-def _stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM the whole group (API server, engine core, workers), SIGKILL what is left after 20 s."""
-    group = os.getpgid(process.pid)
-    os.killpg(group, signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(group, 0)
-        except ProcessLookupError:
-            return
-        process.poll()  # reap the leader
-        time.sleep(0.2)
-    os.killpg(group, signal.SIGKILL)
-
-
-def _complete(url: str, model: str, prompt: str) -> str:
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=300)
+def _complete(server: OpenAIServer, model: str, prompt: str) -> str:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=300)
     return client.completions.create(model=model, prompt=prompt, max_tokens=TOKENS, temperature=0).choices[0].text
 
 
-def test_a_stored_adapter_completes_as_our_engine_does(vllm_server: tuple[str, Path], ours: tuple[Path, dict]) -> None:
-    url, _ = vllm_server
+def test_a_stored_adapter_completes_as_our_engine_does(vllm_server: tuple[OpenAIServer, Path], ours: tuple[Path, dict]) -> None:
+    server, _ = vllm_server
     for prompt in PROMPTS:
-        assert _complete(url, "kv_json", prompt) == ours[1][("kv_json", prompt)]
+        assert _complete(server, "kv_json", prompt) == ours[1][("kv_json", prompt)]
 
 
-def test_a_mix_completes_as_our_inline_mix_and_is_composed_once(vllm_server: tuple[str, Path], ours: tuple[Path, dict]) -> None:
-    url, cache = vllm_server
+def test_a_mix_completes_as_our_inline_mix_and_is_composed_once(vllm_server: tuple[OpenAIServer, Path], ours: tuple[Path, dict]) -> None:
+    server, cache = vllm_server
     for prompt in PROMPTS:
-        assert _complete(url, "mix:kv_json=0.5+uppercase=0.5", prompt) == ours[1][("mix", prompt)]
+        assert _complete(server, "mix:kv_json=0.5+uppercase=0.5", prompt) == ours[1][("mix", prompt)]
     entries = list(cache.iterdir())
     assert len(entries) == 1
     written = entries[0].stat().st_mtime_ns
     # another spelling of the same sum is a new name to vLLM, and the same entry in our cache
-    assert _complete(url, "mix:uppercase=0.25+kv_json=0.5+uppercase=0.25", PROMPTS[0]) == ours[1][("mix", PROMPTS[0])]
+    assert _complete(server, "mix:uppercase=0.25+kv_json=0.5+uppercase=0.25", PROMPTS[0]) == ours[1][("mix", PROMPTS[0])]
     assert list(cache.iterdir()) == entries and entries[0].stat().st_mtime_ns == written
 
 
 @pytest.mark.parametrize("name", ["ghost", "mix:../etc=1", "mix:kv_json=nan", "mix:", "recipe:none", "mix:" + "+".join(["kv_json"] * 65), "x" * 5000])
-def test_bad_names_are_refused_and_vllm_keeps_serving(vllm_server: tuple[str, Path], ours: tuple[Path, dict], name: str) -> None:
-    url, _ = vllm_server
+def test_bad_names_are_refused_and_vllm_keeps_serving(vllm_server: tuple[OpenAIServer, Path], ours: tuple[Path, dict], name: str) -> None:
+    server, _ = vllm_server
     with pytest.raises(openai.NotFoundError):
-        _complete(url, name, PROMPTS[0])
-    assert _healthy(url)
+        _complete(server, name, PROMPTS[0])
+    assert server.healthy()
