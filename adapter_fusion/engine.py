@@ -71,6 +71,13 @@ class Engine:
             self.scheduler.queue(Pending(request, self.registry.hold(adapter), emit, tenant))
         return request
 
+    def check_room(self, tenant: Hashable = None) -> None:
+        """Refuse now what `submit` would refuse for room (a full queue or tenant share), before a
+        caller spends work on the request; `submit` checks again."""
+        with self._wake:
+            self._check_open()
+            self.scheduler.check_room(tenant)
+
     def cancel_request(self, request: Request) -> None:
         """The caller is gone: a waiting request leaves the queue now, a decoding one at the next step."""
         with self._wake:

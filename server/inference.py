@@ -100,6 +100,7 @@ class InferenceRPCs:
         handle: Request | None = None
         try:
             self.engine.limits.check_stops(request.stop)  # by count first: before any copy or tokenising
+            self.engine.check_room(tenant_of(context))  # a full queue or share refused before tokenising too
             prompt_ids = await in_thread(self._prompt_ids, request)
             target = await self._target(request)
             handle = Request(
