@@ -97,6 +97,8 @@ class Engine:
         between steps in pieces of at most `max_job_tokens` (rows x padded length) and `max_batch`
         rows; `cancel(job.cancelled)` abandons it at once. `source_weights` (rows, n_sources)
         weights a group's adapters per row. `cancelled`: an event shared by a call's jobs."""
+        if not prompts or len(prompts) != len(targets):
+            raise InvalidRequestError(f"scoring needs at least one example, each with a target (got {len(prompts)} inputs, {len(targets)} targets)")
         if any(not p for p in prompts) or any(not t for t in targets):
             raise InvalidRequestError("every example needs a non-empty input and target (after tokenising)")
         out: list[torch.Tensor] = []
