@@ -16,6 +16,7 @@ from torch import Tensor
 from adapter_fusion.kv_cache import GrowingCache, left_pad
 from adapter_fusion.runtime import Runtime, padded
 from adapter_fusion.slots import Route
+from adapter_fusion.stop_strings import StopMatcher
 
 
 @dataclass
@@ -36,10 +37,25 @@ class Request:
     cancelled: bool = False
     generator: torch.Generator | None = None
     decoded: tuple[int, int] = (0, 0)  # `detokenize`'s window: (prefix start, read end) in output_ids
+    matcher: StopMatcher | None = field(default=None, repr=False)  # built on first use: after the limits are checked
 
     def __post_init__(self) -> None:
         if self.temperature > 0:
             self.generator = torch.Generator().manual_seed(self.seed)
+
+    def stop_at(self) -> int | None:
+        """Where a stop string starts in `text`, looking only at what was added since the last call."""
+        if not self.stop:
+            return None
+        if self.matcher is None:
+            self.matcher = StopMatcher(self.stop)
+        return self.matcher.feed(self.text[self.matcher.seen :])
+
+    @property
+    def settled(self) -> int:
+        """How much of `text` can no longer change: not a possible start of a stop, no broken UTF-8."""
+        end = len(self.text.rstrip("\ufffd"))
+        return end if self.matcher is None else min(end, len(self.text) - self.matcher.pending)
 
 
 def _sample(logits: Tensor, request: Request) -> int:  # logits (vocab,)
@@ -149,9 +165,9 @@ class Decoder:
             request.output_ids.append(token)
             at_length = len(request.output_ids) >= request.max_new_tokens
             detokenize(tokenizer, request, final=at_length)
-            hit = next((s for s in request.stop if s and s in request.text), None)
+            hit = request.stop_at()  # only the new text: a step costs the same however many stops
             if hit is not None:
-                request.text = request.text[: request.text.index(hit)]
+                request.text = request.text[:hit]
                 request.finish_reason = "stop"
             elif at_length:
                 request.finish_reason = "length"

@@ -1,8 +1,9 @@
 """The serving engine: one supervised thread owns the model and runs the continuous batch.
 
-Handlers (any thread) submit generations and jobs (scoring, learned steps); the engine thread
-runs the scheduler's rounds (`adapter_fusion.scheduler`: admission, slots, jobs, one decode step
-each). Names, residency and slot numbers are the registry's (`adapter_fusion.registry`).
+Handlers (any thread) submit generations and jobs (scoring, learned steps), each with an
+optional tenant (whose turn it takes) and cancel event (shared by one call's jobs); the engine
+thread runs the scheduler's rounds (`adapter_fusion.scheduler`: admission, slots, one job piece,
+one decode step each). Names, residency and slot numbers are the registry's (`adapter_fusion.registry`).
 
 Supervision: a typed error (over budget, bad input) ends only its request. Any other exception
 on the engine thread is a fault: every request it holds or has queued ends at once with
@@ -18,7 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import torch
 
@@ -29,7 +30,7 @@ from adapter_fusion.entries import Choice
 from adapter_fusion.registry import AdapterRegistry
 from adapter_fusion.runtime import Runtime
 from adapter_fusion.scheduler import Scheduler
-from adapter_fusion.work import Event, Job, Pending
+from adapter_fusion.work import Event, Job, Pending, Piece, token_chunks
 
 __all__ = ["Engine", "Event", "Limits"]
 
@@ -58,45 +59,81 @@ class Engine:
 
     # ---- requests (any thread) ---------------------------------------------------------------
 
-    def submit(self, request: Request, adapter: Choice, emit: Callable[[Event], None]) -> Request:
+    def submit(self, request: Request, adapter: Choice, emit: Callable[[Event], None], tenant: Hashable = None) -> Request:
         """Queue a generation with an adapter, a weighted mix of loaded adapters (served with no
         merge) or None (the base model); tokens arrive through `emit` (called on the engine
-        thread; it must not raise)."""
+        thread; it must not raise). `tenant` (e.g. the client's connection) takes turns with the
+        other tenants for queue places and rows."""
         self.limits.check(request)
         with self._wake:
             self._check_open()
-            self.scheduler.check_room()
-            self.scheduler.queue(Pending(request, self.registry.hold(adapter), emit))
+            self.scheduler.check_room(tenant)
+            self.scheduler.queue(Pending(request, self.registry.hold(adapter), emit, tenant))
         return request
 
-    def score(
-        self, adapter: Choice, prompts: list[list[int]], targets: list[list[int]], source_weights: torch.Tensor | None = None
-    ) -> Job:
-        """Summed target NLL per example (`job.future`, a tensor), computed on the engine thread
-        between steps in chunks of `max_batch` rows; `job.cancelled.set()` abandons it at the next
-        chunk. `source_weights` (rows, n_sources) weights a group's adapters per row."""
-        if any(not p for p in prompts) or any(not t for t in targets):
-            raise InvalidRequestError("every example needs a non-empty input and target (after tokenising)")
-
-        def work(route, job: Job) -> torch.Tensor:
-            out = []
-            for i in range(0, len(prompts), self.limits.max_batch):
-                if job.cancelled.is_set():
-                    raise RequestCancelledError("scoring abandoned: the client cancelled or its deadline passed")
-                chunk = slice(i, i + self.limits.max_batch)
-                weights = None if source_weights is None else source_weights[chunk]
-                out.append(self.runtime.target_nll(prompts[chunk], targets[chunk], [route] * len(prompts[chunk]), weights))
-            return torch.cat(out)
-
-        return self.run(adapter, work)
-
-    def run(self, adapter: Choice, work: Callable[[object, Job], object]) -> Job:
-        """Run `work(route, job)` on the engine thread between decode steps, with `adapter` placed
-        in a slot (`route`); its result or error arrives in `job.future`. Streams wait while it
-        runs: split long work into several jobs (as SearchWeights' learned does per chunk)."""
+    def check_room(self, tenant: Hashable = None) -> None:
+        """Refuse now what `submit` would refuse for room (a full queue or tenant share), before a
+        caller spends work on the request; `submit` checks again."""
         with self._wake:
             self._check_open()
-            job = Job(self.registry.hold(adapter), work)
+            self.scheduler.check_room(tenant)
+
+    def cancel_request(self, request: Request) -> None:
+        """The caller is gone: a waiting request leaves the queue now, a decoding one at the next step."""
+        with self._wake:
+            dropped = self.scheduler.drop_request(request)
+        self.scheduler.end_dropped(dropped, [])
+
+    def score(
+        self,
+        adapter: Choice,
+        prompts: list[list[int]],
+        targets: list[list[int]],
+        source_weights: torch.Tensor | None = None,
+        cancelled: threading.Event | None = None,
+        tenant: Hashable = None,
+    ) -> Job:
+        """Summed target NLL per example (`job.future`, a tensor), computed on the engine thread
+        between steps in pieces of at most `max_job_tokens` (rows x padded length) and `max_batch`
+        rows; `cancel(job.cancelled)` abandons it at once. `source_weights` (rows, n_sources)
+        weights a group's adapters per row. `cancelled`: an event shared by a call's jobs."""
+        if not prompts or len(prompts) != len(targets):
+            raise InvalidRequestError(f"scoring needs at least one example, each with a target (got {len(prompts)} inputs, {len(targets)} targets)")
+        if any(not p for p in prompts) or any(not t for t in targets):
+            raise InvalidRequestError("every example needs a non-empty input and target (after tokenising)")
+        out: list[torch.Tensor] = []
+
+        def piece(chunk: slice) -> Piece:
+            def work(route, job: Job) -> None:
+                weights = None if source_weights is None else source_weights[chunk]
+                out.append(self.runtime.target_nll(prompts[chunk], targets[chunk], [route] * len(prompts[chunk]), weights))
+
+            return work
+
+        lengths = [len(p) + len(t) for p, t in zip(prompts, targets)]
+        pieces = [piece(chunk) for chunk in token_chunks(lengths, self.limits.max_job_tokens, self.limits.max_batch)]
+        return self._queue_job(adapter, pieces, lambda: torch.cat(out), cancelled, tenant)
+
+    def run(self, adapter: Choice, work: Callable[[object, Job], object], cancelled: threading.Event | None = None, tenant: Hashable = None) -> Job:
+        """Run `work(route, job)` on the engine thread between decode steps, with `adapter` placed
+        in a slot (`route`); its result or error arrives in `job.future`. Streams wait while it
+        runs: keep it within `max_job_tokens` and split longer work into several jobs."""
+        box: list[object] = []
+        return self._queue_job(adapter, [lambda route, job: box.append(work(route, job))], lambda: box[0], cancelled, tenant)
+
+    def cancel(self, cancelled: threading.Event) -> None:
+        """Cancel a call: every queued job sharing this event ends now; a running one after its piece."""
+        with self._wake:
+            dropped = self.scheduler.drop_jobs(cancelled)
+        self.scheduler.end_dropped([], dropped)
+
+    def _queue_job(self, adapter: Choice, pieces: list[Piece], result: Callable[[], object], cancelled: threading.Event | None, tenant: Hashable) -> Job:
+        cancelled = cancelled or threading.Event()
+        if cancelled.is_set():  # its call ended while it was being prepared
+            raise RequestCancelledError("abandoned: the client cancelled or its deadline passed")
+        with self._wake:
+            self._check_open()
+            job = Job(self.registry.hold(adapter), pieces, result, cancelled, tenant)
             self.scheduler.queue_job(job)
         return job
 

@@ -3,26 +3,35 @@
 Handlers (any thread) queue generations and jobs; the engine thread (`adapter_fusion.engine`)
 calls `round()` over and over: it admits waiting requests at a step boundary into one batch
 (`decoding.Decoder`), gives each its slot (the registry's numbers; the runtime's buffers are
-written only for slots that changed), runs the queued jobs, then decodes one step and hands the
-tokens back through each request's callback before the next forward. A typed error (over
-budget, bad input, a job that runs out of memory) ends only its request or job; any other
+written only for slots that changed), runs one piece of one queued job, then decodes one step and
+hands the tokens back through each request's callback before the next forward. A typed error
+(over budget, bad input, a job that runs out of memory) ends only its request or job; any other
 exception leaves `round()` as a fault, and the engine ends everything held (`fail_held`).
+
+Fairness: what waits is kept per tenant (`fair_queue.FairQueue`) and taken in turn: admission
+prefers the tenant holding the fewest rows, no named tenant holds more than its share of rows or
+queue places (None, a caller that names none, is one tenant without those caps), and one round's prefill stays within `max_job_tokens` (at least one request). A job runs
+one token-bounded piece per round, jobs in turn, so a stream waits at most about one piece.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import deque
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Hashable
+from concurrent.futures import InvalidStateError
 
 import torch
 
-from adapter_fusion.decoding import Decoder
-from adapter_fusion.errors import AdapterFusionError, LimitExceededError
+from adapter_fusion.decoding import Decoder, Request
+from adapter_fusion.errors import AdapterFusionError, LimitExceededError, RequestCancelledError
+from adapter_fusion.fair_queue import FairQueue
 from adapter_fusion.limits import Limits
 from adapter_fusion.registry import AdapterRegistry
 from adapter_fusion.runtime import Runtime
 from adapter_fusion.work import Event, Job, Pending
+
+CANCELLED = "abandoned: the client cancelled or its deadline passed"
 
 
 class Scheduler:
@@ -32,27 +41,43 @@ class Scheduler:
         self.limits = limits
         self.wake = threading.Condition()  # guards the queues; notified when work arrives or the engine stops
         self.decoder = Decoder(runtime)
-        self._waiting: deque[Pending] = deque()
-        self._jobs: deque[Job] = deque()
+        self._waiting: FairQueue[Pending] = FairQueue()
+        self._jobs: FairQueue[Job] = FairQueue()
         self._active: dict[int, Pending] = {}  # held by the engine thread: joining or decoding
-        self._running: list[Job] = []  # jobs taken by the engine thread this round
+        self._running: Job | None = None  # the job whose piece the engine thread runs this round
         self.stats = {"tokens": 0, "requests": 0, "batch_size": 0}
 
     # ---- queues (any thread, `wake` held) -----------------------------------------------------
 
-    def check_room(self) -> None:
-        """Refuse a generation while the queue is full (before it holds any adapter)."""
+    def check_room(self, tenant: Hashable = None) -> None:
+        """Refuse a generation while the queue, or this tenant's share of it, is full (before it holds any adapter)."""
         if len(self._waiting) >= self.limits.max_queue:
             raise LimitExceededError(f"the queue is full ({self.limits.max_queue} waiting requests); retry later")
+        if tenant is not None and self._waiting.count(tenant) >= self.limits.tenant_queue:
+            raise LimitExceededError(
+                f"this connection already has {self.limits.tenant_queue} requests waiting, its share of the queue of "
+                f"{self.limits.max_queue}; wait for some to finish, then retry"
+            )
 
     def queue(self, pending: Pending) -> None:
-        self._waiting.append(pending)
+        self._waiting.push(pending.tenant, pending)
         self.stats["requests"] += 1
         self.wake.notify()
 
     def queue_job(self, job: Job) -> None:
-        self._jobs.append(job)
+        self._jobs.push(job.tenant, job)
         self.wake.notify()
+
+    def drop_request(self, request: Request) -> list[Pending]:
+        """Mark a generation cancelled; if it still waits, take it out now (end it with `end_dropped`)."""
+        request.cancelled = True
+        return self._waiting.remove(lambda p: p.request is request)
+
+    def drop_jobs(self, cancelled: threading.Event) -> list[Job]:
+        """Cancel a call: every queued job sharing its event leaves now (end them with `end_dropped`);
+        a piece already running finishes, and its job ends after it."""
+        cancelled.set()
+        return self._jobs.remove(lambda job: job.cancelled is cancelled)
 
     @property
     def depth(self) -> int:
@@ -64,27 +89,33 @@ class Scheduler:
         with self.wake:
             return bool(self._waiting or self._active or self._jobs or self._running)
 
+    def end_dropped(self, pendings: list[Pending], jobs: list[Job], error: Exception | None = None) -> None:
+        """End what `drop_*` or `fail_held` took out of the queues (no lock held)."""
+        for pending in pendings:
+            pending.request.cancelled = True
+            self._let_go(pending)
+            pending.emit(Event(error=error) if error is not None else Event(finish_reason="cancelled"))
+        for job in jobs:
+            job.cancelled.set()
+            _fail(job, error or RequestCancelledError(CANCELLED))
+            self._let_go(job)
+
     # ---- the engine thread --------------------------------------------------------------------
 
     def round(self, serving: Callable[[], bool]) -> bool:
-        """Wait for work, then admit, run jobs and decode one step; False once not `serving()`."""
+        """Wait for work, then admit, run one job piece and decode one step; False once not `serving()`."""
         with self.wake:
             while not (self._waiting or self._jobs or self.decoder.active or not serving()):
                 self.wake.wait()
             if not serving():
                 return False
-            self._running = list(self._jobs)
-            self._jobs.clear()
-            joining: list[Pending] = []
-            while self._waiting and len(self._active) < self.limits.max_batch:
-                pending = self._waiting.popleft()
-                self._active[id(pending.request)] = pending
-                joining.append(pending)
+            joining = self._admit()
+            self._running = self._jobs.pop()  # one job's piece per round, tenants in turn
         joining = [p for p in joining if self._slot_ready(p)]  # may read the store: no lock held
         self._install_slots()
-        for job in self._running:
-            self._run_job(job)
-        self._running = []
+        if self._running is not None:
+            self._run_piece(self._running)
+            self._running = None
         if joining:
             self.decoder.admit([p.request for p in joining])
         if self.decoder.active:
@@ -93,6 +124,26 @@ class Scheduler:
             self.decoder.advance()
             self.stats["batch_size"] = len(self.decoder.active)
         return True
+
+    def _admit(self) -> list[Pending]:  # `wake` held
+        """Waiting requests into free rows: tenants in turn, fewest rows held first, none over its
+        share; the prefill within `max_job_tokens` (rows x longest prompt), at least one request."""
+        rows = Counter(p.tenant for p in self._active.values())
+        joining: list[Pending] = []
+        width = 0
+        while len(self._active) < self.limits.max_batch:
+            pending = self._waiting.pop(rank=rows.__getitem__, allowed=lambda t: t is None or rows[t] < self.limits.tenant_rows)
+            if pending is None:
+                break
+            wider = max(width, len(pending.request.prompt_ids))
+            if joining and wider * (len(joining) + 1) > self.limits.max_job_tokens:
+                self._waiting.push_front(pending.tenant, pending)  # first in the next round
+                break
+            width = wider
+            self._active[id(pending.request)] = pending
+            rows[pending.tenant] += 1
+            joining.append(pending)
+        return joining
 
     def _slot_ready(self, pending: Pending) -> bool:
         if pending.request.cancelled:
@@ -113,22 +164,32 @@ class Scheduler:
             else:
                 self.runtime.free_slot(slot)
 
-    def _run_job(self, job: Job) -> None:
-        if not job.future.set_running_or_notify_cancel():
+    def _run_piece(self, job: Job) -> None:
+        """Run the job's next piece; then end it (last piece, an error, cancelled) or queue it again."""
+        if job.done == 0 and not job.future.set_running_or_notify_cancel():  # its caller gave up before it began
             self._let_go(job)
             return
         try:
+            if job.cancelled.is_set():
+                raise RequestCancelledError(CANCELLED)
             route = self.registry.route_for(job.hold)
             self._install_slots()  # out of memory here is a fault: slot columns may be half-moved
             try:
-                result = job.work(route, job)
-            except torch.OutOfMemoryError:  # too much work in one job (e.g. long examples): that job's failure
+                job.pieces[job.done](route, job)
+                job.done += 1
+                if job.done == len(job.pieces):
+                    job.future.set_result(job.result())
+            except torch.OutOfMemoryError:  # too much work in one piece (e.g. long examples): that job's failure
                 raise LimitExceededError("the device ran out of memory for this work; send fewer or shorter examples") from None
-            job.future.set_result(result)
         except AdapterFusionError as error:  # that job's own failure; other exceptions are faults
-            job.future.set_exception(error)
-        finally:
-            self._let_go(job)
+            _fail(job, error)
+        if not job.future.done():
+            with self.wake:
+                if not job.cancelled.is_set():  # its call may have been cancelled while the piece ran
+                    self._jobs.push(job.tenant, job)
+                    return
+            _fail(job, RequestCancelledError(CANCELLED))
+        self._let_go(job)
 
     def _deliver(self, emitted: list) -> None:
         self.stats["tokens"] += len(emitted)
@@ -153,24 +214,23 @@ class Scheduler:
     def fail_held(self, error: Exception, include_active: bool) -> None:
         """End every queued request and job (and, from the engine thread or after it, the held ones)."""
         with self.wake:
-            pendings = list(self._waiting) + (list(self._active.values()) if include_active else [])
-            jobs = list(self._jobs) + (self._running if include_active else [])
-            self._waiting.clear()
-            self._jobs.clear()
+            pendings = self._waiting.clear() + (list(self._active.values()) if include_active else [])
+            jobs = self._jobs.clear() + ([self._running] if include_active and self._running is not None else [])
             if include_active:
-                self._active, self._running = {}, []
-        for pending in pendings:
-            pending.request.cancelled = True
-            self._let_go(pending)
-            pending.emit(Event(error=error))
-        for job in jobs:
-            job.cancelled.set()
-            if not job.future.done():
-                job.future.set_exception(error)
-            self._let_go(job)
+                self._active, self._running = {}, None
+        self.end_dropped(pendings, jobs, error)
 
     def reset(self) -> None:
         """A fresh batch after a fault; every slot is written again (a fault mid-write leaves columns unknown)."""
         self.decoder = Decoder(self.runtime)
         self.runtime.slots.clear()
         self.registry.invalidate_slots()
+
+
+def _fail(job: Job, error: Exception) -> None:
+    """Its future gets `error`, unless it already has an outcome (or its caller cancelled it)."""
+    try:
+        if not job.future.done():
+            job.future.set_exception(error)
+    except InvalidStateError:  # cancelled by its caller just now
+        pass

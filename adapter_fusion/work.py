@@ -1,10 +1,11 @@
 """What the engine holds for a caller: a generation streaming back through a callback, or a job
-whose result is a future; each keeps its adapters held until it ends, exactly once."""
+whose result is a future; each keeps its adapters held until it ends, exactly once. A job is a
+list of pieces, each bounded in tokens (`token_chunks`), run one per round between decode steps."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -24,17 +25,6 @@ class Event:
     error: Exception | None = None
 
 
-def holdback(text: str, stops: list[str]) -> int:
-    """How much of `text` is safe to stream: not a possible start of a stop string, no broken UTF-8."""
-    end = len(text.rstrip("\ufffd"))
-    for stop in stops:
-        for k in range(min(len(stop) - 1, end), 0, -1):
-            if text[:end].endswith(stop[:k]):
-                end -= k
-                break
-    return end
-
-
 @dataclass(eq=False)
 class Pending:
     """A generation: what it has streamed so far, so each event carries only what is new."""
@@ -42,6 +32,7 @@ class Pending:
     request: Request
     hold: Hold
     emit: Callable[[Event], None]  # called on the engine thread; it must not raise
+    tenant: Hashable = None  # whose turn it takes in admission (a connection)
     sent_text: int = 0
     sent_ids: int = 0
     released: bool = False
@@ -49,7 +40,7 @@ class Pending:
     def stream(self) -> None:
         """Send the text that can no longer change (and its tokens), if any."""
         r = self.request
-        end = holdback(r.text, r.stop)
+        end = r.settled
         if end > self.sent_text:
             self.emit(Event(r.text[self.sent_text : end], tuple(r.output_ids[self.sent_ids :])))
             self.sent_text, self.sent_ids = end, len(r.output_ids)
@@ -63,12 +54,36 @@ class Pending:
         return Event(text, ids, r.finish_reason, len(r.prompt_ids), len(r.output_ids))
 
 
+Piece = Callable[[object, "Job"], None]  # (route, job): one bounded part of a job's work
+
+
 @dataclass(eq=False)
 class Job:
-    """Work run on the engine thread between decode steps (scoring): (route, job) -> result."""
+    """Work run on the engine thread between decode steps: its pieces in order, one per round
+    (so a stream waits at most one piece), then `result()` into the future. `cancelled` may be
+    shared by every job of one call: cancelling it drops them all from the queue at once."""
 
     hold: Hold
-    work: Callable[[object, Job], object]
-    future: Future = field(default_factory=Future)
+    pieces: list[Piece]
+    result: Callable[[], object]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    tenant: Hashable = None
+    future: Future = field(default_factory=Future)
+    done: int = 0  # pieces run so far
     released: bool = False
+
+
+def token_chunks(lengths: Sequence[int], budget: int, max_rows: int) -> list[slice]:
+    """Consecutive runs of examples whose padded size (rows x the longest) stays within `budget`
+    tokens and `max_rows` rows; an example longer than the budget is a run of its own."""
+    chunks: list[slice] = []
+    start, longest = 0, 0
+    for i, n in enumerate(lengths):
+        wider = max(longest, n)
+        if i > start and (wider * (i - start + 1) > budget or i - start >= max_rows):
+            chunks.append(slice(start, i))
+            start, wider = i, n
+        longest = wider
+    if start < len(lengths):
+        chunks.append(slice(start, len(lengths)))
+    return chunks

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from adapter_fusion.engine import Event
@@ -19,6 +19,22 @@ if TYPE_CHECKING:
     from server.service import AdapterFusionService
 
 ROLES = ("system", "user", "assistant")
+
+
+def tenant_of(context) -> str | None:
+    """Whose turn a call takes in the engine: its connection (gRPC's peer address and port);
+    None where the context has no peer (a call forwarded inside a cluster replica)."""
+    peer = getattr(context, "peer", None)
+    return peer() if callable(peer) else None
+
+
+def when_done(context, callback: Callable[[], None]) -> None:
+    """Call `callback` when the RPC ends however it ends. A cancelled stream's handler is left
+    suspended at a `yield` (its `finally` runs only when the generator is collected), so
+    engine work is released here, at once."""
+    add = getattr(context, "add_done_callback", None)
+    if callable(add):
+        add(lambda _: callback())
 
 
 class InferenceRPCs:
@@ -75,14 +91,16 @@ class InferenceRPCs:
     # ---- generation and scoring ----------------------------------------------------------------
 
     async def Generate(self: AdapterFusionService, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
-        async for message in self.calls.streaming("Generate", context, self._generate(request)):  # grpc.aio wants an async generator here
+        async for message in self.calls.streaming("Generate", context, self._generate(request, context)):  # grpc.aio wants an async generator here
             yield message
 
-    async def _generate(self: AdapterFusionService, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+    async def _generate(self: AdapterFusionService, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
         start = time.perf_counter()
         events: asyncio.Queue[Event] = asyncio.Queue()
         handle: Request | None = None
         try:
+            self.engine.limits.check_stops(request.stop)  # by count first: before any copy or tokenising
+            self.engine.check_room(tenant_of(context))  # a full queue or share refused before tokenising too
             prompt_ids = await in_thread(self._prompt_ids, request)
             target = await self._target(request)
             handle = Request(
@@ -94,7 +112,8 @@ class InferenceRPCs:
                 seed=request.seed,
                 stop=list(request.stop),
             )
-            self.engine.submit(handle, target, thread_safe_emit(asyncio.get_running_loop(), events))
+            self.engine.submit(handle, target, thread_safe_emit(asyncio.get_running_loop(), events), tenant_of(context))
+            when_done(context, lambda: self.engine.cancel_request(handle))
             first = True
             while True:
                 event = await events.get()
@@ -111,17 +130,17 @@ class InferenceRPCs:
                     yield pb.GenerateResponse(text=event.text, token_ids=event.token_ids, finish_reason=event.finish_reason, usage=usage)
                 return
         finally:
-            if handle is not None:
-                handle.cancelled = True  # a client gone or a deadline passed: its row leaves at the next step
+            if handle is not None:  # a client gone or a deadline passed: out of the queue now, or out of its row at the next step
+                self.engine.cancel_request(handle)
 
     async def Score(self: AdapterFusionService, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         async def work() -> pb.ScoreResponse:
             prompts, targets = await in_thread(self._example_ids, request.examples, request.raw)
-            job = self.engine.score(await self._target(request), prompts, targets)
+            job = self.engine.score(await self._target(request), prompts, targets, tenant=tenant_of(context))
             try:
                 nll = await asyncio.wrap_future(job.future)
             finally:
-                job.cancelled.set()  # a client gone or a deadline passed: abandoned at the next chunk
+                self.engine.cancel(job.cancelled)  # a client gone or a deadline passed: out of the queue now
             counts = [len(t) for t in targets]
             return pb.ScoreResponse(log_likelihood=[-float(x) for x in nll], target_tokens=counts, mean_loss=float(nll.sum()) / sum(counts))
 

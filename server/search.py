@@ -1,20 +1,22 @@
 """SearchWeights: composition weights fitted on a few examples, streamed as they improve.
 
 Two methods over the same hidden group slot (the sources side by side): LoraHub's black-box
-search (nevergrad; each candidate a scoring job on the engine) and `learned` (Adam through the
-model; each piece of a step, at most `max_batch` examples forward and backward, one job on the
-engine thread, so streams keep flowing between them). Both check their settings before any work,
-stop when the client goes, and register the result only when they finish. Mixed into `server.service.AdapterFusionService`.
+search (nevergrad; each batch of candidates a scoring job on the engine, run in token-bounded
+pieces) and `learned` (Adam through the model; each piece of a step, examples within the engine's
+`max_job_tokens`, forward and backward, one job on the engine thread), so streams keep flowing
+between pieces. Both check their settings before any work, and when the client goes every queued
+job of the call leaves the engine at once; they register the result only when they finish. Mixed into `server.service.AdapterFusionService`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from adapter_fusion.adapters import Adapter
@@ -27,6 +29,7 @@ from adapter_fusion.entries import AdapterInfo
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.worker_threads import in_thread
 from server.calls import Done, reports_of
+from server.inference import tenant_of, when_done
 from server.store import check_name
 
 if TYPE_CHECKING:
@@ -52,13 +55,15 @@ class Fitting:
     group: str
     prompts: list[list[int]]
     targets: list[list[int]]
+    tenant: str | None = None  # the caller's connection: whose turn its jobs take
+    call: threading.Event = field(default_factory=threading.Event)  # shared by its engine jobs: set, they all leave
 
 
 class SearchRPCs:
     """`self` is the AdapterFusionService."""
 
     async def SearchWeights(self: AdapterFusionService, request: pb.SearchWeightsRequest, context) -> AsyncIterator[pb.SearchWeightsProgress]:
-        async for message in self.calls.streaming("SearchWeights", context, self._search(request)):  # grpc.aio wants an async generator here
+        async for message in self.calls.streaming("SearchWeights", context, self._search(request, context)):  # grpc.aio wants an async generator here
             yield message
 
     def _under_cap(self: AdapterFusionService, what: str, value: int, cap: int) -> int:
@@ -91,7 +96,7 @@ class SearchRPCs:
         given |= {key: getattr(request, key) for key in ("lr", "l1", "bound") if request.HasField(key)}
         return parse_parameters(get_method("learned"), {k: v for k, v in given.items() if v is not None})
 
-    async def _search(self: AdapterFusionService, request: pb.SearchWeightsRequest) -> AsyncIterator[pb.SearchWeightsProgress]:
+    async def _search(self: AdapterFusionService, request: pb.SearchWeightsRequest, context) -> AsyncIterator[pb.SearchWeightsProgress]:
         name = check_name(request.output_name)
         method = request.method or "lorahub"
         if method not in METHODS:
@@ -104,7 +109,8 @@ class SearchRPCs:
         prompts, targets = await in_thread(self._example_ids, request.examples, request.raw, fit=True)
         group = f"search-{hashlib.sha256(f'{name}/{time.time_ns()}'.encode()).hexdigest()[:12]}"
         self.registry.register_group(group, sources)
-        fitting = Fitting(name, sources, group, prompts, targets)
+        fitting = Fitting(name, sources, group, prompts, targets, tenant_of(context))
+        when_done(context, lambda: self.engine.cancel(fitting.call))  # a cancelled stream: its queued jobs leave now
         try:
             fits = self._lorahub(request, settings, fitting) if method == "lorahub" else self._learned(request, settings, fitting)
             async with aclosing(fits):  # a client gone stops the fit now, not when the generator is collected
@@ -128,18 +134,14 @@ class SearchRPCs:
 
     async def _lorahub(self: AdapterFusionService, request: pb.SearchWeightsRequest, settings, fitting: Fitting) -> AsyncIterator[pb.SearchWeightsProgress | Fitted]:
         budget, optimizer, parallel, l1, bound = settings
-        stopped = False
+        call = fitting.call  # shared by every evaluation's job: a cancel drops them all at once
 
         def nll(p, t, weights):
-            job = self.engine.score(fitting.group, p, t, weights)
-            try:
-                return job.future.result()
-            finally:
-                job.cancelled.set()
+            return self.engine.score(fitting.group, p, t, weights, cancelled=call, tenant=fitting.tenant).future.result()
 
         def work(report: Callable[[SearchProgress], None]):
             objective = weighted_objective(nll, fitting.prompts, fitting.targets)
-            return search(objective, len(fitting.sources), budget, optimizer, request.seed, l1, bound, parallel, report, lambda: stopped)
+            return search(objective, len(fitting.sources), budget, optimizer, request.seed, l1, bound, parallel, report, call.is_set)
 
         try:
             async for item in reports_of(work):
@@ -151,14 +153,17 @@ class SearchRPCs:
                 adapter.extra["lorahub"] = {"weights": result.weights, "best_loss": result.best_loss, "sources": list(request.adapters)}
                 yield Fitted(adapter, pb.SearchWeightsProgress(evaluations=len(result.losses), best_loss=result.best_loss, best_weights=result.weights))
         finally:
-            stopped = True  # a cancelled call stops the search at its next evaluation
+            self.engine.cancel(call)  # a cancelled call: its queued scoring leaves the engine now, the search stops
 
     async def _learned(self: AdapterFusionService, request: pb.SearchWeightsRequest, p: LearnedParams, fitting: Fitting) -> AsyncIterator[pb.SearchWeightsProgress | Fitted]:
         zeros = [0.0] * len(fitting.sources)  # from 0, as LoraHub starts
-        fit = CoefficientFit(
+        limits = self.engine.limits
+        longest = max(len(a) + len(b) for a, b in zip(fitting.prompts, fitting.targets))
+        fit = CoefficientFit(  # each piece within the engine's token budget per job (one example at least)
             self.engine.runtime, fitting.sources, fitting.prompts, fitting.targets, p.per, zeros, p.lr, p.l1, p.bound, p.batch_size,
-            request.seed, chunk_rows=self.engine.limits.max_batch,
+            request.seed, chunk_rows=max(1, min(limits.max_batch, limits.max_job_tokens // longest)),
         )
+        call = fitting.call
 
         def run(piece: Callable[[int], None]) -> Callable:
             def work(route, job) -> None:
@@ -170,11 +175,12 @@ class SearchRPCs:
 
         for done in range(1, p.steps + 1):
             for piece in fit.pieces():  # each a job between decode steps: streams keep flowing
-                job = self.engine.run(fitting.group, run(piece))
+                job = self.engine.run(fitting.group, run(piece), cancelled=call, tenant=fitting.tenant)
                 try:
                     await asyncio.wrap_future(job.future)
                 finally:
-                    job.cancelled.set()  # a client gone: the piece not yet started never runs
+                    if not job.future.done():
+                        self.engine.cancel(call)  # a client gone: the piece not yet started never runs
             yield pb.SearchWeightsProgress(evaluations=done, best_loss=fit.result.best_loss, best_weights=fit.source_weights())
         result = fit.finish()
         adapter = (await in_thread(learned_adapter, fitting.sources, result, p, zeros, None, request.seed, fitting.name)).adapter

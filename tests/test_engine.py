@@ -281,3 +281,42 @@ def test_a_hidden_composition_that_cannot_fit_is_refused_not_dropped(runtime: Ru
         engine.registry.register(composed, AdapterInfo.of(composed, "recipe", pinned=False), hidden=True, persisted=False)
     assert not engine.registry.has("composed") and engine.registry.stats["evictions"] == 0
 
+
+
+def test_a_split_score_equals_the_unsplit_one(runtime: Runtime) -> None:
+    """Scoring in token-bounded pieces gives the NLLs of one whole batch, within fp32 arithmetic."""
+    prompts = [list(range(20, 20 + n)) for n in (12, 40, 7, 25, 60, 3)]
+    targets = [[5, 6, 7][: 1 + i % 3] for i in range(len(prompts))]
+    results = []
+    for budget in (100_000, 64):
+        engine = Engine(runtime, Limits(max_job_tokens=budget))
+        engine.start()
+        try:
+            job = engine.score(None, prompts, targets)
+            results.append((len(job.pieces), job.future.result(timeout=30)))
+        finally:
+            engine.stop()
+    (whole_pieces, whole), (split_pieces, split) = results
+    assert (whole_pieces, split_pieces) == (1, 5)  # rows of 13, 42, 10 + 26, 62 and 6 tokens (padded width x rows <= 64)
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_cancelling_a_call_drops_all_its_queued_jobs_at_once(engine: Engine) -> None:
+    fault = Fault(engine.runtime.model)
+    fault.release.clear()
+    blocker = generate(engine, tokens=3)
+    assert fault.entered.wait(10)  # the engine thread is inside a forward: nothing queued can run
+    call = threading.Event()
+    jobs = [engine.score(None, [PROMPT] * 4, [[5, 6]] * 4, cancelled=call) for _ in range(3)]
+    other = engine.score(None, [PROMPT], [[5, 6]])
+    engine.cancel(call)
+    for job in jobs:  # ended now, while the engine is still held in its forward
+        with pytest.raises(RequestCancelledError, match="the client cancelled or its deadline passed"):
+            job.future.result(timeout=0)
+    assert not other.future.done()
+    with pytest.raises(RequestCancelledError):
+        engine.score(None, [PROMPT], [[5, 6]], cancelled=call)  # a job of a call already cancelled is refused
+    fault.release.set()
+    assert other.future.result(timeout=10).shape == (1,)
+    assert blocker.ended.wait(10) and blocker.error is None
+    fault.handle.remove()
