@@ -28,6 +28,7 @@ from adapter_fusion.merge.learned import LearnedParams
 from adapter_fusion.entries import AdapterInfo
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.worker_threads import in_thread
+from adapter_fusion.names import hidden_name
 from server.calls import Done, reports_of
 from server.inference import tenant_of, when_done
 from server.store import check_name
@@ -107,7 +108,7 @@ class SearchRPCs:
         settings = self._lorahub_settings(request) if method == "lorahub" else self._learned_settings(request)
         sources = await in_thread(lambda: [self.registry.get(a) for a in request.adapters])  # NOT_FOUND before any work
         prompts, targets = await in_thread(self._example_ids, request.examples, request.raw, fit=True)
-        group = f"search-{hashlib.sha256(f'{name}/{time.time_ns()}'.encode()).hexdigest()[:12]}"
+        group = hidden_name("search", hashlib.sha256(f"{name}/{time.time_ns()}".encode()).hexdigest()[:12])
         self.registry.register_group(group, sources)
         fitting = Fitting(name, sources, group, prompts, targets, tenant_of(context))
         when_done(context, lambda: self.engine.cancel(fitting.call))  # a cancelled stream: its queued jobs leave now
