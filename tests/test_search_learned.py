@@ -14,6 +14,7 @@ import pytest
 from adapter_fusion import load_adapter
 from adapter_fusion.client import Client
 from adapter_fusion.learned import fit_coefficients
+from adapter_fusion.names import hidden_name
 from adapter_fusion.runtime import Runtime
 from server.app import BackgroundServer, ServerConfig
 from tests.conftest import write_peft_adapter
@@ -37,7 +38,7 @@ def served(tiny_chat_base: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def group_slots(running: BackgroundServer) -> list[str]:
-    return [i.name for i, _ in running.running.engine.registry.listing(include_hidden=True) if i.name.startswith("search-")]
+    return [i.name for i, _ in running.running.engine.registry.listing(include_hidden=True) if i.name.startswith(hidden_name("search", ""))]
 
 
 @pytest.mark.parametrize("per", ["source", "module"])

@@ -378,7 +378,7 @@ def test_search_weights_streams_and_registers(client: Client, server: Background
     assert last.adapter.name == "searched" and last.evaluations == 8 and len(last.best_weights) == 2
     assert last.best_loss == min(m.best_loss for m in messages)
     assert "searched" in {a.name for a in client.list_adapters()}
-    assert not [i for i, _ in server.running.engine.registry.listing(include_hidden=True) if i.name.startswith("search-")]
+    assert not [i for i, _ in server.running.engine.registry.listing(include_hidden=True) if i.name.startswith(hidden_name("search", ""))]
 
 
 def test_search_weights_cancelled_registers_nothing(client: Client, server: BackgroundServer) -> None:
@@ -387,10 +387,10 @@ def test_search_weights_cancelled_registers_nothing(client: Client, server: Back
     stream.cancel()
     engine = server.running.engine
     deadline = time.monotonic() + 20
-    while (engine.busy or any(i.name.startswith("search-") for i, _ in engine.registry.listing(include_hidden=True))) and time.monotonic() < deadline:
+    while (engine.busy or any(i.name.startswith(hidden_name("search", "")) for i, _ in engine.registry.listing(include_hidden=True))) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "never" not in {a.name for a in client.list_adapters()}
-    assert not [i for i, _ in engine.registry.listing(include_hidden=True) if i.name.startswith("search-")]
+    assert not [i for i, _ in engine.registry.listing(include_hidden=True) if i.name.startswith(hidden_name("search", ""))]
 
 
 def test_search_weights_bad_input(client: Client) -> None:
