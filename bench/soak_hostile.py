@@ -1,6 +1,7 @@
-"""Soak with hostile tenants: normal streams (each client on its own connection) run through five
+"""Soak with hostile tenants: normal streams (each client on its own connection) run through
 phases, quiet and then beside one hostile tenant each: many stop strings, a big Score, a LoraHub
-search cancelled mid-way, one connection flooding Generates. Reports the normal streams' first-token
+search cancelled mid-way, one connection flooding Generates, a learned composition of the attack's
+size, 300 silent sockets that send only the HTTP/2 preface, 4 sockets flooding PINGs. Reports the normal streams' first-token
 time and inter-token gap (p50, p99) per phase and the p99s against the quiet phase (target: <= 2x).
 The server is `adapter-fusion serve` in its own process, so the clients' threads do not share its GIL.
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -29,10 +31,13 @@ from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
 from bench.soak import adapters
 
-PHASES = ["quiet", "stop-strings", "big-score", "search-cancel", "flood", "quiet again"]  # quiet twice: the machine's drift
+PHASES = ["quiet", "stop-strings", "big-score", "search-cancel", "flood", "fit-attack", "silent", "ping-flood", "quiet again"]  # quiet twice: the machine's drift
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # each client its own connection (its own peer)
 PROMPT = "Tell me about rivers and stones."
 DEADLINE = 120.0
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+SETTINGS = bytes.fromhex("000000040000000000")  # an empty SETTINGS frame
+PING = bytes.fromhex("000008060000000000") + bytes(8)  # PING, 8 bytes of opaque data, stream 0
 
 
 class Soak:
@@ -136,12 +141,82 @@ class Soak:
                     self.count("flood", f"flood {error.code().name}")
         channel.close()
 
+    def fit_attack(self, sources: list[str]) -> None:
+        """The learned composition that got a server OOM-killed: 256 examples of ~1,900 + ~500 tokens, 1,000 steps."""
+        channel, stub = self.stub()
+        examples = [pb.Example(input="word " * 1900, target="answer " * 500) for _ in range(256)]
+        recipe = pb.Recipe(method="learned", sources=[pb.Source(adapter=a, weight=0.5) for a in sources], parameters={"steps": 1000}, examples=examples)
+        while not self.done:
+            if self.phase != "fit-attack":
+                time.sleep(0.05)
+                continue
+            try:
+                stub.ComposeAdapter(pb.ComposeAdapterRequest(name="attack", recipe=recipe), timeout=30)
+                self.count("fit-attack", "learned attack OK")
+            except grpc.RpcError as error:
+                self.count("fit-attack", f"learned attack {error.code().name}")
+        channel.close()
+
+    def silent(self, count: int = 300) -> None:
+        """Sockets that send the preface and nothing more; each one the server closes is opened again."""
+        held: list[socket.socket] = []
+        while not self.done:
+            if self.phase != "silent":
+                for s in held:
+                    s.close()
+                held = []
+                time.sleep(0.05)
+                continue
+            while len(held) < count:
+                try:
+                    held.append(socket.create_connection(self._host_port(), timeout=1))
+                    held[-1].sendall(PREFACE)
+                    held[-1].setblocking(False)
+                except OSError:
+                    self.count("silent", "connect refused")
+                    break
+            for s in list(held):
+                try:
+                    if s.recv(65536) != b"":  # the server's SETTINGS: still open
+                        continue
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    pass
+                s.close()
+                held.remove(s)
+                self.count("silent", "closed by the server")
+            time.sleep(0.1)
+
+    def ping_flood(self) -> None:
+        """One raw connection sending PING frames and never reading the ACKs."""
+        while not self.done:
+            if self.phase != "ping-flood":
+                time.sleep(0.05)
+                continue
+            try:
+                with socket.create_connection(self._host_port(), timeout=1) as s:
+                    s.sendall(PREFACE + SETTINGS)
+                    while self.phase == "ping-flood":
+                        try:
+                            s.sendall(PING * 64)
+                            self.count("ping-flood", "PINGs sent", 64)
+                        except TimeoutError:
+                            continue  # the server stopped reading; try again while the phase lasts
+            except OSError:
+                self.count("ping-flood", "connections ended")
+
+    def _host_port(self) -> tuple[str, int]:
+        host, port = self.address.rsplit(":", 1)
+        return host, int(port)
+
     # ---- the run ------------------------------------------------------------------------------
 
     def run(self, sources: list[str]) -> None:
         workers = [threading.Thread(target=self.normal, args=(a,)) for a in (None, sources[0], sources[1], None)]
         workers += [threading.Thread(target=f) for f in (self.stop_strings, self.big_score, self.flood)]
-        workers.append(threading.Thread(target=self.search_cancel, args=(sources,)))
+        workers += [threading.Thread(target=self.search_cancel, args=(sources,)), threading.Thread(target=self.fit_attack, args=(sources,))]
+        workers += [threading.Thread(target=self.silent)] + [threading.Thread(target=self.ping_flood) for _ in range(4)]
         for w in workers:
             w.start()
         for phase in PHASES:

@@ -96,12 +96,22 @@ class ComposeRPCs:
         count = sum(len(rows) for _, rows in example_sets(recipe))
         if count > self.limits.max_examples:
             raise LimitExceededError(f"{count} examples in the recipe; the limit is {self.limits.max_examples}")
+        passes = 1
         if method.data == "coefficients":
-            self._check_learned(len(spec.sources), parse_parameters(method, spec.parameters).steps, "steps")
+            passes = self._check_learned(len(spec.sources), parse_parameters(method, spec.parameters).steps, "steps")
         elif len(spec.sources) > self.limits.max_data_sources:
             raise LimitExceededError(
                 f"{spec.method} keeps per-module statistics of every source: {len(spec.sources)} sources is over this server's cap of "
                 f"{self.limits.max_data_sources}"
+            )
+        # Before any tokenising (seconds of CPU for a large request): every whitespace-separated word
+        # is at least one token, so words x passes is a floor of the fit's work; the exact count is
+        # checked against the same cap once tokenised (`fit_cost`).
+        words = sum(len(e.input.split()) + len(e.target.split()) for _, rows in example_sets(recipe) for e in rows)
+        if words * passes > self.limits.max_fit_work_tokens:
+            raise LimitExceededError(
+                f"the {spec.method} fit would run at least {words * passes:,} example tokens through the model ({words:,} words x "
+                f"{passes} passes); this server's cap is {self.limits.max_fit_work_tokens:,}"
             )
 
     def _check_cost(self: AdapterFusionService, spec: Recipe, sources: list[Adapter], stored: bool) -> None:

@@ -125,3 +125,19 @@ def test_a_stored_output_over_the_store_quota_is_refused_before_merging(tmp_path
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "the cat output needs" in details and "--store-quota-mb" in details, details
         code, details = code_of(lambda: _inline(client, make_recipe("svd", {"alpha": 0.5}, rank=64)))  # inline: never stored
         assert code == grpc.StatusCode.OK, details
+
+
+def test_a_fit_whose_words_alone_pass_the_work_cap_is_refused_before_tokenising(tmp_path: Path, tok_base: Path, tok_adapters: list[Path]) -> None:
+    """Every word is at least one token: a request whose words x steps pass the cap is refused from
+    its text on arrival (tokenising 256 long examples took seconds of CPU from every stream)."""
+    config = _config(tmp_path, tok_base, tok_adapters, service_limits=ServiceLimits(max_fit_work_tokens=5_000))
+    with serving(config) as server, Client(server.address) as client:
+        for path in tok_adapters[:2]:
+            load(client, path.name, path.name)
+        examples = [("word " * 40, "answer " * 10)] * 10  # 500 words
+        recipe = make_recipe("learned", {"alpha": 0.5, "beta": 0.5}, examples=examples, steps=11)
+        code, details = code_of(lambda: client.compose("fitted", recipe))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+        assert "at least 5,500 example tokens" in details and "500 words x 11 passes" in details and "cap is 5,000" in details, details
+        code, details = code_of(lambda: client.compose("fitted", make_recipe("learned", {"alpha": 0.5, "beta": 0.5}, examples=examples[:1], steps=2)))
+        assert code == grpc.StatusCode.OK, details  # 100 words x 2: under the floor and the exact count
