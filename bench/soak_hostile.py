@@ -41,8 +41,8 @@ PING = bytes.fromhex("000008060000000000") + bytes(8)  # PING, 8 bytes of opaque
 
 
 class Soak:
-    def __init__(self, address: str, seconds: float) -> None:
-        self.address, self.seconds = address, seconds
+    def __init__(self, address: str, seconds: float, attack_interval_s: float = 1.0) -> None:
+        self.address, self.seconds, self.attack_interval_s = address, seconds, attack_interval_s
         self.phase = ""
         self.done = False
         self.first: dict[str, list[float]] = defaultdict(list)
@@ -155,6 +155,7 @@ class Soak:
                 self.count("fit-attack", "learned attack OK")
             except grpc.RpcError as error:
                 self.count("fit-attack", f"learned attack {error.code().name}")
+            time.sleep(self.attack_interval_s)  # one attack a second: its own cost, not a flood of 3.3 MB requests
         channel.close()
 
     def silent(self, count: int = 300) -> None:
@@ -256,6 +257,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20, help="per phase")
     parser.add_argument("--base", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--max-job-tokens", type=int, default=Limits().max_job_tokens)
+    parser.add_argument("--attack-interval", type=float, default=1.0, help="seconds between learned attacks (0: back to back)")
     args = parser.parse_args()
     limits = Limits(max_job_tokens=args.max_job_tokens)
     with tempfile.TemporaryDirectory(prefix="soak-hostile-") as holder:
@@ -272,7 +274,7 @@ def main() -> None:
             with grpc.insecure_channel(address) as channel:
                 for d in dirs:
                     pb_grpc.AdapterFusionStub(channel).LoadAdapter(pb.LoadAdapterRequest(name=d.name, path=d.name), timeout=DEADLINE)
-            soak = Soak(address, args.seconds)
+            soak = Soak(address, args.seconds, args.attack_interval)
             soak.run([d.name for d in dirs])
         finally:
             server.terminate()
