@@ -31,8 +31,24 @@ def test_the_estimate_bounds_every_output(tiny_adapters: list[Path], method: str
     assert sum((o + i) * delta.rank for delta in out.modules.values() for o, i in [delta.shape]) * FLOAT32_BYTES <= cost.output_bytes
     if method == "cat" or rank == 2:
         assert max(ranks) == cost.max_rank  # where the rule fixes the rank, the estimate is exact
-    expected_dense = sum(a.modules[p].shape[0] * a.modules[p].shape[1] for a in sources for p in a.modules) if METHODS[method].dense else 0
+    paths = set().union(*(a.modules for a in sources))
+    shapes = {p: a.modules[p].shape for a in sources for p in a.modules}
+    expected_dense = len(sources) * sum(shapes[p][0] * shapes[p][1] for p in paths) if METHODS[method].dense else 0
     assert cost.dense_values == expected_dense
+
+
+def test_dense_work_counts_sources_that_lack_a_module(tiny_adapters: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An elementwise method forms zeros for a source without the module: counted, as the merge does it.
+    The values formed are counted from the primitives themselves (every block of rows of every source)."""
+    from adapter_fusion.merge.base import ModuleSources
+
+    full, qv = load_adapter(tiny_adapters[0]), load_adapter(tiny_adapters[3])  # all projections; q and v only
+    formed = []
+    original = ModuleSources.dense_rows
+    monkeypatch.setattr(ModuleSources, "dense_rows", lambda self, source, rows: formed.append((rows.stop - rows.start) * self.shape[1]) or original(self, source, rows))
+    merge([full, qv, qv], "magnitude_prune", parameters={"density": 0.5})
+    cost = merge_cost([full, qv, qv], METHODS["magnitude_prune"], None)
+    assert cost.dense_values <= sum(formed) and cost.dense_values == 3 * sum(o * i for o, i in full.shapes.values())
 
 
 def test_copies_of_one_adapter_count_once_each(tiny_adapters: list[Path]) -> None:

@@ -6,8 +6,8 @@ Per module of shape (out, in) with source ranks r_i (sources lacking it add noth
   min(Σ r_i, out, in), or the rank asked for if smaller; a "max" method gives the asked rank or
   max r_i, at most min(out, in) (a low-rank result also at most Σ r_i);
 - output bytes: (out + in) · rank float32 values (the factors as served and stored);
-- dense work: an elementwise method (`MergeMethod.dense`) forms every present source's ΔW,
-  n · out · in values per module, one module at a time.
+- dense work: an elementwise method (`MergeMethod.dense`) forms every source's ΔW of a module,
+  zeros where a source lacks it, n · out · in values per module, one module at a time.
 """
 
 from __future__ import annotations
@@ -50,5 +50,5 @@ def merge_cost(sources: Sequence[Adapter], method: MergeMethod, rank: int | None
         max_rank = max(max_rank, module_rank)
         output_bytes += (out + inner) * module_rank * FLOAT32_BYTES
         if method.dense:
-            dense_values += len(present) * out * inner
+            dense_values += len(sources) * out * inner  # sources lacking the module are zeros, formed all the same
     return MergeCost(max_rank, output_bytes, dense_values)
