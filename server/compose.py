@@ -22,12 +22,12 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from adapter_fusion.adapters import Adapter
-from adapter_fusion.errors import AlreadyExistsError, LimitExceededError, NotFoundError, RequestCancelledError, quoted
+from adapter_fusion.errors import AlreadyExistsError, LimitExceededError, RequestCancelledError
 from adapter_fusion.merge import get_method, parse_parameters
 from adapter_fusion.merge.cost import merge_cost
 from adapter_fusion.recipe import Recipe, merge_recipe, parse_recipe
 from adapter_fusion.entries import AdapterInfo, Choice
-from adapter_fusion.names import HIDDEN, hidden_name
+from adapter_fusion.names import hidden_name, not_hidden
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.worker_threads import in_thread
 from server.store import check_name
@@ -77,9 +77,9 @@ class ComposeRPCs:
     async def _parsed(self: AdapterFusionService, recipe: pb.Recipe, also: list[str] = ()) -> tuple[Recipe, str]:
         """The parsed recipe and a hash of what it means: the recipe, and where each source came
         from. INVALID_ARGUMENT, RESOURCE_EXHAUSTED and NOT_FOUND before any work."""
-        await self._synced([s.adapter for s in recipe.sources] + list(also))
         if len(recipe.sources) > self.limits.max_recipe_sources:
             raise LimitExceededError(f"the recipe has {len(recipe.sources)} sources; this server's cap is {self.limits.max_recipe_sources}")
+        await self._synced([not_hidden(s.adapter) for s in recipe.sources] + list(also))
         spec = parse_recipe(recipe_dict(recipe))
         self._check_data_bounds(recipe, spec)
         origins = [self.registry.info(s.adapter).source for s in spec.sources]
@@ -211,9 +211,7 @@ class ComposeRPCs:
         or an adapter composed once and cached by the recipe's canonical hash."""
         which = request.WhichOneof("target")
         if which == "adapter":
-            if request.adapter.startswith(HIDDEN):  # the server's own entries are not the client's to name
-                raise NotFoundError(f"no adapter named {quoted(request.adapter)} is loaded; call LoadAdapter first")
-            await self._synced([request.adapter])
+            await self._synced([not_hidden(request.adapter)])
             return request.adapter
         if which != "recipe":
             return None

@@ -28,7 +28,7 @@ from adapter_fusion.merge.learned import LearnedParams
 from adapter_fusion.entries import AdapterInfo
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.worker_threads import in_thread
-from adapter_fusion.names import hidden_name
+from adapter_fusion.names import hidden_name, not_hidden
 from server.calls import Done, reports_of
 from server.inference import tenant_of, when_done
 from server.store import check_name
@@ -102,7 +102,7 @@ class SearchRPCs:
         method = request.method or "lorahub"
         if method not in METHODS:
             raise InvalidRequestError(f"unknown method {method[:64]!r}; SearchWeights runs {' or '.join(METHODS)}")
-        await self._synced([name, *request.adapters])
+        await self._synced([name, *(not_hidden(a) for a in request.adapters)])
         if self.registry.has(name):
             raise AlreadyExistsError(f"adapter {name!r} already exists; pick another output_name")
         settings = self._lorahub_settings(request) if method == "lorahub" else self._learned_settings(request)

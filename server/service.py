@@ -24,6 +24,7 @@ from adapter_fusion.bake import bake, planned_bytes
 from adapter_fusion.engine import Engine
 from adapter_fusion.errors import AdapterFormatError, InvalidRequestError, NotFoundError, quoted
 from adapter_fusion.fit_cost import FitBounds
+from adapter_fusion.names import not_hidden
 from adapter_fusion.entries import AdapterInfo
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
@@ -205,7 +206,7 @@ class AdapterFusionService(ComposeRPCs, InferenceRPCs, SearchRPCs, pb_grpc.Adapt
 
         def work(report: Callable[[tuple[int, int]], None]):
             path = self.paths.writable(request.output_path, request.overwrite)
-            self.catalog.sync([request.adapter])
+            self.catalog.sync([not_hidden(request.adapter)])
             adapter = self.registry.get(request.adapter)
 
             def tick(done: int, total: int) -> None:

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import grpc
-import pytest
 
 from adapter_fusion.client import Client, make_recipe
 from adapter_fusion.engine import Limits
@@ -27,7 +26,9 @@ PROMPT = "Write a short story about rivers and stones."
 def _config(tmp_path: Path, tok_base: Path, tok_adapters: list[Path], **settings) -> ServerConfig:
     for path in tok_adapters[:2]:
         shutil.copytree(path, tmp_path / "adapters" / path.name)
-    return ServerConfig(base_dir=tok_base, store_dir=tmp_path / "store", adapter_roots=[tmp_path / "adapters"], port=0, **settings)
+    return ServerConfig(
+        base_dir=tok_base, store_dir=tmp_path / "store", adapter_roots=[tmp_path / "adapters"], output_roots=[tmp_path / "out"], port=0, **settings
+    )
 
 
 def _copies(method: str, name: str, n: int) -> pb.Recipe:
@@ -57,14 +58,22 @@ def test_no_client_can_take_or_address_an_inline_compositions_name(tmp_path: Pat
         service = server.running.service
         _, key = asyncio.run_coroutine_threadsafe(service._parsed(victim), server.loop).result(timeout=RPC_TIMEOUT)
         squatter = make_recipe("linear", {"alpha": 1.0})
-        for name in (f"inline-{key}", hidden_name("inline", key)):  # the old name, and the server's own
-            code, details = code_of(lambda: client.compose(name, squatter))
-            assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT), (name, code, details)
+        client.compose(f"inline-{key}", squatter)  # the name inline compositions had: now an ordinary client name
+        code, details = code_of(lambda: client.compose(hidden_name("inline", key), squatter))  # the server's own
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "invalid adapter name" in details, details
         client.compose("reference", victim)
         assert _inline(client, victim) == greedy(client, "reference")
-        # nor can a client run what the server holds under its own names
-        code, details = code_of(lambda: greedy(client, hidden_name("inline", key)))
-        assert code == grpc.StatusCode.NOT_FOUND and "no adapter named" in details
+        # nor can a client use what the server holds under its own names: as a target, a recipe's source, a search's or a bake's
+        hidden = hidden_name("inline", key)
+        attempts = [
+            lambda: greedy(client, hidden),
+            lambda: _inline(client, make_recipe("linear", {hidden: 1.0})),
+            lambda: list(client.search_weights([hidden, "alpha"], [("a", "b")], "searched", budget=2)),
+            lambda: list(client.bake_model(hidden, "baked")),
+        ]
+        for attempt in attempts:
+            code, details = code_of(attempt)
+            assert code == grpc.StatusCode.NOT_FOUND and "no adapter named" in details, (code, details)
 
 
 def test_a_merge_over_the_caps_is_refused_before_any_work(tmp_path: Path, tok_base: Path, tok_adapters: list[Path]) -> None:
