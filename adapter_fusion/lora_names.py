@@ -18,10 +18,13 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapter_fusion.adapters import CONFIG_NAME, WEIGHTS_NAME, Adapter, _base_key, load_adapter
+from adapter_fusion.fit_cost import FitBounds
+from adapter_fusion.merge import get_method
+from adapter_fusion.merge.cost import merge_cost
 from adapter_fusion.errors import InvalidRequestError, LimitExceededError, NotFoundError, PathNotAllowedError, quoted
 from adapter_fusion.merge.driver import MAX_ABS_WEIGHT
 from adapter_fusion.mix_cache import CachedMix, MixCache
@@ -36,6 +39,9 @@ class Limits:
     max_rank: int = 16  # the engine's largest LoRA rank (vLLM's --max-lora-rank)
     max_sources: int = 64  # adapters in one mix
     max_output_bytes: int = 1 << 30  # one composed entry's factors
+    max_dense_values: int = 2_000_000_000  # an elementwise recipe's dense work (as the server's cap)
+    max_cache_bytes: int = 20 << 30  # every composed entry together; past it, new ones are refused until some are deleted
+    fit: FitBounds = field(default_factory=lambda: FitBounds(max_memory_bytes=4 << 30, max_work_tokens=1_000_000))  # data-aware recipes, as the server's defaults
 
 
 class LoraNames:
@@ -43,7 +49,7 @@ class LoraNames:
         self.store = Path(store).resolve()
         self.recipes = Path(recipes).resolve() if recipes else None
         self.limits = limits
-        self.cache = MixCache(cache, limits.max_rank, limits.max_output_bytes)
+        self.cache = MixCache(cache, limits.max_rank, limits.max_output_bytes, limits.max_cache_bytes)
 
     def resolve(self, name: str, base_model: str | None = None) -> CachedMix:
         """The PEFT dir serving `name` on `base_model` (a path or name; compared by its last part)."""
@@ -57,7 +63,7 @@ class LoraNames:
         adapter = load_adapter(path, name)
         _check_base(adapter, base_model)
         if max(adapter.ranks.values(), default=0) > self.limits.max_rank:  # the engine would refuse it: serve its truncation
-            return self.cache.get(_key("entry", name, _stamp(path)), lambda: [(adapter, 1.0)])
+            return self.cache.get(_key("entry", _base_key(base_model) or "", name, _stamp(path)), lambda: [(adapter, 1.0)])
         return CachedMix(path, max(adapter.ranks.values(), default=0), 0.0, built=False)
 
     def _entry(self, name: str) -> Path:
@@ -76,7 +82,7 @@ class LoraNames:
             raise LimitExceededError(f"the mix has {len(terms)} adapters; the limit is {self.limits.max_sources}")
         terms = _canonical(terms)
         paths = {name: self._entry(name) for name, _ in terms}
-        key = _key("mix", *(f"{name}={weight!r}" for name, weight in terms), *(f"{n}:{_stamp(p)}" for n, p in sorted(paths.items())))
+        key = _key("mix", _base_key(base_model) or "", *(f"{name}={weight!r}" for name, weight in terms), *(f"{n}:{_stamp(p)}" for n, p in sorted(paths.items())))
 
         def sources() -> list[tuple[Adapter, float]]:
             loaded = {name: load_adapter(path, name) for name, path in paths.items()}
@@ -87,7 +93,7 @@ class LoraNames:
         return self.cache.get(key, sources)
 
     def _recipe(self, name: str, base_model: str | None) -> CachedMix:
-        from adapter_fusion.recipe import load_recipe, run_recipe
+        from adapter_fusion.recipe import load_recipe, merge_recipe
 
         if self.recipes is None:
             raise NotFoundError("no recipes directory is configured (ADAPTER_FUSION_RECIPES)")
@@ -99,13 +105,23 @@ class LoraNames:
         for path in read + ([recipe.base] if recipe.base else []):
             if not any(Path(path).resolve().is_relative_to(root) for root in (self.store, self.recipes)):
                 raise PathNotAllowedError(f"recipe {quoted(name)} reads a file outside the store and the recipes directory")
-        if recipe.base is None and base_model and Path(base_model).is_dir():  # a data-aware method learns on the served model
+        if get_method(recipe.method).data is not None:  # learns on the served model: its own directory, never another
+            if not (base_model and Path(base_model).is_dir()):
+                raise InvalidRequestError(f"recipe {quoted(name)} learns from examples on the served model, which is not a local directory")
             recipe = recipe.model_copy(update={"base": base_model})
         sources = [Path(s.adapter) for s in recipe.sources]
-        key = _key("recipe", name, hashlib.sha256(file.read_bytes()).hexdigest(), *(_stamp(s) for s in sources))
+        read_files = [Path(f) for f in read if isinstance(f, str) and Path(f).is_file()]  # example files: edited, recomposed
+        key = _key("recipe", _base_key(base_model) or "", name, hashlib.sha256(file.read_bytes()).hexdigest(), *(_stamp(s) for s in sources + read_files))
 
         def composed() -> list[tuple[Adapter, float]]:
-            adapter = run_recipe(recipe, device="cpu").adapter
+            adapters = [load_adapter(source) for source in sources]
+            cost = merge_cost(adapters, get_method(recipe.method), recipe.rank)
+            if cost.output_bytes > self.limits.max_output_bytes or cost.dense_values > self.limits.max_dense_values:
+                raise LimitExceededError(
+                    f"recipe {quoted(name)} would write {cost.output_bytes / 1e6:.1f} MB and form {cost.dense_values:,} dense values; "
+                    f"the limits are {self.limits.max_output_bytes / 1e6:.1f} MB and {self.limits.max_dense_values:,}"
+                )
+            adapter = merge_recipe(recipe, adapters, name, recipe.base, "cpu", bounds=self.limits.fit).adapter
             _check_base(adapter, base_model)
             return [(adapter, 1.0)]
 

@@ -35,21 +35,31 @@ class CachedMix:
 
 
 class MixCache:
-    def __init__(self, root: str | Path, max_rank: int, max_output_bytes: int = 1 << 30) -> None:
+    def __init__(self, root: str | Path, max_rank: int, max_output_bytes: int = 1 << 30, max_cache_bytes: int = 20 << 30) -> None:
         self.root = Path(root)
         self.max_rank = max_rank  # the engine's largest LoRA rank
         self.max_output_bytes = max_output_bytes  # one entry's factors, float32, checked before composing
-        self._locks: dict[str, threading.Lock] = {}
+        self.max_cache_bytes = max_cache_bytes  # every entry together: past it new entries are refused (an engine may still read old ones)
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}  # key -> (its lock, callers holding or waiting)
         self._guard = threading.Lock()
 
     def get(self, key: str, sources: Callable[[], Sequence[tuple[Adapter, float]]]) -> CachedMix:
         """The entry for `key` (a file-name-safe hash), composed from `sources()` (called only on a
         miss: loading them is part of the work) if it is not cached yet."""
         with self._guard:
-            lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
-            found = self._read(key)
-            return found if found is not None else self._build(key, list(sources()))
+            lock, users = self._locks.get(key, (threading.Lock(), 0))
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                found = self._read(key)
+                return found if found is not None else self._build(key, list(sources()))
+        finally:
+            with self._guard:
+                lock, users = self._locks[key]
+                if users == 1:
+                    del self._locks[key]  # no lock kept per key ever asked for
+                else:
+                    self._locks[key] = (lock, users - 1)
 
     def _read(self, key: str) -> CachedMix | None:
         entry = self.root / key
@@ -69,6 +79,11 @@ class MixCache:
         if cost.output_bytes > self.max_output_bytes:
             raise LimitExceededError(
                 f"the mix would take {cost.output_bytes / 1e6:.1f} MB, over the cache's cap of {self.max_output_bytes / 1e6:.1f} MB per entry"
+            )
+        held = sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file() and not f.is_symlink()) if self.root.is_dir() else 0
+        if held + cost.output_bytes > self.max_cache_bytes:
+            raise LimitExceededError(
+                f"the mix cache {self.root} holds {held / 1e6:.1f} MB of its {self.max_cache_bytes / 1e6:.1f} MB; delete entries no engine uses"
             )
         result = merge(adapters, method, weights, rank=rank, name=key)
         error = max((m.relative_error for m in result.report), default=0.0)

@@ -39,8 +39,11 @@ class CompositionResolver(LoRAResolver):
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         try:
             found = await in_thread(self.names.resolve, lora_name, base_model_name)
-        except (AdapterFusionError, OSError, ValueError) as error:
+        except AdapterFusionError as error:  # the name's own problem: said as it is
             log.warning("adapter-fusion cannot serve LoRA %r: %s", lora_name[:200], error)
+            return None
+        except Exception:  # anything else is ours: logged with its traceback, and still a refusal, never a 500
+            log.exception("adapter-fusion failed to resolve LoRA %r", lora_name[:200])
             return None
         how = "composed" if found.built else "found"
         log.info("adapter-fusion %s LoRA %r: rank %d, truncation error %.2e, %s", how, lora_name[:200], found.rank, found.relative_error, found.path)

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import re
 import threading
 from dataclasses import asdict
 from typing import TYPE_CHECKING
@@ -35,6 +36,7 @@ from server.store import check_name
 if TYPE_CHECKING:
     from server.service import AdapterFusionService
 
+WORD = re.compile(r"[^ ]+")
 MERGE_FREE = {"linear", "task_arithmetic", "cat"}  # Σ wᵢ ΔWᵢ exactly: served as per-row weights over resident slots
 
 
@@ -58,6 +60,11 @@ def example_sets(recipe: pb.Recipe) -> list[tuple[str, list]]:
     """(where, examples) of each set the recipe carries."""
     sets = [("examples", list(recipe.examples))] if recipe.examples else []
     return sets + [(f"sources.{i}.examples", list(s.examples)) for i, s in enumerate(recipe.sources) if s.examples]
+
+
+def _words(text: str) -> int:
+    """Runs of characters between ASCII spaces (other whitespace may sit inside a token)."""
+    return sum(1 for _ in WORD.finditer(text))
 
 
 async def finished(task: asyncio.Future) -> None:
@@ -104,10 +111,11 @@ class ComposeRPCs:
                 f"{spec.method} keeps per-module statistics of every source: {len(spec.sources)} sources is over this server's cap of "
                 f"{self.limits.max_data_sources}"
             )
-        # Before any tokenising (seconds of CPU for a large request): every whitespace-separated word
-        # is at least one token, so words x passes is a floor of the fit's work; the exact count is
-        # checked against the same cap once tokenised (`fit_cost`).
-        words = sum(len(e.input.split()) + len(e.target.split()) for _, rows in example_sets(recipe) for e in rows)
+        # Before any tokenising (seconds of CPU for a large request): no token of a byte-level BPE or
+        # whitespace-splitting SentencePiece vocabulary spans an ASCII space, so the space-separated
+        # words x passes is a floor of the fit's work; the exact count is checked against the same
+        # cap once tokenised (`fit_cost`).
+        words = sum(_words(e.input) + _words(e.target) for _, rows in example_sets(recipe) for e in rows)
         if words * passes > self.limits.max_fit_work_tokens:
             raise LimitExceededError(
                 f"the {spec.method} fit would run at least {words * passes:,} example tokens through the model ({words:,} words x "

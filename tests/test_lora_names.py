@@ -63,6 +63,7 @@ def test_a_mix_is_composed_once_and_follows_its_entries(names: LoraNames, tiny_a
         ("recipe:../x", InvalidRequestError, "invalid adapter name"),
         ("recipe:none", NotFoundError, "no recipe"),
         ("x" * 5000, InvalidRequestError, "bytes"),
+        ("a\n", InvalidRequestError, "invalid adapter name"),
     ],
 )
 def test_bad_names_are_refused_with_what_is_wrong(names: LoraNames, name: str, error: type[Exception], says: str) -> None:
@@ -77,6 +78,10 @@ def test_links_and_other_bases_are_refused(names: LoraNames, tiny_adapters: list
     with pytest.raises(InvalidRequestError, match="trained on"):
         names.resolve("a", base_model="/models/another-model")
     assert names.resolve("a", base_model=str(load_adapter(tiny_adapters[0]).base_model)).rank == 4
+    own = str(load_adapter(tiny_adapters[0]).base_model)
+    assert names.resolve("mix:a+b", base_model=own).built
+    with pytest.raises(InvalidRequestError, match="trained on"):  # the cached mix is not served on another base
+        names.resolve("mix:a+b", base_model="/models/another-model")
 
 
 def test_a_recipe_is_composed_from_the_store_only(names: LoraNames, tmp_path: Path) -> None:
@@ -89,3 +94,12 @@ def test_a_recipe_is_composed_from_the_store_only(names: LoraNames, tmp_path: Pa
     (tmp_path / "recipes" / "outside.yaml").write_text(yaml.safe_dump(outside))
     with pytest.raises(PathNotAllowedError, match="outside the store"):
         names.resolve("recipe:outside")
+
+
+def test_a_recipe_that_learns_needs_the_served_model_as_a_directory(names: LoraNames, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    recipe = {"method": "regmean", "sources": [{"adapter": str(store / "a"), "weight": 0.5, "examples": [{"input": "x", "target": "y"}]},
+                                               {"adapter": str(store / "b"), "weight": 0.5, "examples": [{"input": "x", "target": "y"}]}]}
+    (tmp_path / "recipes" / "learns.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(InvalidRequestError, match="not a local directory"):
+        names.resolve("recipe:learns", base_model="HuggingFaceTB/SmolLM2-135M-Instruct")

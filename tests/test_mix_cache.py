@@ -49,17 +49,29 @@ def test_over_the_engines_rank_it_is_the_exact_truncation(tiny_adapters: list[Pa
 def test_one_key_is_built_once_while_others_wait(tiny_adapters: list[Path], tmp_path: Path) -> None:
     a = load_adapter(tiny_adapters[0])
     cache, calls, results = MixCache(tmp_path / "mixes", max_rank=16), [], []
+    arrived, release = threading.Barrier(4), threading.Event()
 
     def sources():
         calls.append(1)
+        release.wait(30)  # the others are waiting on this key meanwhile
         return [(a, 0.5), (a, 0.25)]
 
-    threads = [threading.Thread(target=lambda: results.append(cache.get("same", sources))) for _ in range(4)]
+    def get() -> None:
+        arrived.wait(30)
+        results.append(cache.get("same", sources))
+
+    threads = [threading.Thread(target=get) for _ in range(4)]
     for thread in threads:
         thread.start()
+    while not calls:  # the first caller is building
+        threading.Event().wait(0.01)
+    while cache._locks["same"][1] < 4:  # every caller holds or waits for the key's lock
+        threading.Event().wait(0.01)
+    release.set()
     for thread in threads:
         thread.join(timeout=60)
     assert len(calls) == 1 and sorted(r.built for r in results) == [False, False, False, True]
+    assert cache._locks == {}  # no lock is kept per key once nobody asks for it
 
 
 def test_a_mix_over_the_size_cap_is_refused_before_composing(tiny_adapters: list[Path], tmp_path: Path) -> None:
@@ -68,3 +80,12 @@ def test_a_mix_over_the_size_cap_is_refused_before_composing(tiny_adapters: list
     with pytest.raises(LimitExceededError, match="over the cache's cap"):
         cache.get("big", lambda: [(a, 1.0)] * 3)
     assert not (tmp_path / "mixes" / "big").exists()
+
+
+def test_a_full_cache_refuses_new_entries(tiny_adapters: list[Path], tmp_path: Path) -> None:
+    a = load_adapter(tiny_adapters[0])
+    cache = MixCache(tmp_path / "mixes", max_rank=64, max_cache_bytes=3 * a.size_bytes)
+    cache.get("one", lambda: [(a, 1.0)])
+    with pytest.raises(LimitExceededError, match="delete entries no engine uses"):
+        cache.get("two", lambda: [(a, 1.0), (a, 0.5), (a, 0.25)])
+    assert not cache.get("one", lambda: []).built  # what is there is still served
