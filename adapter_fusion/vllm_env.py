@@ -76,3 +76,4 @@ class OpenAIServer:
                 except ProcessLookupError:
                     return
                 time.sleep(0.1)
+        raise RuntimeError(f"vLLM's process group {group} survived SIGKILL")

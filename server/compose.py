@@ -175,11 +175,11 @@ class ComposeRPCs:
                 found = existing()
             if found is not None:
                 return found, []
+            sources = [self.registry.get(s.adapter) for s in spec.sources]
+            self._check_cost(spec, sources, stored=not hidden)  # from shapes: before the tokenising below
             for where, rows in example_sets(recipe):
                 self._example_ids(rows, recipe.raw, where)  # every text and token limit, as Score checks them
             runtime = self.engine.runtime
-            sources = [self.registry.get(s.adapter) for s in spec.sources]
-            self._check_cost(spec, sources, stored=not hidden)
             result = merge_recipe(spec, sources, name, runtime.base_dir, str(runtime.device), on_example=tick, bounds=self.limits.fit_bounds())
             tick()  # a call abandoned during the last step registers nothing
             info = AdapterInfo.of(result.adapter, described, pin)
