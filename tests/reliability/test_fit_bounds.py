@@ -98,8 +98,8 @@ def refusal(client: Client, recipe, timeout: float = 120.0) -> tuple[grpc.Status
 
 def test_the_attack_shapes_are_refused_before_work_on_the_default_server(tmp_path: Path, serve_processes: list[ServeProcess]) -> None:
     """SmolLM2 with the default limits: learned over 2 sources, steps 1000, 256 examples of ~2,400
-    tokens (1.2 MB), refused with RESOURCE_EXHAUSTED naming its estimated peak against the 4,096 MB
-    budget and its example tokens against the 1,000,000 cap; fisher with 128 such examples per
+    tokens (1.2 MB), refused on arrival with RESOURCE_EXHAUSTED: its words alone x 1000 steps pass the
+    1,000,000 cap; with one step, refused naming its estimated peak against the 4,096 MB budget; fisher with 128 such examples per
     source, under the cap, refused for its estimated peak (regmean's, which keeps no activations
     for a backward, is under the budget: it runs, bounded by the work cap). The server's RSS stays
     where a loaded SmolLM2 server is."""
@@ -108,15 +108,20 @@ def test_the_attack_shapes_are_refused_before_work_on_the_default_server(tmp_pat
     proc, address = start(tmp_path, serve_processes, base, sources)
     examples = attack_examples(256)
     bounds = FitBounds(max_memory_bytes=4096 << 20, max_work_tokens=1_000_000)
-    learned = learned_examples_cost(base, examples, True, 1000, bounds)
+    learned = learned_examples_cost(base, examples, True, 1, bounds)
+    words = sum(len([w for w in f"{i} {t}".split(" ") if w]) for i, t in examples)  # ASCII-space-separated, as the server counts
     with rss_guard(proc) as seen, Client(address) as client:
         before = rss_bytes(proc.process.pid)
         recipe = make_recipe("learned", {"uppercase": 0.5, "reverse_words": 0.5}, examples=examples, steps=1000)
-        code, message, seconds = refusal(client, recipe)
+        code, message, seconds = refusal(client, recipe)  # its words alone pass the work cap: refused on arrival
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, message
+        assert f"at least {words * 1000:,} example tokens" in message and "cap is 1,000,000" in message, message
+        one_step = make_recipe("learned", {"uppercase": 0.5, "reverse_words": 0.5}, examples=examples, steps=1)
+        code, message, seconds = refusal(client, one_step)  # under the work cap: its estimated peak is what is over
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, message
         assert f"learned would need about {learned.memory_bytes / (1 << 20):,.0f} MB at its peak" in message, message
         assert "this server's fit budget is 4,096 MB" in message
-        assert f"would run {learned.work_tokens:,} example tokens through the model" in message and "cap is 1,000,000" in message
+        assert learned.work_tokens < 1_000_000 and "example tokens" not in message
         halves = {"uppercase": examples[:128], "reverse_words": examples[128:]}
         cost = statistics_examples_cost("fisher", base, [_load(s) for s in sources], list(halves.values()), True)
         code, message, _ = refusal(client, make_recipe("fisher", {"uppercase": 1.0, "reverse_words": 1.0}, source_examples=halves))
