@@ -64,6 +64,7 @@ def test_learned_over_grpc_is_the_library_fit(served, tiny_chat_base: Path, per:
 
 def test_a_generation_finishes_while_a_long_fit_runs(served) -> None:
     running, client, _ = served
+    expected = "".join(r.text for r in client.generate(prompt="hello", max_new_tokens=4))  # the base model's greedy answer
     stream = client.search_weights(NAMES, EXAMPLES, "long", method="learned", budget=1000)  # the server's cap
     seen: list[int] = []
     ended: list[grpc.StatusCode] = []
@@ -85,7 +86,7 @@ def test_a_generation_finishes_while_a_long_fit_runs(served) -> None:
     stream.cancel()
     reader.join(timeout=20)
     assert ended == [grpc.StatusCode.CANCELLED]
-    assert isinstance(text, str) and steps_then < 1000  # served between steps, long before the fit ends
+    assert text == expected and steps_then < 1000  # served whole and right between steps, long before the fit ends
     deadline = time.monotonic() + 20
     while (running.running.engine.busy or group_slots(running)) and time.monotonic() < deadline:
         time.sleep(0.05)
