@@ -82,7 +82,7 @@ class LoraNames:
             raise LimitExceededError(f"the mix has {len(terms)} adapters; the limit is {self.limits.max_sources}")
         terms = _canonical(terms)
         paths = {name: self._entry(name) for name, _ in terms}
-        key = _key("mix", _base_key(base_model) or "", *(f"{name}={weight!r}" for name, weight in terms), *(f"{n}:{_stamp(p)}" for n, p in sorted(paths.items())))
+        key = _key("mix", _base_key(base_model) or "", *(f"{name}={weight!r}" for name, weight in terms), *(f"{n}:{_stamp(p)}" for n, p in paths.items()))  # terms are sorted
 
         def sources() -> list[tuple[Adapter, float]]:
             loaded = {name: load_adapter(path, name) for name, path in paths.items()}
@@ -101,17 +101,17 @@ class LoraNames:
         if file is None or file.is_symlink():
             raise NotFoundError(f"no recipe {quoted(name)} in {self.recipes}")
         recipe = load_recipe(file)
-        read = [s.adapter for s in recipe.sources] + [e for e in (recipe.examples, *(s.examples for s in recipe.sources)) if isinstance(e, str)]
-        for path in read + ([recipe.base] if recipe.base else []):
-            if not any(Path(path).resolve().is_relative_to(root) for root in (self.store, self.recipes)):
+        sources = [Path(s.adapter) for s in recipe.sources]
+        example_files = [Path(e) for e in (recipe.examples, *(s.examples for s in recipe.sources)) if isinstance(e, str)]  # else inline
+        for path in sources + example_files + ([Path(recipe.base)] if recipe.base else []):
+            if not any(path.resolve().is_relative_to(root) for root in (self.store, self.recipes)):
                 raise PathNotAllowedError(f"recipe {quoted(name)} reads a file outside the store and the recipes directory")
         if get_method(recipe.method).data is not None:  # learns on the served model: its own directory, never another
             if not (base_model and Path(base_model).is_dir()):
                 raise InvalidRequestError(f"recipe {quoted(name)} learns from examples on the served model, which is not a local directory")
             recipe = recipe.model_copy(update={"base": base_model})
-        sources = [Path(s.adapter) for s in recipe.sources]
-        read_files = [Path(f) for f in read if isinstance(f, str) and Path(f).is_file()]  # example files: edited, recomposed
-        key = _key("recipe", _base_key(base_model) or "", name, hashlib.sha256(file.read_bytes()).hexdigest(), *(_stamp(s) for s in sources + read_files))
+        # keyed by what it reads: its text, its sources' and example files' (edited: recomposed), the base
+        key = _key("recipe", _base_key(base_model) or "", name, hashlib.sha256(file.read_bytes()).hexdigest(), *(_stamp(p) for p in sources + [e for e in example_files if e.is_file()]))
 
         def composed() -> list[tuple[Adapter, float]]:
             adapters = [load_adapter(source) for source in sources]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,6 +31,13 @@ def cpu_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     return {key: environ.get(key, value) for key, value in derived.items()}
 
 
+def _free_port() -> int:
+    """A port free on 127.0.0.1 now (vLLM's server takes a port number, not a bound socket)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 class OpenAIServer:
     """vLLM's OpenAI-compatible server as a child process group on 127.0.0.1 (tests, benchmarks).
 
@@ -37,7 +45,8 @@ class OpenAIServer:
     idle CPU engine keeps spinning, so `stop` signals every process of the group and waits until
     none is left (SIGKILL after `grace_s`)."""
 
-    def __init__(self, model: str | os.PathLike, port: int, args: Sequence[str] = (), env: Mapping[str, str] = {}, log: str | os.PathLike = os.devnull) -> None:
+    def __init__(self, model: str | os.PathLike, args: Sequence[str] = (), env: Mapping[str, str] = {}, log: str | os.PathLike = os.devnull, port: int = 0) -> None:
+        port = port or _free_port()
         command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1", "--port", str(port), *args]
         self.url = f"http://127.0.0.1:{port}"
         self.log = log

@@ -10,7 +10,6 @@ fp32, 8 new tokens, one client; each figure the median of `--rounds` fresh names
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import tempfile
 import time
@@ -44,11 +43,8 @@ def main() -> None:
     for name in names:
         adapter = load_adapter(DEMO_ADAPTERS / name, name)
         store.save(adapter, AdapterInfo.of(adapter, name, False))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "ADAPTER_FUSION_STORE": str(work / "store"), "ADAPTER_FUSION_MIX_CACHE": str(work / "mixes"), "ADAPTER_FUSION_MAX_LORA_RANK": "16"}
-    server = OpenAIServer(default_base(), port, ["--dtype", "float32", "--enable-lora", "--max-lora-rank", "16", "--max-loras", "8", "--max-model-len", "1024"], env, log=work / "vllm.log")
+    server = OpenAIServer(default_base(), ["--dtype", "float32", "--enable-lora", "--max-lora-rank", "16", "--max-loras", "8", "--max-model-len", "1024"], env, log=work / "vllm.log")
     try:
         print(f"vLLM ready in {server.wait_ready():.1f} s")
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=600)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,19 +54,13 @@ def ours(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     return store, expected
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_server(smollm2: Path, ours: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OpenAIServer, Path]]:
     store, _ = ours
     cache = tmp_path_factory.mktemp("mixes")
     env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "ADAPTER_FUSION_STORE": str(store), "ADAPTER_FUSION_MIX_CACHE": str(cache), "ADAPTER_FUSION_MAX_LORA_RANK": "16"}
     args = ["--dtype", "float32", "--enable-lora", "--max-lora-rank", "16", "--max-loras", "4", "--max-model-len", "1024"]
-    server = OpenAIServer(smollm2, _free_port(), args, env, log=tmp_path_factory.mktemp("vllm") / "server.log")
+    server = OpenAIServer(smollm2, args, env, log=tmp_path_factory.mktemp("vllm") / "server.log")
     try:
         server.wait_ready()
         yield server, cache
