@@ -38,16 +38,21 @@ log = logging.getLogger("adapter_fusion.engine")
 
 
 class Engine:
+    """The builtin engine (`engines.base.ServingEngine`): our decoder on a transformers model."""
+
+    name = "builtin"
+
     def __init__(
         self,
         runtime: Runtime,
         limits: Limits = Limits(),
         reload: Callable | None = None,
         on_state: Callable[[str], None] | None = None,
+        registry: AdapterRegistry | None = None,
     ) -> None:
         self.runtime = runtime
         self.limits = limits
-        self.registry = AdapterRegistry(runtime.check, runtime.slot_bytes, limits.memory_budget_bytes, reload)
+        self.registry = registry or AdapterRegistry(runtime.check, runtime.slot_bytes, limits.memory_budget_bytes, reload)
         self.scheduler = Scheduler(runtime, self.registry, limits)
         self.on_state = on_state or (lambda state: None)  # "serving", "restarting", "failed", "stopped"
         self.state = "starting"
@@ -120,6 +125,9 @@ class Engine:
         runs: keep it within `max_job_tokens` and split longer work into several jobs."""
         box: list[object] = []
         return self._queue_job(adapter, [lambda route, job: box.append(work(route, job))], lambda: box[0], cancelled, tenant)
+
+    def job_runtime(self) -> Runtime:
+        return self.runtime
 
     def cancel(self, cancelled: threading.Event) -> None:
         """Cancel a call: every queued job sharing this event ends now; a running one after its piece."""

@@ -3,21 +3,20 @@ the serving engine's thread: scoring here, step-wise decoding in `adapter_fusion
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
-from jinja2 import TemplateError
 from torch import Tensor
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from adapter_fusion.adapters import Adapter
-from adapter_fusion.errors import IncompatibleAdaptersError
+from adapter_fusion.encoding import Encoder
 from adapter_fusion.lora_layers import inject, route, scale_columns
 from adapter_fusion.models import resolve_device, resolve_dtype
 from adapter_fusion.slots import Route, SlotBank, routes_of
+from adapter_fusion.targets import check_targets
 
 
 class Runtime:
@@ -40,31 +39,20 @@ class Runtime:
         self.base_dir = Path(base_dir)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
-        self.is_seq2seq = bool(AutoConfig.from_pretrained(self.base_dir).is_encoder_decoder)
+        self.encoder = Encoder(self.base_dir)
+        self.tokenizer, self.is_seq2seq = self.encoder.tokenizer, self.encoder.is_seq2seq
+        self.chat_ids, self.text_ids, self.answer_ids = self.encoder.chat_ids, self.encoder.text_ids, self.encoder.answer_ids
         model_class = AutoModelForSeq2SeqLM if self.is_seq2seq else AutoModelForCausalLM
         # never trained: gradients (learned coefficients) reach only the column scales
         self.model = model_class.from_pretrained(self.base_dir, dtype=self.dtype).to(self.device).eval().requires_grad_(False)
         self.layers = inject(self.model, None if targets is None else list(targets))
         self.slots = SlotBank(self.layers, self.device, self.dtype, slot_columns)
         self.shapes = {path: layer.shape for path, layer in self.layers.items()}
-        eos = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
-        self.stop_ids = {i for i in eos if isinstance(i, int) and i >= 0}
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        # a fast tokenizer's encode may reset its padding/truncation state: one encoding thread at a time
-        self._encoding = threading.Lock()
-        self.end_of_turn = self._end_of_turn()
+        self.stop_ids, self.pad_id, self.end_of_turn = self.encoder.stop_ids, self.encoder.pad_id, self.encoder.end_of_turn
 
     def check(self, adapter: Adapter) -> None:
         """Refuse an adapter whose modules this model lacks or whose shapes differ."""
-        for path, delta in adapter.modules.items():
-            if path not in self.shapes:
-                raise IncompatibleAdaptersError(f"adapter {adapter.name!r} targets {path!r}, which is not a LoRA target of this base model")
-            if self.shapes[path] != delta.shape:
-                raise IncompatibleAdaptersError(
-                    f"adapter {adapter.name!r} module {path!r} is {delta.shape[0]}x{delta.shape[1]}, the base model's is "
-                    f"{self.shapes[path][0]}x{self.shapes[path][1]}: it was made for another base model"
-                )
+        check_targets(adapter, self.shapes)
 
     def write_slot(self, slot: int, sources: Sequence[Adapter]) -> None:
         """Make `slot` (>= 1) hold these sources side by side; the other slots are not touched."""
@@ -84,38 +72,6 @@ class Runtime:
     def slot_bytes(self, slots: Sequence[Sequence[Adapter]]) -> int:
         """Bytes of the slot buffers with these slots resident (`slots.SlotBank.bytes_for`)."""
         return self.slots.bytes_for(slots)
-
-    def chat_ids(self, message: str | list[dict]) -> list[int]:
-        messages = [{"role": "user", "content": message}] if isinstance(message, str) else message
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        with self._encoding:
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def text_ids(self, text: str) -> list[int]:
-        """Token ids of raw text (with the end-of-sequence marks a seq2seq model expects)."""
-        with self._encoding:
-            return self.tokenizer(text, add_special_tokens=self.is_seq2seq)["input_ids"]
-
-    def answer_ids(self, text: str, chat: bool) -> list[int]:
-        """A target as a fit learns it: in a chat, followed by the token that ends the assistant's
-        turn, so the fit learns where an answer stops as well as how it starts (a seq2seq target
-        carries its end-of-sequence mark already)."""
-        ids = self.text_ids(text)
-        return ids + [self.end_of_turn] if chat and self.end_of_turn is not None else ids
-
-    def _end_of_turn(self) -> int | None:
-        """The stop token the chat template closes an assistant's message with (None: seq2seq, no
-        chat template, or no stop token after the message)."""
-        if self.is_seq2seq or not self.tokenizer.chat_template:
-            return None
-        marker = "ANSWER"
-        turn = [{"role": "user", "content": "question"}, {"role": "assistant", "content": marker}]
-        try:
-            text = self.tokenizer.apply_chat_template(turn, tokenize=False)
-        except (TemplateError, ValueError):  # a template that refuses this turn: fits learn the answer alone
-            return None
-        after = self.tokenizer(text[text.rindex(marker) + len(marker) :], add_special_tokens=False)["input_ids"]
-        return next((i for i in after if i in self.stop_ids), None)
 
     def scaled(self, scales: dict[str, Tensor]) -> AbstractContextManager[None]:
         """Within the block, each listed layer scales its routed columns (`lora_layers.scale_columns`)."""

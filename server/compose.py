@@ -179,8 +179,7 @@ class ComposeRPCs:
             self._check_cost(spec, sources, stored=not hidden)  # from shapes: before the tokenising below
             for where, rows in example_sets(recipe):
                 self._example_ids(rows, recipe.raw, where)  # every text and token limit, as Score checks them
-            runtime = self.engine.runtime
-            result = merge_recipe(spec, sources, name, runtime.base_dir, str(runtime.device), on_example=tick, bounds=self.limits.fit_bounds())
+            result = merge_recipe(spec, sources, name, self.model.base_dir, self.model.device, on_example=tick, bounds=self.limits.fit_bounds())
             tick()  # a call abandoned during the last step registers nothing
             info = AdapterInfo.of(result.adapter, described, pin)
             with name_checked():

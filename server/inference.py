@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from server.service import AdapterFusionService
 
 ROLES = ("system", "user", "assistant")
+MIX_ERROR_KEY = "adapter-fusion-mix-relative-error"  # trailing metadata: how far a truncated mix is from the exact sum
 
 
 def tenant_of(context) -> str | None:
@@ -56,35 +57,35 @@ class InferenceRPCs:
         return ids
 
     def _prompt_ids(self: AdapterFusionService, request: pb.GenerateRequest) -> list[int]:
-        runtime, limit = self.engine.runtime, self.engine.limits.max_prompt_tokens
+        encoder, limit = self.model.encoder, self.model.limits.max_prompt_tokens
         which = request.WhichOneof("input")
         if which == "prompt" and request.prompt.strip():
-            return self._capped(runtime.text_ids(self._text(request.prompt, "the prompt")), "the prompt", limit)
+            return self._capped(encoder.text_ids(self._text(request.prompt, "the prompt")), "the prompt", limit)
         if which == "messages" and request.messages.messages:
             messages = [{"role": m.role or "user", "content": self._text(m.content, "a message")} for m in request.messages.messages]
             if any(m["role"] not in ROLES for m in messages):
                 raise InvalidRequestError("message roles must be system, user or assistant")
             self._text("".join(m["content"] for m in messages), "the messages together")
-            return self._capped(runtime.chat_ids(messages), "the prompt", limit)
+            return self._capped(encoder.chat_ids(messages), "the prompt", limit)
         raise InvalidRequestError("the prompt is empty: set `prompt` or `messages`")
 
     def _example_ids(self: AdapterFusionService, examples, raw: bool, where: str = "", fit: bool = False) -> tuple[list[list[int]], list[list[int]]]:
         """Token ids of each example's input and target, every limit checked; `where` names the
         set in errors (a recipe has several). For a `fit`, targets are as fits learn them
-        (`Runtime.answer_ids`); Score reads them as given."""
+        (`Encoder.answer_ids`); Score reads them as given."""
         at = f"{where}: " if where else ""
         if not examples:
             raise InvalidRequestError(f"{at}at least one example is needed")
         if len(examples) > self.limits.max_examples:
             raise LimitExceededError(f"{at}{len(examples)} examples; the limit is {self.limits.max_examples}")
-        runtime, limits = self.engine.runtime, self.engine.limits
+        encoder, limits = self.model.encoder, self.model.limits
         prompts, targets = [], []
         for i, ex in enumerate(examples):
             if not ex.input.strip() or not ex.target:
                 raise InvalidRequestError(f"{at}example {i} needs a non-empty input and target")
             text, target = self._text(ex.input, f"{at}example {i}'s input"), self._text(ex.target, f"{at}example {i}'s target")
-            prompts.append(self._capped(runtime.text_ids(text) if raw else runtime.chat_ids(text), f"{at}example {i}'s input", limits.max_prompt_tokens))
-            target_ids = runtime.answer_ids(target, not raw) if fit else runtime.text_ids(target)
+            prompts.append(self._capped(encoder.text_ids(text) if raw else encoder.chat_ids(text), f"{at}example {i}'s input", limits.max_prompt_tokens))
+            target_ids = encoder.answer_ids(target, not raw) if fit else encoder.text_ids(target)
             targets.append(self._capped(target_ids, f"{at}example {i}'s target", limits.max_target_tokens))
         return prompts, targets
 
@@ -99,7 +100,7 @@ class InferenceRPCs:
         events: asyncio.Queue[Event] = asyncio.Queue()
         handle: Request | None = None
         try:
-            self.engine.limits.check_stops(request.stop)  # by count first: before any copy or tokenising
+            self.model.limits.check_stops(request.stop)  # by count first: before any copy or tokenising
             self.engine.check_room(tenant_of(context))  # a full queue or share refused before tokenising too
             prompt_ids = await in_thread(self._prompt_ids, request)
             target = await self._target(request)
@@ -125,6 +126,8 @@ class InferenceRPCs:
                 if event.finish_reason is None:
                     yield pb.GenerateResponse(text=event.text, token_ids=event.token_ids)
                     continue
+                if event.mix_error and callable(getattr(context, "set_trailing_metadata", None)):
+                    context.set_trailing_metadata(((MIX_ERROR_KEY, f"{event.mix_error:.6g}"),))  # a mix truncated to the engine's rank
                 if event.finish_reason != "cancelled":
                     usage = pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
                     yield pb.GenerateResponse(text=event.text, token_ids=event.token_ids, finish_reason=event.finish_reason, usage=usage)

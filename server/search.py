@@ -158,10 +158,10 @@ class SearchRPCs:
 
     async def _learned(self: AdapterFusionService, request: pb.SearchWeightsRequest, p: LearnedParams, fitting: Fitting) -> AsyncIterator[pb.SearchWeightsProgress | Fitted]:
         zeros = [0.0] * len(fitting.sources)  # from 0, as LoraHub starts
-        limits = self.engine.limits
+        limits = self.model.limits
         longest = max(len(a) + len(b) for a, b in zip(fitting.prompts, fitting.targets))
         fit = CoefficientFit(  # each piece within the engine's token budget per job (one example at least)
-            self.engine.runtime, fitting.sources, fitting.prompts, fitting.targets, p.per, zeros, p.lr, p.l1, p.bound, p.batch_size,
+            await in_thread(self.engine.job_runtime), fitting.sources, fitting.prompts, fitting.targets, p.per, zeros, p.lr, p.l1, p.bound, p.batch_size,
             request.seed, chunk_rows=max(1, min(limits.max_batch, limits.max_job_tokens // longest)),
         )
         call = fitting.call

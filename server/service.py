@@ -17,15 +17,19 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from adapter_fusion.adapters import Adapter, load_adapter, saved_bytes, write_adapter_files
 from adapter_fusion.atomic import MARKER_BYTES, atomic_directory, tree_bytes
 from adapter_fusion.bake import bake, planned_bytes
-from adapter_fusion.engine import Engine
+from adapter_fusion.encoding import Encoder
+from adapter_fusion.engines.base import ServingEngine
 from adapter_fusion.errors import AdapterFormatError, InvalidRequestError, NotFoundError, quoted
 from adapter_fusion.fit_cost import FitBounds
 from adapter_fusion.names import not_hidden
 from adapter_fusion.entries import AdapterInfo
+from adapter_fusion.limits import Limits
+from adapter_fusion.registry import AdapterRegistry
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
 from adapter_fusion.worker_threads import in_thread
@@ -62,6 +66,17 @@ class ServiceLimits:
         return FitBounds(self.fit_batch_tokens, self.max_fit_memory_mb << 20, self.max_fit_work_tokens)
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """What the service knows of the base model, whatever engine runs it: where it is (composes and
+    bakes read it), the device fits run on, its tokenizer, and what one request may ask of it."""
+
+    base_dir: Path
+    device: str
+    encoder: Encoder
+    limits: Limits
+
+
 def info_message(info: AdapterInfo, resident: bool) -> pb.AdapterInfo:
     return pb.AdapterInfo(
         name=info.name,
@@ -84,7 +99,9 @@ def _check_dtype(dtype: str) -> str:
 class AdapterFusionService(ComposeRPCs, InferenceRPCs, SearchRPCs, pb_grpc.AdapterFusionServicer):
     def __init__(
         self,
-        engine: Engine,
+        engine: ServingEngine,
+        registry: AdapterRegistry,
+        model: ServedModel,
         store: AdapterStore,
         paths: PathPolicy,
         limits: ServiceLimits = ServiceLimits(),
@@ -92,9 +109,10 @@ class AdapterFusionService(ComposeRPCs, InferenceRPCs, SearchRPCs, pb_grpc.Adapt
         catalog: LocalCatalog | None = None,
     ) -> None:
         self.engine = engine
-        self.registry = engine.registry
+        self.registry = registry
+        self.model = model
         self.store = store
-        self.catalog = catalog or LocalCatalog(store, engine.registry)
+        self.catalog = catalog or LocalCatalog(store, registry)
         self.paths = paths
         self.limits = limits
         self.outputs = RootQuotas(paths.write_roots, limits.output_quota_bytes)
@@ -214,7 +232,7 @@ class AdapterFusionService(ComposeRPCs, InferenceRPCs, SearchRPCs, pb_grpc.Adapt
                     raise InvalidRequestError("bake cancelled by the client")  # unwinds; nothing is published
                 report((done, total))
 
-            base = self.engine.runtime.base_dir
+            base = self.model.base_dir
             with self.catalog.writing_output(path):
                 path = self.paths.writable(request.output_path, request.overwrite)  # again: now nobody else writes there
                 root = self.paths.write_root_of(path)

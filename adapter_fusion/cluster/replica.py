@@ -56,7 +56,7 @@ class Replica:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.core = await build_core(config, on_state=lambda state: None, catalog_class=SharedCatalog)
         self.core.engine.start()
-        self.registry = self.core.engine.registry
+        self.registry = self.core.service.registry
         self.context = ForwardedContext()
         self._names: dict[str, list[str]] = {}  # key -> its adapters, for keys held or being loaded
         self._names_lock = threading.Lock()  # Ray releases keys from a worker thread

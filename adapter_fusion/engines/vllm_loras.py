@@ -1,0 +1,129 @@
+"""What a held adapter is to vLLM: a LoRA id over a PEFT dir this engine wrote.
+
+A registered adapter runs under its registry slot number as its stable LoRA id (written once
+while it keeps that slot, removed from vLLM when the registry frees the slot: Unload, eviction).
+A weighted mix (`Choice` as a list, or a search group weighted per row) is one LoRA too, with no
+merge where exact: `mix_cache.MixCache` writes the concatenated weighted factors (rank Σr), or the
+exact SVD truncation to the engine's `max_lora_rank` with its error, once per mix; mixes take ids
+above `MIX_IDS` and the least recently used unused ones leave vLLM past `max_mixes`.
+
+Everything here but `take_removed` runs on the engine's preparing threads (disk and merge work);
+vLLM itself is touched only on the engine thread, which removes what `take_removed` returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import shutil
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapter_fusion.adapters import Adapter, write_adapter_files
+from adapter_fusion.atomic import atomic_directory
+from adapter_fusion.entries import Entry
+from adapter_fusion.mix_cache import MixCache
+
+MIX_IDS = 1 << 24  # registry slots stay below; mixes count up from here
+
+
+@dataclass
+class Lora:
+    """One LoRA vLLM may load: its id, name and PEFT dir; `users` requests run on it now."""
+
+    lora_id: int
+    name: str
+    path: Path
+    relative_error: float = 0.0  # of a mix truncated to the engine's max rank; 0 when exact
+    users: int = 0
+
+
+class LoraTable:
+    def __init__(self, root: Path, max_rank: int, max_mixes: int) -> None:
+        self.root = root
+        self.mixes = MixCache(root / "mixes", max_rank)
+        self.max_mixes = max_mixes
+        self._lock = threading.Lock()
+        self._slots: dict[int, tuple[Entry, Lora]] = {}  # slot -> the entry it was written for, its LoRA
+        self._mixed: OrderedDict[str, Lora] = OrderedDict()  # mix key -> LoRA, least recently used first
+        self._removed: list[int] = []  # LoRA ids to remove from vLLM (engine thread)
+        self._serial: weakref.WeakKeyDictionary[Entry, int] = weakref.WeakKeyDictionary()
+        self._serials = itertools.count(1)
+        self._serial_lock = threading.Lock()
+        self._mix_ids = itertools.count(MIX_IDS)
+
+    def single(self, slot: int, entry: Entry) -> Lora:
+        """The LoRA of a registered adapter in `slot` (the registry made it resident there)."""
+        with self._lock:
+            known = self._slots.get(slot)
+            if known is not None and known[0] is entry:
+                known[1].users += 1
+                return known[1]
+        path = self.root / "slots" / f"{slot}-{self._serial_of(entry)}"
+        if not path.is_dir():
+            with atomic_directory(path, overwrite=True) as tmp:
+                write_adapter_files(entry.sources[0], tmp)
+        lora = Lora(slot, f"{entry.info.name}@{slot}", path, users=1)
+        with self._lock:
+            old = self._slots.get(slot)
+            if old is not None and old[0] is not entry:  # the slot went to another entry: drop the old LoRA
+                self._forget(old[1], remove=True)
+            self._slots[slot] = (entry, lora)
+        return lora
+
+    def mix(self, parts: list[tuple[Entry, list[float]]]) -> Lora:
+        """The LoRA of Σ weight x source over these entries' sources (each entry with one weight per source)."""
+        key = hashlib.sha256(repr([(self._serial_of(e), [float(w) for w in ws]) for e, ws in parts]).encode()).hexdigest()[:32]
+        with self._lock:
+            found = self._mixed.get(key)
+            if found is not None:
+                self._mixed.move_to_end(key)
+                found.users += 1
+                return found
+        sources: list[tuple[Adapter, float]] = [(a, w) for e, ws in parts for a, w in zip(e.sources, ws)]
+        cached = self.mixes.get(key, lambda: sources)
+        with self._lock:
+            found = self._mixed.get(key)  # another thread built the same mix meanwhile
+            if found is None:
+                found = Lora(next(self._mix_ids), f"mix-{key[:12]}", cached.path, cached.relative_error)
+                self._mixed[key] = found
+            found.users += 1
+            self._trim()
+            return found
+
+    def release(self, lora: Lora) -> None:
+        with self._lock:
+            lora.users -= 1
+            self._trim()
+
+    def slot_freed(self, slot: int) -> None:
+        """The registry freed `slot` (Unload, eviction): its LoRA leaves vLLM."""
+        with self._lock:
+            old = self._slots.pop(slot, None)
+            if old is not None:
+                self._forget(old[1], remove=True)
+
+    def take_removed(self) -> list[int]:
+        with self._lock:
+            removed, self._removed = self._removed, []
+            return removed
+
+    def _serial_of(self, entry: Entry) -> int:
+        """A number no other entry ever gets (names are reused; ids of objects are too)."""
+        with self._serial_lock:
+            if entry not in self._serial:
+                self._serial[entry] = next(self._serials)
+            return self._serial[entry]
+
+    def _trim(self) -> None:  # lock held
+        unused = [key for key, lora in self._mixed.items() if lora.users == 0]
+        for key in unused[: max(0, len(self._mixed) - self.max_mixes)]:
+            self._forget(self._mixed.pop(key), remove=True)
+
+    def _forget(self, lora: Lora, remove: bool) -> None:  # lock held
+        if remove:
+            self._removed.append(lora.lora_id)
+        shutil.rmtree(lora.path, ignore_errors=True)
