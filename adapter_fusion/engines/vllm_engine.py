@@ -22,7 +22,7 @@ import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -226,6 +226,12 @@ class VllmEngine:
     def cancel(self, cancelled: threading.Event) -> None:
         cancelled.set()
         self._post(lambda: self._abort_jobs(cancelled))
+
+    def lora_ids(self, timeout: float = 60) -> set[int]:
+        """The LoRA ids vLLM holds now (asked on the engine thread, after it has dropped freed ones)."""
+        answer: Future = Future()
+        self._post(lambda: (self._drop_freed(), answer.set_result(self.llm.list_loras())))
+        return answer.result(timeout)
 
     @property
     def queue_depth(self) -> int:
