@@ -162,12 +162,17 @@ def test_bad_input_gets_its_code(served, ask: dict, code: grpc.StatusCode) -> No
     assert error.value.code() == code
 
 
-def test_search_weights_runs_through_the_engine(served) -> None:
+@pytest.mark.parametrize("method", ["lorahub", "learned"])
+def test_search_weights_runs_through_the_engine(served, method: str) -> None:
+    """lorahub scores its candidates on the engine (vLLM: each a mix); learned runs its Adam steps on
+    the engine's job model (vLLM: a private transformers copy)."""
     _, client = served
     examples = [(PROMPTS[1], "GUITAR RIVER ORANGE"), ("Rewrite the text in uppercase letters.\npaper light", "PAPER LIGHT")]
-    progress = list(client.search_weights(["uppercase", "reverse_words"], examples, "searched", budget=4))
-    assert progress[-1].adapter.name == "searched" and len(progress[-1].best_weights) == 2
-    assert chat(client, PROMPTS[1], adapter="searched")
+    name = f"searched-{method}"
+    progress = list(client.search_weights(["uppercase", "reverse_words"], examples, name, budget=4, method=method))
+    assert progress[-1].adapter.name == name and len(progress[-1].best_weights) == 2
+    assert progress[-1].best_loss < progress[0].best_loss or method == "lorahub"  # Adam's first steps descend
+    assert chat(client, PROMPTS[1], adapter=name)
 
 
 def test_a_mix_over_the_rank_cap_is_truncated_and_its_error_reported(served) -> None:

@@ -119,6 +119,7 @@ class VllmEngine:
         self._prepare = ThreadPoolExecutor(2, thread_name_prefix="vllm-prepare")
         self._jobs = ThreadPoolExecutor(1, thread_name_prefix="vllm-jobs")
         self._runtime: Runtime | None = None
+        self._runtime_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="adapter-fusion-vllm", daemon=True)
 
     # ---- adapters ------------------------------------------------------------------------------
@@ -219,9 +220,10 @@ class VllmEngine:
         return job
 
     def job_runtime(self) -> Runtime:
-        if self._runtime is None:  # only the jobs thread asks
-            self._runtime = Runtime(self.base_dir, device=self.device, slot_columns=8)
-        return self._runtime
+        with self._runtime_lock:  # a search asks from a worker thread, its pieces from the jobs thread
+            if self._runtime is None:
+                self._runtime = Runtime(self.base_dir, device=self.device, slot_columns=8)
+            return self._runtime
 
     def cancel(self, cancelled: threading.Event) -> None:
         cancelled.set()
