@@ -315,7 +315,7 @@ def serve(
     from adapter_fusion.engine import Limits
     from adapter_fusion.models import DEMO_ADAPTERS, cache_dir, default_base, resolve_device, resolve_dtype
     from server.app import ServerConfig, serve as run_server
-    from server.service import ServiceLimits
+    from server.served import ServiceLimits
     from server.connections import ConnectionLimits
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -26,7 +26,7 @@ import torch
 from adapter_fusion.decoding import Decoder, Request
 from adapter_fusion.errors import EngineFaultError, InvalidRequestError, RequestCancelledError, ShuttingDownError, UnavailableError, new_error_id
 from adapter_fusion.limits import Limits
-from adapter_fusion.entries import Choice
+from adapter_fusion.entries import Choice, Hold
 from adapter_fusion.registry import AdapterRegistry
 from adapter_fusion.runtime import Runtime
 from adapter_fusion.scheduler import Scheduler
@@ -64,7 +64,7 @@ class Engine:
 
     # ---- requests (any thread) ---------------------------------------------------------------
 
-    def submit(self, request: Request, adapter: Choice, emit: Callable[[Event], None], tenant: Hashable = None) -> Request:
+    def submit(self, request: Request, adapter: Choice | Hold, emit: Callable[[Event], None], tenant: Hashable = None) -> Request:
         """Queue a generation with an adapter, a weighted mix of loaded adapters (served with no
         merge) or None (the base model); tokens arrive through `emit` (called on the engine
         thread; it must not raise). `tenant` (e.g. the client's connection) takes turns with the
@@ -73,7 +73,7 @@ class Engine:
         with self._wake:
             self._check_open()
             self.scheduler.check_room(tenant)
-            self.scheduler.queue(Pending(request, self.registry.hold(adapter), emit, tenant))
+            self.scheduler.queue(Pending(request, self.registry.held(adapter), emit, tenant))
         return request
 
     def check_room(self, tenant: Hashable = None) -> None:
@@ -141,7 +141,7 @@ class Engine:
             raise RequestCancelledError("abandoned: the client cancelled or its deadline passed")
         with self._wake:
             self._check_open()
-            job = Job(self.registry.hold(adapter), pieces, result, cancelled, tenant)
+            job = Job(self.registry.held(adapter), pieces, result, cancelled, tenant)
             self.scheduler.queue_job(job)
         return job
 

@@ -146,6 +146,10 @@ class AdapterRegistry:
                 entry.last_used = time.monotonic()
         return Hold(entries, weights)
 
+    def held(self, target: Choice | Hold) -> Hold:
+        """A caller's hold as it is (the caller hands it over), or a new hold on a choice."""
+        return target if isinstance(target, Hold) else self.hold(target)
+
     def release(self, hold: Hold) -> None:
         with self._lock:
             for entry in hold.entries:

@@ -32,7 +32,8 @@ from server.catalog import LocalCatalog
 from server.connections import ConnectionLimits, options as connection_options, raise_fd_limit
 from server.interceptors import BearerAuth, DecodeGuard
 from server.paths import PathPolicy
-from server.service import AdapterFusionService, ServedModel, ServiceLimits
+from server.served import ServedModel, ServiceLimits
+from server.service import AdapterFusionService
 from server.quota import megabytes
 from server.store import DEFAULT_QUOTA_BYTES, AdapterStore
 

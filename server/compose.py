@@ -8,7 +8,8 @@ once per hash (concurrent requests for it wait for that one) and cached. Data-aw
 model (on its device) in a worker thread, off the engine thread so streams keep decoding, one
 such composition at a time (each holds that copy); a cancelled call stops at the next example or
 Adam step and registers nothing. Name locks are held only to check and to register, never while
-composing. Mixed into `server.service.AdapterFusionService`.
+composing. Inline compositions are cached here, least recently used dropped, and handed to the
+engine held: nothing can drop one between composing it and serving it.
 """
 
 from __future__ import annotations
@@ -19,22 +20,21 @@ import hashlib
 import json
 import re
 import threading
-from dataclasses import asdict
-from typing import TYPE_CHECKING
+from collections import OrderedDict
 
 from adapter_fusion.adapters import Adapter
-from adapter_fusion.errors import AlreadyExistsError, LimitExceededError, RequestCancelledError
+from adapter_fusion.errors import AlreadyExistsError, LimitExceededError, NotFoundError, RequestCancelledError
 from adapter_fusion.merge import get_method, parse_parameters
 from adapter_fusion.merge.cost import merge_cost
 from adapter_fusion.recipe import Recipe, merge_recipe, parse_recipe
-from adapter_fusion.entries import AdapterInfo, Choice
+from adapter_fusion.entries import AdapterInfo, Hold
 from adapter_fusion.names import hidden_name, not_hidden
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.worker_threads import in_thread
-from server.store import check_name
-
-if TYPE_CHECKING:
-    from server.service import AdapterFusionService
+from server.calls import NameLocks
+from server.inputs import Inputs
+from server.served import ServedModel, ServiceLimits
+from server.writes import AdapterWrites
 
 WORD = re.compile(r"[^ ]+")
 MERGE_FREE = {"linear", "task_arithmetic", "cat"}  # Σ wᵢ ΔWᵢ exactly: served as per-row weights over resident slots
@@ -78,22 +78,29 @@ async def finished(task: asyncio.Future) -> None:
         task.exception()  # collected: asyncio logs no "exception was never retrieved"
 
 
-class ComposeRPCs:
-    """`self` is the AdapterFusionService."""
+class Compositions:
+    """Recipes into adapters: parse -> key -> merge-free mix or compose -> cache, each bounded first."""
 
-    async def _parsed(self: AdapterFusionService, recipe: pb.Recipe, also: list[str] = ()) -> tuple[Recipe, str]:
+    def __init__(self, *, writes: AdapterWrites, names: NameLocks, inputs: Inputs, model: ServedModel, limits: ServiceLimits) -> None:
+        self.writes, self.registry, self.catalog, self.store = writes, writes.registry, writes.catalog, writes.store
+        self.names, self.inputs, self.model, self.limits = names, inputs, model, limits
+        self._inline: OrderedDict[str, str] = OrderedDict()  # canonical recipe hash -> hidden adapter name
+        self._inline_lock = asyncio.Lock()
+        self.data_lock = asyncio.Lock()  # one data-aware composition at a time: each holds a copy of the base model
+
+    async def parsed(self, recipe: pb.Recipe, also: list[str] = ()) -> tuple[Recipe, str]:
         """The parsed recipe and a hash of what it means: the recipe, and where each source came
         from. INVALID_ARGUMENT, RESOURCE_EXHAUSTED and NOT_FOUND before any work."""
         if len(recipe.sources) > self.limits.max_recipe_sources:
             raise LimitExceededError(f"the recipe has {len(recipe.sources)} sources; this server's cap is {self.limits.max_recipe_sources}")
-        await self._synced([not_hidden(s.adapter) for s in recipe.sources] + list(also))
+        await self.writes.synced([not_hidden(s.adapter) for s in recipe.sources] + list(also))
         spec = parse_recipe(recipe_dict(recipe))
         self._check_data_bounds(recipe, spec)
         origins = [self.registry.info(s.adapter).source for s in spec.sources]
         canonical = json.dumps({"recipe": spec.model_dump(), "origins": origins}, sort_keys=True)
         return spec, hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
-    def _check_data_bounds(self: AdapterFusionService, recipe: pb.Recipe, spec: Recipe) -> None:
+    def _check_data_bounds(self, recipe: pb.Recipe, spec: Recipe) -> None:
         """What a data-aware recipe may cost: examples as many as a Score's, learned's steps as
         SearchWeights' budget, its sources as SearchWeights' (side by side in one slot), regmean's
         and fisher's sources few (each keeps per-module statistics)."""
@@ -105,7 +112,7 @@ class ComposeRPCs:
             raise LimitExceededError(f"{count} examples in the recipe; the limit is {self.limits.max_examples}")
         passes = 1
         if method.data == "coefficients":
-            passes = self._check_learned(len(spec.sources), parse_parameters(method, spec.parameters).steps, "steps")
+            passes = self.limits.check_learned(len(spec.sources), parse_parameters(method, spec.parameters).steps, "steps")
         elif len(spec.sources) > self.limits.max_data_sources:
             raise LimitExceededError(
                 f"{spec.method} keeps per-module statistics of every source: {len(spec.sources)} sources is over this server's cap of "
@@ -122,7 +129,7 @@ class ComposeRPCs:
                 f"{passes} passes); this server's cap is {self.limits.max_fit_work_tokens:,}"
             )
 
-    def _check_cost(self: AdapterFusionService, spec: Recipe, sources: list[Adapter], stored: bool) -> None:
+    def _check_cost(self, spec: Recipe, sources: list[Adapter], stored: bool) -> None:
         """Refuse a merge whose output or work is over this server's caps, from the sources' shapes
         before any arithmetic: its bytes (it must fit the memory budget to be served, and the store's
         quota if it is stored), its rank, and an elementwise method's dense work."""
@@ -142,8 +149,8 @@ class ComposeRPCs:
                 f"{self.limits.max_dense_values:,}: use fewer sources, fewer target modules, or a low-rank method (linear, svd)"
             )
 
-    async def _compose(
-        self: AdapterFusionService, name: str, recipe: pb.Recipe, spec: Recipe, key: str, pin: bool, hidden: bool
+    async def compose(
+        self, name: str, recipe: pb.Recipe, spec: Recipe, key: str, pin: bool, hidden: bool
     ) -> tuple[AdapterInfo, list]:
         described = f"composed: {spec.method} of {', '.join(s.adapter for s in spec.sources)} (recipe {key})"
         abandoned = threading.Event()
@@ -178,7 +185,7 @@ class ComposeRPCs:
             sources = [self.registry.get(s.adapter) for s in spec.sources]
             self._check_cost(spec, sources, stored=not hidden)  # from shapes: before the tokenising below
             for where, rows in example_sets(recipe):
-                self._example_ids(rows, recipe.raw, where)  # every text and token limit, as Score checks them
+                self.inputs.example_ids(rows, recipe.raw, where)  # every text and token limit, as Score checks them
             result = merge_recipe(spec, sources, name, self.model.base_dir, self.model.device, on_example=tick, bounds=self.limits.fit_bounds())
             tick()  # a call abandoned during the last step registers nothing
             info = AdapterInfo.of(result.adapter, described, pin)
@@ -188,10 +195,10 @@ class ComposeRPCs:
                     return found, []
                 self.registry.register(result.adapter, info, hidden=hidden, persisted=not hidden)
                 if not hidden:
-                    self._persist(result.adapter, info)
+                    self.writes.persist(result.adapter, info)
             return info, result.report
 
-        async with self._data_lock if get_method(spec.method).data else contextlib.nullcontext():
+        async with self.data_lock if get_method(spec.method).data else contextlib.nullcontext():
             work = asyncio.ensure_future(in_thread(compose))
             try:
                 return await asyncio.shield(work)
@@ -202,41 +209,35 @@ class ComposeRPCs:
                     self.registry.discard(name)  # finished just as the call ended: not in the inline cache, so not kept
                 raise
 
-    async def ComposeAdapter(self: AdapterFusionService, request: pb.ComposeAdapterRequest, context) -> pb.ComposeAdapterResponse:
-        async def work() -> pb.ComposeAdapterResponse:
-            name = check_name(request.name)
-            async with self.names.hold(name):
-                spec, key = await self._parsed(request.recipe, also=[name])
-                _, report = await self._compose(name, request.recipe, spec, key, request.pin, hidden=False)
-                return pb.ComposeAdapterResponse(adapter=self._info(name), report=[pb.ModuleReport(**asdict(m)) for m in report])
-
-        return await self.calls.unary("ComposeAdapter", context, work)
-
-    async def _target(self: AdapterFusionService, request) -> Choice:
-        """What a Generate/Score request runs with: an adapter, the base model, or for an inline
-        recipe either a weighted mix of loaded adapters (an exact weighted sum: no merge at all)
-        or an adapter composed once and cached by the recipe's canonical hash."""
+    async def target(self, request) -> Hold:
+        """What a Generate/Score request runs with, held for it (the engine releases it when the
+        request ends): an adapter, the base model, or for an inline recipe either a weighted mix of
+        loaded adapters (an exact weighted sum: no merge at all) or an adapter composed once and
+        cached by the recipe's canonical hash, held the moment it is cached."""
         which = request.WhichOneof("target")
         if which == "adapter":
-            await self._synced([not_hidden(request.adapter)])
-            return request.adapter
+            await self.writes.synced([not_hidden(request.adapter)])
+            return self.registry.hold(request.adapter)
         if which != "recipe":
-            return None
-        spec, key = await self._parsed(request.recipe)
+            return self.registry.hold(None)
+        spec, key = await self.parsed(request.recipe)
         if spec.method in MERGE_FREE and spec.rank is None:
-            return [(s.adapter, s.weight) for s in spec.sources]
+            return self.registry.hold([(s.adapter, s.weight) for s in spec.sources])
         name = hidden_name("inline", key)
-        async with self._inline_lock:  # held for bookkeeping only, never while composing
-            if key in self._inline and self.registry.has(name):
-                self._inline.move_to_end(key)
-                return name
-        async with self.names.hold(name):  # one composition per recipe: the same recipe meanwhile waits for it
-            await self._compose(name, request.recipe, spec, key, pin=False, hidden=True)
-        async with self._inline_lock:
-            self._inline[key] = name
-            self._inline.move_to_end(key)
-            while len(self._inline) > self.limits.inline_cache_size:
-                _, old = self._inline.popitem(last=False)
-                if self.registry.has(old):
-                    self.registry.unregister(old)  # requests using it keep it until they end
-            return name
+        for _ in range(3):
+            async with self._inline_lock:  # held for bookkeeping only, never while composing
+                if key in self._inline:
+                    try:
+                        hold = self.registry.hold(name)
+                        self._inline.move_to_end(key)
+                        return hold
+                    except NotFoundError:  # the budget dropped it (never stored): composed again below
+                        del self._inline[key]
+            async with self.names.hold(name):  # one composition per recipe: the same recipe meanwhile waits for it
+                await self.compose(name, request.recipe, spec, key, pin=False, hidden=True)
+            async with self._inline_lock:
+                self._inline[key] = name
+                while len(self._inline) > self.limits.inline_cache_size:
+                    _, old = self._inline.popitem(last=False)
+                    self.registry.discard(old)  # requests using it keep it until they end
+        raise LimitExceededError("the memory budget dropped this composition each time before it could be served; retry when the server is less busy")

@@ -5,7 +5,7 @@ search (nevergrad; each batch of candidates a scoring job on the engine, run in 
 pieces) and `learned` (Adam through the model; each piece of a step, examples within the engine's
 `max_job_tokens`, forward and backward, one job on the engine thread), so streams keep flowing
 between pieces. Both check their settings before any work, and when the client goes every queued
-job of the call leaves the engine at once; they register the result only when they finish. Mixed into `server.service.AdapterFusionService`.
+job of the call leaves the engine at once; they register the result only when they finish.
 """
 
 from __future__ import annotations
@@ -17,24 +17,24 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from adapter_fusion.adapters import Adapter
-from adapter_fusion.errors import AlreadyExistsError, InvalidRequestError, LimitExceededError, RequestCancelledError
+from adapter_fusion.engines.base import ServingEngine
+from adapter_fusion.errors import AlreadyExistsError, InvalidRequestError, RequestCancelledError
 from adapter_fusion.learned import CoefficientFit, learned_adapter
-from adapter_fusion.lorahub import MAX_SOURCES, SearchProgress, check_settings, search, weighted_objective
+from adapter_fusion.lorahub import SearchProgress, check_settings, search, weighted_objective
 from adapter_fusion.merge import get_method, merge, parse_parameters
 from adapter_fusion.merge.learned import LearnedParams
 from adapter_fusion.entries import AdapterInfo
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.worker_threads import in_thread
 from adapter_fusion.names import hidden_name, not_hidden
-from server.calls import Done, reports_of
+from server.calls import Done, NameLocks, reports_of
 from server.inference import tenant_of, when_done
+from server.inputs import Inputs
+from server.served import ServedModel, ServiceLimits
 from server.store import check_name
-
-if TYPE_CHECKING:
-    from server.service import AdapterFusionService
+from server.writes import AdapterWrites
 
 METHODS = ("lorahub", "learned")
 
@@ -60,54 +60,42 @@ class Fitting:
     call: threading.Event = field(default_factory=threading.Event)  # shared by its engine jobs: set, they all leave
 
 
-class SearchRPCs:
-    """`self` is the AdapterFusionService."""
+class Search:
+    """SearchWeights: its settings checked, its sources in one hidden group slot, the fit streamed."""
 
-    async def SearchWeights(self: AdapterFusionService, request: pb.SearchWeightsRequest, context) -> AsyncIterator[pb.SearchWeightsProgress]:
-        async for message in self.calls.streaming("SearchWeights", context, self._search(request, context)):  # grpc.aio wants an async generator here
-            yield message
+    def __init__(self, *, engine: ServingEngine, writes: AdapterWrites, names: NameLocks, inputs: Inputs, model: ServedModel, limits: ServiceLimits) -> None:
+        self.engine, self.writes, self.registry, self.names = engine, writes, writes.registry, names
+        self.inputs, self.model, self.limits = inputs, model, limits
 
-    def _under_cap(self: AdapterFusionService, what: str, value: int, cap: int) -> int:
-        if value > cap:
-            raise LimitExceededError(f"{what} {value} is over this server's cap of {cap}")
-        return value
-
-    def _check_learned(self: AdapterFusionService, n_sources: int, steps: int, what: str) -> int:
-        """What a learned fit may cost here, from SearchWeights or a recipe alike: its sources side
-        by side in one slot, its Adam steps (`what` names them in the error)."""
-        if not 1 <= n_sources <= MAX_SOURCES:
-            raise InvalidRequestError(f"learned needs 1..{MAX_SOURCES} adapters, got {n_sources}")
-        return self._under_cap(what, steps, self.limits.max_search_budget)
-
-    def _lorahub_settings(self: AdapterFusionService, request: pb.SearchWeightsRequest) -> tuple[int, str, int, float, float]:
+    def _lorahub_settings(self, request: pb.SearchWeightsRequest) -> tuple[int, str, int, float, float]:
         if request.per or request.HasField("lr") or request.batch_size:
             raise InvalidRequestError("per, lr and batch_size are settings of method 'learned'; lorahub takes budget, optimizer, parallel, l1, bound")
-        budget = self._under_cap("budget", request.budget or 40, self.limits.max_search_budget)
-        optimizer, parallel = request.optimizer or "NGOpt", self._under_cap("parallel", request.parallel or 1, self.limits.max_search_parallel)
+        budget = self.limits.under_cap("budget", request.budget or 40, self.limits.max_search_budget)
+        optimizer, parallel = request.optimizer or "NGOpt", self.limits.under_cap("parallel", request.parallel or 1, self.limits.max_search_parallel)
         l1 = request.l1 if request.HasField("l1") else 0.05
         bound = request.bound if request.HasField("bound") else 1.5
         check_settings(len(request.adapters), len(request.examples), budget, optimizer, parallel, l1, bound, request.seed)
         return budget, optimizer, parallel, l1, bound
 
-    def _learned_settings(self: AdapterFusionService, request: pb.SearchWeightsRequest) -> LearnedParams:
+    def _learned_settings(self, request: pb.SearchWeightsRequest) -> LearnedParams:
         if request.optimizer or request.parallel:
             raise InvalidRequestError("optimizer and parallel are settings of method 'lorahub'; learned takes budget (steps), per, lr, l1, bound, batch_size")
-        steps = self._check_learned(len(request.adapters), request.budget or 30, "budget")
+        steps = self.limits.check_learned(len(request.adapters), request.budget or 30, "budget")
         given = {"per": request.per or None, "steps": steps, "batch_size": request.batch_size or None}
         given |= {key: getattr(request, key) for key in ("lr", "l1", "bound") if request.HasField(key)}
         return parse_parameters(get_method("learned"), {k: v for k, v in given.items() if v is not None})
 
-    async def _search(self: AdapterFusionService, request: pb.SearchWeightsRequest, context) -> AsyncIterator[pb.SearchWeightsProgress]:
+    async def search(self, request: pb.SearchWeightsRequest, context) -> AsyncIterator[pb.SearchWeightsProgress]:
         name = check_name(request.output_name)
         method = request.method or "lorahub"
         if method not in METHODS:
             raise InvalidRequestError(f"unknown method {method[:64]!r}; SearchWeights runs {' or '.join(METHODS)}")
-        await self._synced([name, *(not_hidden(a) for a in request.adapters)])
+        await self.writes.synced([name, *(not_hidden(a) for a in request.adapters)])
         if self.registry.has(name):
             raise AlreadyExistsError(f"adapter {name!r} already exists; pick another output_name")
         settings = self._lorahub_settings(request) if method == "lorahub" else self._learned_settings(request)
         sources = await in_thread(lambda: [self.registry.get(a) for a in request.adapters])  # NOT_FOUND before any work
-        prompts, targets = await in_thread(self._example_ids, request.examples, request.raw, fit=True)
+        prompts, targets = await in_thread(self.inputs.example_ids, request.examples, request.raw, fit=True)
         group = hidden_name("search", hashlib.sha256(f"{name}/{time.time_ns()}".encode()).hexdigest()[:12])
         self.registry.register_group(group, sources)
         fitting = Fitting(name, sources, group, prompts, targets, tenant_of(context))
@@ -121,19 +109,13 @@ class SearchRPCs:
                         continue
                     info = AdapterInfo.of(item.adapter, f"{method} over {', '.join(request.adapters)}", request.pin)
                     async with self.names.hold(name):
-                        await in_thread(self._register_fitted, item.adapter, info)
-                    item.last.adapter.CopyFrom(self._info(name))
+                        await in_thread(self.writes.register_new, item.adapter, info)
+                    item.last.adapter.CopyFrom(self.writes.info(name))
                     yield item.last
         finally:
             self.registry.unregister(group)
 
-    def _register_fitted(self: AdapterFusionService, adapter: Adapter, info: AdapterInfo) -> None:
-        with self.catalog.writing(info.name):
-            self.catalog.sync([info.name])
-            self.registry.register(adapter, info)  # ALREADY_EXISTS if the name was taken meanwhile
-            self._persist(adapter, info)
-
-    async def _lorahub(self: AdapterFusionService, request: pb.SearchWeightsRequest, settings, fitting: Fitting) -> AsyncIterator[pb.SearchWeightsProgress | Fitted]:
+    async def _lorahub(self, request: pb.SearchWeightsRequest, settings, fitting: Fitting) -> AsyncIterator[pb.SearchWeightsProgress | Fitted]:
         budget, optimizer, parallel, l1, bound = settings
         call = fitting.call  # shared by every evaluation's job: a cancel drops them all at once
 
@@ -156,7 +138,7 @@ class SearchRPCs:
         finally:
             self.engine.cancel(call)  # a cancelled call: its queued scoring leaves the engine now, the search stops
 
-    async def _learned(self: AdapterFusionService, request: pb.SearchWeightsRequest, p: LearnedParams, fitting: Fitting) -> AsyncIterator[pb.SearchWeightsProgress | Fitted]:
+    async def _learned(self, request: pb.SearchWeightsRequest, p: LearnedParams, fitting: Fitting) -> AsyncIterator[pb.SearchWeightsProgress | Fitted]:
         zeros = [0.0] * len(fitting.sources)  # from 0, as LoraHub starts
         limits = self.model.limits
         longest = max(len(a) + len(b) for a, b in zip(fitting.prompts, fitting.targets))

@@ -1,6 +1,7 @@
-"""The AdapterFusion servicer: proto <-> library. The registry RPCs, export and bake live here;
-composition in `server.compose`, generation and scoring in `server.inference`, weight search in
-`server.search`.
+"""The AdapterFusion servicer: proto <-> library, composed of collaborators with one job each:
+request inputs and their limits (`server.inputs`), adapter writes (`server.writes`), compositions
+(`server.compose`), generation and scoring (`server.inference`), weight search (`server.search`).
+The registry RPCs, export and bake live here.
 
 No maths here and nothing slow on the event loop: loading, merging, exporting, baking and every
 store or path check run in worker threads; generation and scoring go to the engine's thread.
@@ -11,83 +12,35 @@ a cluster replica.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 
-from adapter_fusion.adapters import Adapter, load_adapter, saved_bytes, write_adapter_files
+from adapter_fusion.adapters import load_adapter, saved_bytes, write_adapter_files
 from adapter_fusion.atomic import MARKER_BYTES, atomic_directory, tree_bytes
 from adapter_fusion.bake import bake, planned_bytes
-from adapter_fusion.encoding import Encoder
 from adapter_fusion.engines.base import ServingEngine
-from adapter_fusion.errors import AdapterFormatError, InvalidRequestError, NotFoundError, quoted
-from adapter_fusion.fit_cost import FitBounds
+from adapter_fusion.errors import AdapterFormatError, InvalidRequestError, quoted
 from adapter_fusion.names import not_hidden
 from adapter_fusion.entries import AdapterInfo
-from adapter_fusion.limits import Limits
 from adapter_fusion.registry import AdapterRegistry
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
 from adapter_fusion.worker_threads import in_thread
 from server.calls import Calls, Done, NameLocks, Observer, reports_of
 from server.catalog import LocalCatalog
-from server.compose import ComposeRPCs
-from server.inference import InferenceRPCs
-from server.search import SearchRPCs
+from server.compose import Compositions
+from server.inference import Inference
+from server.inputs import Inputs
+from server.search import Search
 from server.paths import PathPolicy
 from server.quota import RootQuotas
+from server.served import ServedModel, ServiceLimits
 from server.store import AdapterStore, check_name
+from server.writes import AdapterWrites, info_message
 
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-@dataclass(frozen=True)
-class ServiceLimits:
-    max_examples: int = 256  # examples per Score, SearchWeights or data-aware recipe
-    max_text_bytes: int = 64 << 10  # any one prompt, input or target, refused before tokenising
-    inline_cache_size: int = 16  # inline compositions kept, least recently used dropped
-    max_search_budget: int = 1000  # SearchWeights evaluations (lorahub) or Adam steps (learned)
-    max_search_parallel: int = 64  # SearchWeights candidates per batched pass
-    max_data_sources: int = 8  # regmean / fisher sources per recipe: each keeps per-module statistics (~1 GB on SmolLM2)
-    max_recipe_sources: int = 64  # sources of any recipe (the same adapter may be named many times)
-    max_output_rank: int = 1024  # a composed adapter's rank in any module
-    max_dense_values: int = 2_000_000_000  # source ΔW values an elementwise method (ties, dare, ...) forms: ~20 SmolLM2-sized sources
-    output_quota_bytes: int = 20 << 30  # what each write root may hold (exports, bakes): a SmolLM2 bake is ~540 MB
-    fit_batch_tokens: int = 2048  # padded tokens per micro-batch of a learned fit (one longer example runs alone)
-    max_fit_memory_mb: int = 4096  # a data-aware fit's estimated peak (model copy, activations, statistics), MB
-    max_fit_work_tokens: int = 1_000_000  # example tokens a fit runs: × steps (learned), over every source (regmean, fisher)
-
-    def fit_bounds(self) -> FitBounds:
-        """What a data-aware composition may cost, as the library checks it before any work."""
-        return FitBounds(self.fit_batch_tokens, self.max_fit_memory_mb << 20, self.max_fit_work_tokens)
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """What the service knows of the base model, whatever engine runs it: where it is (composes and
-    bakes read it), the device fits run on, its tokenizer, and what one request may ask of it."""
-
-    base_dir: Path
-    device: str
-    encoder: Encoder
-    limits: Limits
-
-
-def info_message(info: AdapterInfo, resident: bool) -> pb.AdapterInfo:
-    return pb.AdapterInfo(
-        name=info.name,
-        rank=info.rank,
-        target_modules=info.target_modules,
-        size_bytes=info.size_bytes,
-        source=info.source,
-        pinned=info.pinned,
-        resident=resident,
-        base_model=info.base_model or "",
-    )
 
 
 def _check_dtype(dtype: str) -> str:
@@ -96,7 +49,7 @@ def _check_dtype(dtype: str) -> str:
     return dtype
 
 
-class AdapterFusionService(ComposeRPCs, InferenceRPCs, SearchRPCs, pb_grpc.AdapterFusionServicer):
+class AdapterFusionService(pb_grpc.AdapterFusionServicer):
     def __init__(
         self,
         engine: ServingEngine,
@@ -108,38 +61,39 @@ class AdapterFusionService(ComposeRPCs, InferenceRPCs, SearchRPCs, pb_grpc.Adapt
         observer: Observer | None = None,
         catalog: LocalCatalog | None = None,
     ) -> None:
-        self.engine = engine
-        self.registry = registry
-        self.model = model
-        self.store = store
+        self.engine, self.registry, self.model, self.store, self.paths, self.limits = engine, registry, model, store, paths, limits
         self.catalog = catalog or LocalCatalog(store, registry)
-        self.paths = paths
-        self.limits = limits
         self.outputs = RootQuotas(paths.write_roots, limits.output_quota_bytes)
         self.calls = Calls(observer)
         self.names = NameLocks()
-        self._inline: OrderedDict[str, str] = OrderedDict()  # canonical recipe hash -> hidden adapter name
-        self._inline_lock = asyncio.Lock()
-        self._data_lock = asyncio.Lock()  # one data-aware composition at a time: each holds a copy of the base model
+        self.writes = AdapterWrites(registry, self.catalog, store)
+        inputs = Inputs(model, limits)
+        self.compositions = Compositions(writes=self.writes, names=self.names, inputs=inputs, model=model, limits=limits)
+        self.inference = Inference(engine=engine, registry=registry, inputs=inputs, compositions=self.compositions, calls=self.calls)
+        self.search = Search(engine=engine, writes=self.writes, names=self.names, inputs=inputs, model=model, limits=limits)
 
-    def _info(self, name: str) -> pb.AdapterInfo:
-        for info, resident in self.registry.listing(include_hidden=True):
-            if info.name == name:
-                return info_message(info, resident)
-        raise NotFoundError(f"adapter {name!r} was unloaded while this call ran")
+    # ---- composition, inference, search: their collaborators ----------------------------------
 
-    def _persist(self, adapter: Adapter, info: AdapterInfo) -> None:
-        """Write a just-registered adapter to the store (durably); if that fails, take the name back."""
-        try:
-            self.catalog.persist(adapter, info)
-        except BaseException:
-            self.registry.unregister(info.name)
-            raise
+    async def ComposeAdapter(self, request: pb.ComposeAdapterRequest, context) -> pb.ComposeAdapterResponse:
+        async def work() -> pb.ComposeAdapterResponse:
+            name = check_name(request.name)
+            async with self.names.hold(name):
+                spec, key = await self.compositions.parsed(request.recipe, also=[name])
+                _, report = await self.compositions.compose(name, request.recipe, spec, key, request.pin, hidden=False)
+                return pb.ComposeAdapterResponse(adapter=self.writes.info(name), report=[pb.ModuleReport(**asdict(m)) for m in report])
 
-    async def _synced(self, names: list[str]) -> None:
-        """Bring these names up to date with the catalog (reads the shared store on a cluster)."""
-        if self.catalog.shared:
-            await in_thread(self.catalog.sync, names)
+        return await self.calls.unary("ComposeAdapter", context, work)
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
+        async for message in self.calls.streaming("Generate", context, self.inference.generate(request, context)):  # grpc.aio wants an async generator here
+            yield message
+
+    async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
+        return await self.calls.unary("Score", context, lambda: self.inference.score(request, context))
+
+    async def SearchWeights(self, request: pb.SearchWeightsRequest, context) -> AsyncIterator[pb.SearchWeightsProgress]:
+        async for message in self.calls.streaming("SearchWeights", context, self.search.search(request, context)):
+            yield message
 
     # ---- registry ------------------------------------------------------------------------------
 
@@ -156,13 +110,13 @@ class AdapterFusionService(ComposeRPCs, InferenceRPCs, SearchRPCs, pb_grpc.Adapt
                 known = self.registry.has(name)
                 self.registry.register(adapter, info)  # no-op for the same path, ALREADY_EXISTS for another
                 if not known:
-                    self._persist(adapter, info)
+                    self.writes.persist(adapter, info)
 
         async def work() -> pb.AdapterInfo:
             name = check_name(request.name)
             async with self.names.hold(name):
                 await in_thread(load, name)
-                return self._info(name)
+                return self.writes.info(name)
 
         return await self.calls.unary("LoadAdapter", context, work)
 

@@ -115,12 +115,12 @@ def test_a_long_data_composition_blocks_no_one_and_a_cancel_stops_it(served) -> 
     long = make_recipe("learned", {"a": 0.5, "b": 0.5}, examples=UPPER, steps=LONG)
     call = client.stub.ComposeAdapter.future(pb.ComposeAdapterRequest(name="abandoned", recipe=long), timeout=120)
     deadline = time.monotonic() + 60
-    while not running.running.service._data_lock.locked():  # the fit holds the data lock while it runs
+    while not running.running.service.compositions.data_lock.locked():  # the fit holds the data lock while it runs
         assert not call.done() and time.monotonic() < deadline, "the long composition never started fitting"
         time.sleep(0.01)
     svd = make_recipe("svd", {"a": 1.0, "b": 1.0}, rank=4)
     during = "".join(r.text for r in client.generate(prompt="hello", recipe=svd, max_new_tokens=3))
-    assert not call.done() and running.running.service._data_lock.locked()  # composed and served while the fit still ran
+    assert not call.done() and running.running.service.compositions.data_lock.locked()  # composed and served while the fit still ran
     client.compose("svd-reference", svd)
     assert during == "".join(r.text for r in client.generate(prompt="hello", adapter="svd-reference", max_new_tokens=3))
     call.cancel()

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from adapter_fusion.decoding import Request
-from adapter_fusion.entries import Choice
+from adapter_fusion.entries import Choice, Hold
 from adapter_fusion.runtime import Runtime
 from adapter_fusion.work import Event, Job
 
@@ -26,8 +26,10 @@ class ServingEngine(Protocol):
     state: str  # "starting", "serving", "restarting", "failed", "stopped"
     stats: dict  # tokens, requests, faults, batch_size: read by metrics
 
-    def submit(self, request: Request, adapter: Choice, emit: Callable[[Event], None], tenant: Hashable = None) -> Request:
-        """Queue a generation; its tokens arrive through `emit` (it must not raise)."""
+    def submit(self, request: Request, adapter: Choice | Hold, emit: Callable[[Event], None], tenant: Hashable = None) -> Request:
+        """Queue a generation; its tokens arrive through `emit` (it must not raise). A `Hold` the
+        caller took is the engine's once this returns (it releases it when the request ends); the
+        caller keeps it if this raises. Every method taking an adapter takes a `Hold` the same way."""
 
     def check_room(self, tenant: Hashable = None) -> None:
         """Refuse now what `submit` would refuse for room (a full queue or tenant share)."""

@@ -159,15 +159,16 @@ class VllmEngine:
         if tenant is not None and self._in_flight[tenant] >= mine:
             raise LimitExceededError(f"this connection already has {mine} requests in flight, its share; wait for some to finish, then retry")
 
-    def submit(self, request: Request, adapter: Choice, emit: Callable[[Event], None], tenant: Hashable = None) -> Request:
+    def submit(self, request: Request, adapter: Choice | Hold, emit: Callable[[Event], None], tenant: Hashable = None) -> Request:
         self.limits.check(request)
-        hold = self.registry.hold(adapter)
+        hold = self.registry.held(adapter)
         with self._wake:
             try:
                 self._check_open()
                 self._check_room(tenant)
             except AdapterFusionError:
-                self.registry.release(hold)
+                if hold is not adapter:  # a hold handed over stays the caller's when refused
+                    self.registry.release(hold)
                 raise
             self._in_flight.update([None, tenant] if tenant is not None else [None])
             live = Live(request, hold, emit, tenant)
@@ -287,12 +288,13 @@ class VllmEngine:
         cancelled = cancelled or threading.Event()
         if cancelled.is_set():
             raise RequestCancelledError(CANCELLED)
-        job = Job(self.registry.hold(adapter), [], lambda: None, cancelled, tenant)
+        job = Job(self.registry.held(adapter), [], lambda: None, cancelled, tenant)
         with self._wake:
             try:
                 self._check_open()
             except AdapterFusionError:
-                self.registry.release(job.hold)
+                if job.hold is not adapter:
+                    self.registry.release(job.hold)
                 raise
             self._held_jobs.add(job)
         return job

@@ -16,7 +16,7 @@ from adapter_fusion.engine import Limits
 from adapter_fusion.names import hidden_name
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from server.app import ServerConfig
-from server.service import ServiceLimits
+from server.served import ServiceLimits
 
 from .conftest import RPC_TIMEOUT, code_of, greedy, load, serving
 
@@ -56,7 +56,7 @@ def test_no_client_can_take_or_address_an_inline_compositions_name(tmp_path: Pat
         for path in tok_adapters[:2]:
             load(client, path.name, path.name)
         service = server.running.service
-        _, key = asyncio.run_coroutine_threadsafe(service._parsed(victim), server.loop).result(timeout=RPC_TIMEOUT)
+        _, key = asyncio.run_coroutine_threadsafe(service.compositions.parsed(victim), server.loop).result(timeout=RPC_TIMEOUT)
         squatter = make_recipe("linear", {"alpha": 1.0})
         client.compose(f"inline-{key}", squatter)  # the name inline compositions had: now an ordinary client name
         code, details = code_of(lambda: client.compose(hidden_name("inline", key), squatter))  # the server's own

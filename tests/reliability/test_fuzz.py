@@ -33,7 +33,7 @@ from adapter_fusion.merge.registry import METHODS
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
 from server.app import SERVICE_NAME, ServerConfig
-from server.service import ServiceLimits
+from server.served import ServiceLimits
 
 from .conftest import FIGURES, SERVING, bump, code_of, health_status, serving, wait_health
 
