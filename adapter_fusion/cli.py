@@ -68,7 +68,8 @@ def merge(
     device: DeviceOption = None,
 ) -> None:
     """Compose the recipe's adapters and write the result as a PEFT adapter."""
-    from adapter_fusion.recipe import load_recipe, merge_to_disk, parse_recipe
+    from adapter_fusion.recipe import parse_recipe
+    from adapter_fusion.recipe_run import load_recipe, merge_to_disk
 
     try:
         parsed = load_recipe(recipe or DEFAULT_RECIPE)
@@ -152,7 +153,7 @@ def bake(
     from adapter_fusion.adapters import load_adapter
     from adapter_fusion.bake import bake as bake_model
     from adapter_fusion.models import default_base
-    from adapter_fusion.recipe import load_recipe, run_recipe
+    from adapter_fusion.recipe_run import load_recipe, run_recipe
 
     if (adapter is None) == (recipe is None):
         _fail(typer.BadParameter("give exactly one of --adapter or --recipe"))

@@ -93,7 +93,7 @@ class LoraNames:
         return self.cache.get(key, sources)
 
     def _recipe(self, name: str, base_model: str | None) -> CachedMix:
-        from adapter_fusion.recipe import load_recipe, merge_recipe
+        from adapter_fusion.recipe_run import load_recipe, merge_recipe
 
         if self.recipes is None:
             raise NotFoundError("no recipes directory is configured (ADAPTER_FUSION_RECIPES)")

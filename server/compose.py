@@ -26,7 +26,8 @@ from adapter_fusion.adapters import Adapter
 from adapter_fusion.errors import AlreadyExistsError, LimitExceededError, NotFoundError, RequestCancelledError
 from adapter_fusion.merge import get_method, parse_parameters
 from adapter_fusion.merge.cost import merge_cost
-from adapter_fusion.recipe import Recipe, merge_recipe, parse_recipe
+from adapter_fusion.recipe import Recipe, parse_recipe
+from adapter_fusion.recipe_run import merge_recipe
 from adapter_fusion.entries import AdapterInfo, Hold
 from adapter_fusion.names import hidden_name, not_hidden
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb

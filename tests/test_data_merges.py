@@ -16,7 +16,8 @@ from adapter_fusion import load_adapter, merge
 from adapter_fusion.cli import app
 from adapter_fusion.data_merge import collect_statistics, encode, load_base, load_examples, merge_with_data, target_nll
 from adapter_fusion.errors import RecipeError
-from adapter_fusion.recipe import load_recipe, parse_recipe, run_recipe
+from adapter_fusion.recipe import parse_recipe
+from adapter_fusion.recipe_run import load_recipe, run_recipe
 from tests.conftest import write_peft_adapter
 from tests.numerics import EPS32, logits_bound
 from tests.test_merge_methods import FULL, check_against, raw_deltas, relative_difference

@@ -18,7 +18,7 @@ from adapter_fusion import load_adapter, merge
 from adapter_fusion.cli import app
 from adapter_fusion.errors import RecipeError
 from adapter_fusion.mergekit import to_recipe
-from adapter_fusion.recipe import run_recipe
+from adapter_fusion.recipe_run import run_recipe
 from tests.mergekit_formulas import mergekit_gta, mergekit_l1_drop, mergekit_magnitude, mergekit_outliers, stock_reference
 from tests.test_merge_methods import EPS32, FULL, check_against, gen, raw_deltas, relative_difference, weighted
 from tests.test_merge_methods import tall_adapters, tall_raw, tall_sources  # noqa: F401 (fixtures)

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from adapter_fusion import load_adapter
 from adapter_fusion.cli import app
 from adapter_fusion.errors import RecipeError
-from adapter_fusion.recipe import load_recipe, parse_recipe
+from adapter_fusion.recipe import parse_recipe
+from adapter_fusion.recipe_run import load_recipe
 
 runner = CliRunner()
 
