@@ -18,9 +18,8 @@ Phases and their arguments:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 PHASES = ("admitted", "forward", "emitted", "slot_written", "fault", "ended")
 
@@ -46,7 +45,7 @@ class EngineHooks:
 
     def remove(self, phase: str, listener: Listener) -> None:
         with self._lock:
-            rest = tuple(l for l in self._listeners.get(phase, ()) if l is not listener)
+            rest = tuple(other for other in self._listeners.get(phase, ()) if other is not listener)
             if rest:
                 self._listeners[phase] = rest
             else:
