@@ -322,6 +322,7 @@ def test_restart_keeps_the_store(config: ServerConfig, tmp_path: Path) -> None:
     finally:
         first.stop()
     assert first.running.engine.state == "stopped"
+    del first  # its model too: one copy at a time, as across a real restart
     second = BackgroundServer(own)  # as a new process would: the same store directory
     try:
         with Client(second.address) as other:
