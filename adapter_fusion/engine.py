@@ -11,6 +11,9 @@ on the engine thread is a fault: every request it holds or has queued ends at on
 decoder and slot buffers are rebuilt after `restart_delay_s`, and the state returns to
 "serving". After `max_faults` faults within `fault_window_s` the state is "failed" for good
 (the server then exits non-zero, so an orchestrator restarts the process). Nothing waits forever.
+
+`hooks` (`adapter_fusion.engine_hooks`): the phases of the engine thread a caller can await
+(admitted, forward, emitted, slot_written, fault, ended) instead of sleeping.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class Engine:
         self.limits = limits
         self.registry = registry or AdapterRegistry(runtime.check, runtime.slot_bytes, limits.memory_budget_bytes, reload)
         self.scheduler = Scheduler(runtime, self.registry, limits)
+        self.hooks = self.scheduler.hooks
         self.on_state = on_state or (lambda state: None)  # "serving", "restarting", "failed", "stopped"
         self.state = "starting"
         self._wake = self.scheduler.wake
@@ -192,14 +196,17 @@ class Engine:
     # ---- the engine thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            try:
-                while self.scheduler.round(lambda: self.state == "serving"):
-                    pass
-                return
-            except Exception as error:  # a fault: end what it held, then restart or give up
-                if not self._recover(error):
+        try:
+            while True:
+                try:
+                    while self.scheduler.round(lambda: self.state == "serving"):
+                        pass
                     return
+                except Exception as error:  # a fault: end what it held, then restart or give up
+                    if not self._recover(error):
+                        return
+        finally:
+            self.hooks.fire("ended")
 
     # ---- supervision -------------------------------------------------------------------------
 
@@ -216,6 +223,7 @@ class Engine:
         self._set_state("failed" if give_up else "restarting")
         self.scheduler.fail_held(EngineFaultError(error_id), include_active=True)
         self.scheduler.reset()
+        self.hooks.fire("fault", error_id, give_up)
         if give_up:
             log.error("engine failed %d times within %.0f s; not restarting", len(self._faults), self.limits.fault_window_s)
             return False

@@ -4,7 +4,8 @@ Handlers (any thread) queue generations and jobs; the engine thread (`adapter_fu
 calls `round()` over and over: it admits waiting requests at a step boundary into one batch
 (`decoding.Decoder`), gives each its slot (the registry's numbers; the runtime's buffers are
 written only for slots that changed), runs one piece of one queued job, then decodes one step and
-hands the tokens back through each request's callback before the next forward. A typed error
+hands the tokens back through each request's callback before the next forward (each of these
+points fires a phase of `hooks`, `adapter_fusion.engine_hooks`, for callers that await it). A typed error
 (over budget, bad input, a job that runs out of memory) ends only its request or job; any other
 exception leaves `round()` as a fault, and the engine ends everything held (`fail_held`).
 
@@ -24,6 +25,7 @@ from concurrent.futures import InvalidStateError
 import torch
 
 from adapter_fusion.decoding import Decoder, Request
+from adapter_fusion.engine_hooks import EngineHooks
 from adapter_fusion.errors import AdapterFusionError, LimitExceededError, RequestCancelledError
 from adapter_fusion.fair_queue import FairQueue
 from adapter_fusion.limits import Limits
@@ -46,6 +48,7 @@ class Scheduler:
         self._active: dict[int, Pending] = {}  # held by the engine thread: joining or decoding
         self._running: Job | None = None  # the job whose piece the engine thread runs this round
         self.stats = {"tokens": 0, "requests": 0, "batch_size": 0}
+        self.hooks = EngineHooks()  # admitted, forward, emitted, slot_written (and the engine's fault, ended)
 
     # ---- queues (any thread, `wake` held) -----------------------------------------------------
 
@@ -117,10 +120,14 @@ class Scheduler:
             self._run_piece(self._running)
             self._running = None
         if joining:
+            self.hooks.fire("admitted", [p.request for p in joining])
+            self.hooks.fire("forward", "prefill")
             self.decoder.admit([p.request for p in joining])
         if self.decoder.active:
             self.stats["batch_size"] = len(self.decoder.active)
             self._deliver(self.decoder.choose())  # tokens go out before the next forward, not after it
+            if self.decoder.active:
+                self.hooks.fire("forward", "decode")
             self.decoder.advance()
             self.stats["batch_size"] = len(self.decoder.active)
         return True
@@ -163,6 +170,7 @@ class Scheduler:
                 self.runtime.write_slot(slot, sources)
             else:
                 self.runtime.free_slot(slot)
+            self.hooks.fire("slot_written", slot, sources)
 
     def _run_piece(self, job: Job) -> None:
         """Run the job's next piece; then end it (last piece, an error, cancelled) or queue it again."""
@@ -198,6 +206,7 @@ class Scheduler:
                 self._active[id(request)].stream()
         for pending in [p for p in self._active.values() if p.request.finish_reason is not None]:
             self._end(pending, pending.finished())
+        self.hooks.fire("emitted", emitted)
 
     def _end(self, pending: Pending, event: Event) -> None:
         self._active.pop(id(pending.request), None)

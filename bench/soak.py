@@ -4,8 +4,9 @@ unloads in a loop and a third polls health every 50 ms; every call has a deadlin
     python bench/soak.py [--seconds 180] [--base smollm2]
 
 Reports hangs (a call past its deadline), mixed outputs that differ from the same adapter's
-sequential greedy output, health latency p50/p99, and the server's RSS over time (VmRSS of this
-process, which holds the in-process server), first minute vs last minute.
+sequential greedy output, health latency p50/p99, and this process's RSS over time (VmRSS of the
+one process that holds the in-process server and every client thread: not the server's alone),
+first minute vs last minute.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def main() -> None:
     print(f"base {args.base}, {args.seconds:.0f} s: {streams[0]} streams, {churn_ops[0]} load/compose/unload calls, hangs {hangs[0] + stuck}, "
           f"mixed outputs differing from sequential greedy {mismatches[0]}, other errors {len(errors)} {errors[:5]}")
     print(f"health: {len(health_ms)} checks, p50 {q[49]:.1f} ms, p99 {q[98]:.1f} ms")
-    print(f"RSS: first minute mean {statistics.mean(first):.0f} MB, last minute mean {statistics.mean(last):.0f} MB, max {max(m for _, m in rss):.0f} MB")
+    print(f"RSS of the soak process (server and clients): first minute mean {statistics.mean(first):.0f} MB, last minute mean {statistics.mean(last):.0f} MB, max {max(m for _, m in rss):.0f} MB")
     buckets = {}
     for second, mb in rss:
         buckets.setdefault(int(second // 30) * 30, []).append(mb)

@@ -60,6 +60,23 @@ class Fault:
             raise RuntimeError("injected fault")
 
 
+class States:
+    """Every state the engine reported through `on_state` (`seen`, in order); awaitable."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self.changed = threading.Condition()
+
+    def __call__(self, state: str) -> None:
+        with self.changed:
+            self.seen.append(state)
+            self.changed.notify_all()
+
+    def wait_for(self, condition, timeout: float = 10) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: condition(self.seen), timeout)
+
+
 @pytest.fixture()
 def runtime(tiny_chat_base: Path) -> Runtime:
     return Runtime(tiny_chat_base)
@@ -67,8 +84,8 @@ def runtime(tiny_chat_base: Path) -> Runtime:
 
 @pytest.fixture()
 def engine(runtime: Runtime) -> Iterator[Engine]:
-    states: list[str] = []
-    engine = Engine(runtime, Limits(restart_delay_s=0.2, max_faults=2, fault_window_s=60), on_state=states.append)
+    states = States()
+    engine = Engine(runtime, Limits(restart_delay_s=0.2, max_faults=2, fault_window_s=60), on_state=states)
     engine.states = states  # type: ignore[attr-defined]
     engine.start()
     yield engine
@@ -100,10 +117,8 @@ def test_a_fault_ends_every_request_then_the_engine_serves_again(engine: Engine)
         job.future.result(timeout=1.0)
     assert time.monotonic() - started < 1.0
     fault.armed = False
-    deadline = time.monotonic() + 5
-    while engine.state != "serving" and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.states[-2:] == ["restarting", "serving"] and engine.stats["faults"] == 1
+    assert engine.states.wait_for(lambda states: states[-1:] == ["serving"] and len(states) > 1, timeout=5)
+    assert engine.states.seen == ["serving", "restarting", "serving"] and engine.stats["faults"] == 1
     after = generate(engine)
     assert after.ended.wait(10) and after.error is None and after.tokens == before.tokens
     fault.handle.remove()
@@ -130,15 +145,12 @@ def test_requests_during_a_restart_are_refused_not_queued(runtime: Runtime) -> N
 def test_repeated_faults_leave_the_engine_failed_and_every_call_refused(engine: Engine) -> None:
     fault = Fault(engine.runtime.model)
     fault.armed = True
-    for _ in range(2):
-        while engine.state != "serving":
-            time.sleep(0.01)
+    for restarts in range(2):
+        assert engine.states.wait_for(lambda states: states.count("serving") == restarts + 1)
         stream = generate(engine)
         assert stream.ended.wait(2) and isinstance(stream.error, EngineFaultError)
-    deadline = time.monotonic() + 2
-    while engine.state != "failed" and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.state == "failed" and engine.states[-1] == "failed"
+    assert engine.states.wait_for(lambda states: states[-1] == "failed", timeout=2)
+    assert engine.state == "failed" and engine.states.seen == ["serving", "restarting", "serving", "failed"]
     with pytest.raises(UnavailableError, match="down after repeated faults"):
         generate(engine)
     with pytest.raises(UnavailableError):
@@ -154,8 +166,9 @@ def test_stop_fails_what_is_queued_and_held(engine: Engine) -> None:
     queued = generate(engine)
     job = engine.score(None, [PROMPT], [[5, 6]])
     stopper = threading.Thread(target=engine.stop)
-    stopper.start()
-    time.sleep(0.2)
+    with engine.scheduler.wake:  # stop() notifies it once the state is "stopped" (the engine thread is held in its forward)
+        stopper.start()
+        assert engine.scheduler.wake.wait_for(lambda: engine.state == "stopped", timeout=10)
     fault.release.set()
     stopper.join(timeout=10)
     assert not stopper.is_alive()
@@ -204,18 +217,19 @@ def test_a_job_out_of_memory_fails_alone(engine: Engine) -> None:
 
 def test_tokens_go_out_before_the_next_forward(engine: Engine) -> None:
     """A row's token reaches its client before the batch's next forward runs, not one step later:
-    each forward after the prefill sees every token chosen before it already delivered (counted
-    where the engine hands tokens to the streams, which may hold back text that can still change)."""
-    delivered_at_forward: list[int] = []
+    at each forward of the model (its own pre-hook) the client's callback has already received
+    every token chosen before it (the greedy text of this prompt never needs holding back)."""
     stream = Stream()
-    before = engine.stats["tokens"]
-    handle = engine.runtime.model.register_forward_pre_hook(lambda module, args: delivered_at_forward.append(engine.stats["tokens"] - before))
+    request = Request(prompt_ids=list(PROMPT), max_new_tokens=4)
+    at_forward: list[tuple[int, int]] = []  # (tokens chosen, tokens the client holds) as each forward starts
+    handle = engine.runtime.model.register_forward_pre_hook(lambda module, args: at_forward.append((len(request.output_ids), len(stream.tokens))))
     try:
-        engine.submit(Request(prompt_ids=list(PROMPT), max_new_tokens=4), None, stream)
+        engine.submit(request, None, stream)
         assert stream.ended.wait(10) and stream.error is None
     finally:
         handle.remove()
-    assert delivered_at_forward == [0, 1, 2, 3]  # the prefill, then one forward per token but the last
+    assert at_forward == [(0, 0), (1, 1), (2, 2), (3, 3)]  # the prefill, then one forward per token but the last
+    assert stream.tokens == request.output_ids and len(stream.tokens) == 4
 
 
 def test_a_full_queue_refuses_and_holds_nothing(runtime: Runtime, tiny_adapters: list[Path]) -> None:

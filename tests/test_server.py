@@ -3,6 +3,7 @@ every error code on the wire, mixed batches equal sequential runs, restart keeps
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -24,6 +25,7 @@ from tests.conftest import wait_threads_ended
 DEMO = Path(__file__).parent.parent / "examples" / "adapters"
 UPPER = "Rewrite the text in uppercase letters.\nguitar river orange"
 REVERSE = "Write the words in reverse order.\nrabbit wagon friend candle"
+NUMBER = "Write the number in English words.\n412"
 
 
 def code_of(call) -> grpc.StatusCode:
@@ -255,13 +257,40 @@ def test_resource_exhausted(client: Client) -> None:
 
 
 def test_hot_load_and_unload_during_generation(client: Client, server: BackgroundServer) -> None:
+    """An adapter unloads and another loads while a generation on the first runs: the running one
+    keeps its adapter to the end (its text equals the same request alone), the unloaded name is
+    gone for new requests, the loaded one serves at once. The engine is held after the stream's
+    first step (its `emitted` hook) until both calls returned, so the stream is mid-way through both."""
     client.load_adapter("upper2", DEMO / "uppercase")
-    alone = client.chat(UPPER + " stone cloud paper", adapter="upper2", max_new_tokens=40)
-    stream = client.generate(messages=[{"role": "user", "content": UPPER + " stone cloud paper"}], adapter="upper2", max_new_tokens=40)
-    first = next(stream)
-    client.unload_adapter("upper2")  # the request keeps its adapter until it ends
-    client.load_adapter("number", DEMO / "number_to_words") if (DEMO / "number_to_words").is_dir() else None
-    assert first.text + "".join(r.text for r in stream) == alone
+    message = UPPER + " stone cloud paper"
+    alone = client.chat(message, adapter="upper2", max_new_tokens=40)
+    hooks = server.running.engine.hooks
+    held, go = threading.Event(), threading.Event()
+    admitted: list = []  # requests that joined the batch while listening: the stream's
+    unfinished: list[bool] = []  # at the held step: the stream's request still generating
+
+    def hold(emitted) -> None:
+        ours = [request for request, _ in emitted if any(request is a for a in admitted)]
+        if ours and not go.is_set():
+            unfinished.append(all(request.finish_reason is None for request in ours))
+            held.set()
+            go.wait(30)
+
+    try:
+        with hooks.listening("admitted", admitted.extend), hooks.listening("emitted", hold):
+            stream = client.generate(messages=[{"role": "user", "content": message}], adapter="upper2", max_new_tokens=40)
+            assert held.wait(30), "the generation never produced a token"
+            client.unload_adapter("upper2")
+            client.load_adapter("number", DEMO / "number_to_words")
+            names = {a.name for a in client.list_adapters()}
+            assert unfinished == [True] and not go.is_set()  # still held: the stream is mid-generation
+            go.set()
+            text = "".join(r.text for r in stream)
+    finally:
+        go.set()
+    assert "upper2" not in names and "number" in names
+    assert text == alone and len(alone.split()) == 6
+    assert client.chat(NUMBER, adapter="number", max_new_tokens=12) == "four hundred twelve"  # the loaded adapter serves
     code, _ = code_of(lambda: client.generate(prompt="hi", adapter="upper2"))
     assert code == grpc.StatusCode.NOT_FOUND
 
@@ -279,16 +308,29 @@ def test_cancellation_and_deadline_free_the_batch(client: Client, server: Backgr
     assert not engine.busy and engine.decoder.active == []
 
 
-def test_restart_keeps_the_store(config: ServerConfig, server: BackgroundServer, client: Client) -> None:
-    client.load_adapter("kept", DEMO / "reverse_words")
-    client.compose("kept-mix", make_recipe("linear", {"upper": 0.5, "kept": 0.5}))
-    second = BackgroundServer(config)  # a new process would see the same store directory
+def test_restart_keeps_the_store(config: ServerConfig, tmp_path: Path) -> None:
+    """A server stops; the next one started on its store serves what it held: loaded adapters
+    (not resident until first used) and compositions, generating as before."""
+    own = dataclasses.replace(config, store_dir=tmp_path / "store")
+    first = BackgroundServer(own)
+    try:
+        with Client(first.address) as c:
+            c.load_adapter("upper", DEMO / "uppercase")
+            c.load_adapter("kept", DEMO / "reverse_words")
+            c.compose("kept-mix", make_recipe("linear", {"upper": 0.5, "kept": 0.5}))
+            mixed = c.chat(UPPER, adapter="kept-mix", max_new_tokens=12)
+    finally:
+        first.stop()
+    assert first.running.engine.state == "stopped"
+    del first  # its model too: one copy at a time, as across a real restart
+    second = BackgroundServer(own)  # as a new process would: the same store directory
     try:
         with Client(second.address) as other:
-            names = {a.name for a in other.list_adapters()}
-            assert {"upper", "reverse", "kept", "kept-mix"} <= names
-            assert not next(a for a in other.list_adapters() if a.name == "kept").resident  # loaded on first use
+            listed = {a.name: a for a in other.list_adapters()}
+            assert {"upper", "kept", "kept-mix"} <= set(listed)
+            assert not listed["kept"].resident  # loaded on first use
             assert other.chat(REVERSE, adapter="kept", max_new_tokens=12) == "candle friend wagon rabbit"
+            assert other.chat(UPPER, adapter="kept-mix", max_new_tokens=12) == mixed
     finally:
         second.stop()
 

@@ -265,6 +265,9 @@ class ServeProcess:
         wait_health(self.address, SERVING, timeout=max(1.0, deadline - time.monotonic()))
         return self.address
 
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
     def kill(self) -> None:
         """SIGKILL, as a crash or the OOM killer would."""
         if self.process.poll() is None:

@@ -1,10 +1,13 @@
-"""kill -9 at random (seeded) moments while a client loads, composes, exports and bakes; 20 rounds.
+"""kill -9 at random (seeded) moments during LoadAdapter, ComposeAdapter, ExportAdapter and BakeModel; 20 rounds.
 
 Each round runs `adapter-fusion serve --base <tiny> --store S --adapter-root A --output-root O
 --port 0` (the port is read from the serve log line), a client that loads,
 composes, exports, bakes and sometimes unloads, recording every call that was acknowledged
-(answered with success), then SIGKILLs the server after a random delay and starts it again on
-the same store. After every restart:
+(answered with success), then SIGKILLs the server while a call of that round's RPC (the four in
+turn) is in flight: once its second call of the round has begun, after a seeded fraction of the
+shortest such call so far (any round). What was in flight is read with the kill, under the client's lock, and
+must be the call that then failed; every one of the four RPCs must have been struck at least once.
+The server is then started again on the same store. After every restart:
 
 * startup succeeded (the log names the port, health is SERVING) and the store holds no
   quarantined entry and no leftover temp/aside dir;
@@ -44,9 +47,10 @@ from adapter_fusion.atomic import is_ours
 from adapter_fusion.client import Client, make_recipe
 from server.store import QUARANTINE
 
-from .conftest import FIGURES, ServeProcess, Zygote, bake, compose, export, greedy, listing, load, unload
+from .conftest import FIGURES, ForkedServe, ServeProcess, Zygote, bake, compose, export, greedy, listing, load, unload
 
 ROUNDS = 20
+RPCS = ["LoadAdapter", "ComposeAdapter", "ExportAdapter", "BakeModel"]  # each round kills during one, in turn
 SEED = 20261123
 TOKENS = 4
 SOURCES = ["alpha", "beta", "gamma", "delta"]
@@ -133,24 +137,40 @@ def check_store(store: Path) -> None:
 class Workload:
     """Loads, composes, exports, bakes and unloads until a call fails (the kill); records acks."""
 
-    def __init__(self, address: str, round_no: int, rng: random.Random, outputs: Path) -> None:
+    def __init__(self, address: str, round_no: int, rng: random.Random, outputs: Path, took: dict[str, list[float]]) -> None:
         self.address, self.round, self.rng, self.outputs = address, round_no, rng, outputs
+        self.took = took  # seconds each answered call took, per RPC, over every round
         self.acked: dict[str, tuple] = {}  # name -> what it must generate like: ("src", s) or ("mix", spec, a, b)
         self.unloaded: set[str] = set()
         self.uncertain: set[str] = set()  # sent, not acknowledged: may or may not exist after the kill
         self.exports: list[Path] = []
         self.bakes: list[Path] = []
+        self.state = threading.Condition()  # guards what follows: the kill reads it under this lock
         self.in_flight = "none"
-        self.calls = 0
+        self.calls = 0  # answered
+        self.started: Counter = Counter()  # calls begun, per RPC
         self.ended: str | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _call(self, op: str, fn):
-        self.in_flight = op
+        with self.state:
+            self.in_flight = op
+            self.started[op] += 1
+            self.state.notify_all()
+        began = time.monotonic()
         result = fn()
-        self.calls += 1
-        self.in_flight = "between calls"
+        with self.state:
+            self.took.setdefault(op, []).append(time.monotonic() - began)
+            self.calls += 1
+            self.in_flight = "between calls"
         return result
+
+    def second_call_began(self, op: str, timeout: float = 60) -> float:
+        """Wait until the round's second call of `op` has begun; the shortest one answered so far."""
+        with self.state:
+            self.state.wait_for(lambda: self.started[op] >= 2 or self.ended is not None, timeout)
+            assert self.started[op] >= 2, f"the client never began a second {op}: {self.ended}"
+            return min(self.took[op])
 
     def _run(self) -> None:
         r = self.round
@@ -190,6 +210,10 @@ class Workload:
             self.ended = f"{error.code().name} during {self.in_flight}"
         except Exception as error:  # anything else is a test failure, reported by the main thread
             self.ended = f"unexpected {type(error).__name__}: {error}"
+        finally:
+            with self.state:
+                self.ended = self.ended or "finished"
+                self.state.notify_all()
 
 
 def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path: Path, tok_base: Path, tok_adapters: list[Path], serve_processes: list[ServeProcess]) -> None:
@@ -206,7 +230,11 @@ def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path: Path, tok_bas
     unloaded: set[str] = set()
     exports: list[Path] = []
     bakes: list[Path] = []
-    kill_points: Counter = Counter()
+    kill_points: Counter = Counter()  # what was in flight at each kill, read with it
+    kills = 0  # SIGKILLs that struck a running server
+    lost = 0  # acknowledged adapters missing after a restart
+    rounds = 0
+    took: dict[str, list[float]] = {}
     checked_generations = 0
     verified: set[str] = set()
     references: dict[tuple, tuple[int, ...]] = {}
@@ -226,17 +254,27 @@ def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path: Path, tok_bas
                     references[("mix", spec, source, pair_of(source))] = greedy(client, name, TOKENS)
                     acked[name] = ("mix", spec, source, pair_of(source))
         assert len(set(references.values())) > len(references) // 2, "the references hardly differ: a weak probe"
-        kill = lambda: (first.process.kill(), first.process.wait(timeout=30))  # noqa: E731
+        running: ServeProcess | ForkedServe = first
         for round_no in range(1, ROUNDS + 1):
-            work = Workload(address, round_no, rng, outputs)
+            target = RPCS[(round_no - 1) % len(RPCS)]
+            work = Workload(address, round_no, rng, outputs, took)
             work.thread.start()
-            time.sleep(rng.uniform(0.05, 1.0))
-            point = work.in_flight
-            kill_points[point] += 1
-            kill()  # SIGKILL
+            shortest = work.second_call_began(target)
+            delay = rng.uniform(0.05, 0.8) * shortest
+            time.sleep(delay)  # a seeded point inside the second call
+            with work.state:  # the client cannot begin or finish a call while the kill strikes
+                point, answered = work.in_flight, work.calls
+                was_running = running.alive()
+                running.kill()  # SIGKILL
+                kills += was_running and not running.alive()
             work.thread.join(timeout=60)
             assert not work.thread.is_alive(), "the client did not notice the kill"
-            assert work.ended is None or not work.ended.startswith("unexpected"), work.ended
+            assert work.ended is not None and not work.ended.startswith(("unexpected", "finished")), work.ended
+            if work.calls > answered:  # its reply was already on the way as the kill fell
+                point = "answered as the kill fell"
+            else:
+                assert work.ended.endswith(f"during {point}"), f"round {round_no}: killed during {point}, but the client failed {work.ended}"
+            kill_points[point] += 1
             fresh = {n: v for n, v in work.acked.items()}
             acked.update(fresh)
             unloaded |= work.unloaded
@@ -251,6 +289,7 @@ def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path: Path, tok_bas
             with Client(address) as client:
                 names = set(listing(client))
                 missing = sorted(set(acked) - names)
+                lost += len(missing)
                 assert not missing, f"round {round_no}: acknowledged adapters lost after kill -9: {missing}"
                 back = sorted(unloaded & names)
                 assert not back, f"round {round_no}: acknowledged unloads came back: {back}"
@@ -263,16 +302,18 @@ def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path: Path, tok_bas
                 assert path.is_dir(), f"acknowledged bake {path} is missing"
             visible = check_output_root(outputs, verified)  # complete, acknowledged or not
             checks = time.monotonic() - started - startup
-            print(f"round {round_no}: killed during {point} after {work.calls} acknowledged calls; "
+            rounds += 1
+            print(f"round {round_no}: {target}'s turn, killed {delay * 1000:.0f} ms into a call (shortest {shortest * 1000:.0f} ms), during: {point}; {work.calls} acknowledged calls; "
                   f"{len(acked)} adapters, {len(exports)} exports, {len(bakes)} bakes acknowledged so far; {visible} visible outputs complete; restart {startup:.1f} s, checks {checks:.1f} s")
-            kill = server.kill
+            running = server
 
-        kill()
+        running.kill()
         final = zygote.spawn(args, tmp_path / "serve-final.log")
         address = final.wait_serving()
         check_store(store)
         with Client(address) as client:
             names = set(listing(client))
+            lost += len(set(acked) - names)
             assert not (set(acked) - names) and not (unloaded & names)
             # each was compared after the restart that followed its acknowledgement; a seeded
             # sample again after all the kills (generating all of them would dominate the run)
@@ -284,16 +325,18 @@ def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path: Path, tok_bas
         assert {p.name for p in exports + bakes} <= verified
         final.signal(15)
         assert final.wait_gone(60), "the final server did not stop on SIGTERM"
+        struck = set(RPCS) - set(kill_points)
+        assert not struck, f"no kill fell during {sorted(struck)}: kill points {dict(kill_points)}"
     finally:
         zygote.close()
-    FIGURES.update(
-        kill_rounds=ROUNDS,
-        kills=ROUNDS,
-        kill_points=dict(sorted(kill_points.items())),
-        kill_acknowledged_adapters_checked=len(acked),
-        kill_acknowledged_unloads_checked=len(unloaded),
-        kill_generations_compared=checked_generations,
-        kill_exports_verified=len(exports),
-        kill_bakes_verified=len(bakes),
-        kill_adapters_lost=0,
-    )
+        FIGURES.update(  # what was measured, also when a check failed
+            kill_rounds=rounds,
+            kills=kills,
+            kill_points=dict(sorted(kill_points.items())),
+            kill_acknowledged_adapters_checked=len(acked),
+            kill_acknowledged_unloads_checked=len(unloaded),
+            kill_generations_compared=checked_generations,
+            kill_exports_verified=len(exports),
+            kill_bakes_verified=len(bakes),
+            kill_adapters_lost=lost,
+        )
