@@ -313,7 +313,7 @@ def serve(
     import asyncio
     import logging
 
-    from adapter_fusion.engine import Limits
+    from adapter_fusion.engines.builtin import Limits
     from adapter_fusion.models import DEMO_ADAPTERS, cache_dir, default_base, resolve_device, resolve_dtype
     from server.app import ServerConfig, serve as run_server
     from server.served import ServiceLimits
@@ -407,7 +407,7 @@ def cluster(
     import signal
     import time
 
-    from adapter_fusion.engine import Limits
+    from adapter_fusion.engines.builtin import Limits
     from adapter_fusion.models import DEMO_ADAPTERS, cache_dir, default_base
     from server.app import ServerConfig
 

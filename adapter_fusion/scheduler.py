@@ -1,11 +1,11 @@
 """The continuous batch: requests waiting, rows decoding, jobs run between steps.
 
-Handlers (any thread) queue generations and jobs; the engine thread (`adapter_fusion.engine`)
+Handlers (any thread) queue generations and jobs; the engine thread (`adapter_fusion.engines.builtin`)
 calls `round()` over and over: it admits waiting requests at a step boundary into one batch
 (`decoding.Decoder`), gives each its slot (the registry's numbers; the runtime's buffers are
 written only for slots that changed), runs one piece of one queued job, then decodes one step and
 hands the tokens back through each request's callback before the next forward (each of these
-points fires a phase of `hooks`, `adapter_fusion.engine_hooks`, for callers that await it). A typed error
+points fires a phase of `hooks`, `adapter_fusion.engines.hooks`, for callers that await it). A typed error
 (over budget, bad input, a job that runs out of memory) ends only its request or job; any other
 exception leaves `round()` as a fault, and the engine ends everything held (`fail_held`).
 
@@ -25,7 +25,7 @@ from concurrent.futures import InvalidStateError
 import torch
 
 from adapter_fusion.decoding import Decoder, Request
-from adapter_fusion.engine_hooks import EngineHooks
+from adapter_fusion.engines.hooks import EngineHooks
 from adapter_fusion.errors import AdapterFusionError, LimitExceededError, RequestCancelledError
 from adapter_fusion.fair_queue import FairQueue
 from adapter_fusion.limits import Limits

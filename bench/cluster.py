@@ -30,7 +30,7 @@ from adapter_fusion.adapters import load_adapter
 from adapter_fusion.client import Client
 from adapter_fusion.cluster.launch import ClusterConfig, deploy
 from adapter_fusion.cluster.routing import LOADS_KEY, REPLICA_KEY
-from adapter_fusion.engine import Limits
+from adapter_fusion.engines.builtin import Limits
 from adapter_fusion.models import DEMO_ADAPTERS, default_base
 from adapter_fusion.entries import AdapterInfo
 from server.app import ServerConfig

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import grpc
 
-from adapter_fusion.engine import Limits
+from adapter_fusion.engines.builtin import Limits
 from adapter_fusion.models import default_base, tiny_llama
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc

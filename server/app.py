@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from adapter_fusion.engine import Engine, Limits
+from adapter_fusion.engines.builtin import Engine, Limits
 from adapter_fusion.engines.base import ServingEngine
 from adapter_fusion.engines.vllm_engine import VllmSettings
 from adapter_fusion.errors import AdapterFusionError

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from adapter_fusion import load_adapter
-from adapter_fusion.engine import Engine, Event, Limits
+from adapter_fusion.engines.builtin import Engine, Event, Limits
 from adapter_fusion.errors import EngineFaultError, LimitExceededError, RequestCancelledError, ShuttingDownError, UnavailableError
 from adapter_fusion.entries import AdapterInfo
 from adapter_fusion.decoding import Request

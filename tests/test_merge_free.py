@@ -13,7 +13,7 @@ from transformers import AutoConfig
 
 from adapter_fusion import load_adapter, lora_layers
 from adapter_fusion.client import Client, make_recipe
-from adapter_fusion.engine import Limits
+from adapter_fusion.engines.builtin import Limits
 from adapter_fusion.merge import merge
 from adapter_fusion.runtime import Runtime
 from server.app import BackgroundServer, ServerConfig

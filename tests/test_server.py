@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from adapter_fusion.client import Client, make_recipe
-from adapter_fusion.engine import Limits
+from adapter_fusion.engines.builtin import Limits
 from adapter_fusion.names import HIDDEN, hidden_name
 from adapter_fusion.worker_threads import WORKERS
 from server.app import BackgroundServer, ServerConfig

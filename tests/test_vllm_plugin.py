@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from adapter_fusion.client import Client, make_recipe
-from adapter_fusion.engine import Limits
+from adapter_fusion.engines.builtin import Limits
 from adapter_fusion.models import DEMO_ADAPTERS
 from adapter_fusion.vllm_env import OpenAIServer
 from server.app import BackgroundServer, ServerConfig

@@ -1,2 +1,2 @@
 """Serving engines behind one protocol (`engines.base.ServingEngine`): the builtin engine
-(`adapter_fusion.engine`, the embedded default) and vLLM (`engines.vllm_engine`, optional)."""
+(`adapter_fusion.engines.builtin`, the embedded default) and vLLM (`engines.vllm_engine`, optional)."""

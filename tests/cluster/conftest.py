@@ -18,7 +18,7 @@ import pytest
 
 from adapter_fusion.cluster.routing import LOADS_KEY, REPLICA_KEY
 from adapter_fusion.client import Client
-from adapter_fusion.engine import Limits
+from adapter_fusion.engines.builtin import Limits
 from server.app import BackgroundServer, ServerConfig
 from tests.reliability import conftest as reliability
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 
 from adapter_fusion.client import Client, make_recipe
-from adapter_fusion.engine import Limits
+from adapter_fusion.engines.builtin import Limits
 from adapter_fusion.names import hidden_name
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from server.app import ServerConfig

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 
 from adapter_fusion.client import Client
-from adapter_fusion.engine import Limits
+from adapter_fusion.engines.builtin import Limits
 from server.app import ServerConfig
 
 from .conftest import PROMPT, SERVING, bump, code_of, greedy, health_status, load, score, serving

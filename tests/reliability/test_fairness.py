@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from adapter_fusion.engine import Limits
+from adapter_fusion.engines.builtin import Limits
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
 from server.app import ServerConfig

@@ -12,7 +12,7 @@ decoder and slot buffers are rebuilt after `restart_delay_s`, and the state retu
 "serving". After `max_faults` faults within `fault_window_s` the state is "failed" for good
 (the server then exits non-zero, so an orchestrator restarts the process). Nothing waits forever.
 
-`hooks` (`adapter_fusion.engine_hooks`): the phases of the engine thread a caller can await
+`hooks` (`adapter_fusion.engines.hooks`): the phases of the engine thread a caller can await
 (admitted, forward, emitted, slot_written, fault, ended) instead of sleeping.
 """
 
