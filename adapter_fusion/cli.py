@@ -37,7 +37,7 @@ TensorParallelOption = Annotated[int, typer.Option(help="vllm: GPUs each engine 
 
 
 def _vllm_settings(max_loras: int, max_lora_rank: int, max_cpu_loras: int | None, gpu_memory_utilization: float, max_model_len: int | None, tensor_parallel_size: int):
-    from adapter_fusion.engines.vllm_engine import VllmSettings
+    from adapter_fusion.engines.vllm_setup import VllmSettings
 
     return VllmSettings(max_loras, max_lora_rank, max_cpu_loras, gpu_memory_utilization, max_model_len, tensor_parallel_size)
 

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from adapter_fusion.engines.builtin import Engine, Limits
 from adapter_fusion.engines.base import ServingEngine
-from adapter_fusion.engines.vllm_engine import VllmSettings
+from adapter_fusion.engines.vllm_setup import VllmSettings
 from adapter_fusion.errors import AdapterFusionError
 from adapter_fusion.models import resolve_device, resolve_dtype
 from adapter_fusion.runtime import Runtime

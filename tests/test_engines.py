@@ -23,7 +23,7 @@ from transformers import AutoConfig
 from adapter_fusion import load_adapter
 from adapter_fusion.client import Client, make_recipe
 from adapter_fusion.engines.builtin import Limits
-from adapter_fusion.engines.vllm_engine import VllmSettings
+from adapter_fusion.engines.vllm_setup import VllmSettings
 from adapter_fusion.models import DEMO_ADAPTERS
 from adapter_fusion.runtime import Runtime
 from server.app import BackgroundServer, ServerConfig

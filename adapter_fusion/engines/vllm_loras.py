@@ -24,8 +24,9 @@ from pathlib import Path
 
 from adapter_fusion.adapters import Adapter, write_adapter_files
 from adapter_fusion.atomic import atomic_directory
-from adapter_fusion.entries import Entry
+from adapter_fusion.entries import Entry, Hold
 from adapter_fusion.mix_cache import MixCache
+from adapter_fusion.registry import AdapterRegistry
 
 MIX_IDS = 1 << 24  # registry slots stay below; mixes count up from here
 
@@ -54,6 +55,18 @@ class LoraTable:
         self._serials = itertools.count(1)
         self._serial_lock = threading.Lock()
         self._mix_ids = itertools.count(MIX_IDS)
+
+    def for_hold(self, registry: AdapterRegistry, hold: Hold, row_weights: list[float] | None = None) -> Lora | None:
+        """The LoRA a held choice runs as (None: the base model): its adapter's, or a mix's (each
+        entry at its weight, or a search group's sources at `row_weights`). May write or compose."""
+        if not hold.entries:
+            return None
+        slots = [registry.slot_for(entry) for entry in hold.entries]  # resident (reloaded), within the budget
+        if hold.weights is None and row_weights is None:
+            return self.single(slots[0], hold.entries[0])
+        if row_weights is not None:
+            return self.mix([(hold.entries[0], row_weights)])
+        return self.mix([(e, [w] * len(e.sources)) for e, w in zip(hold.entries, hold.weights)])
 
     def single(self, slot: int, entry: Entry) -> Lora:
         """The LoRA of a registered adapter in `slot` (the registry made it resident there)."""
