@@ -132,7 +132,7 @@ class Search:
                     yield pb.SearchWeightsProgress(evaluations=item.evaluations, best_loss=item.best_loss, best_weights=item.best_weights)
                     continue
                 result = item.result
-                adapter = (await in_thread(merge, fitting.sources, "linear", result.weights, None, None, 0, fitting.name)).adapter
+                adapter = (await in_thread(lambda: merge(fitting.sources, "linear", result.weights, name=fitting.name))).adapter
                 adapter.extra["lorahub"] = {"weights": result.weights, "best_loss": result.best_loss, "sources": list(request.adapters)}
                 yield Fitted(adapter, pb.SearchWeightsProgress(evaluations=len(result.losses), best_loss=result.best_loss, best_weights=result.weights))
         finally:
@@ -166,5 +166,5 @@ class Search:
                         self.engine.cancel(call)  # a client gone: the piece not yet started never runs
             yield pb.SearchWeightsProgress(evaluations=done, best_loss=fit.result.best_loss, best_weights=fit.source_weights())
         result = fit.finish()
-        adapter = (await in_thread(learned_adapter, fitting.sources, result, p, zeros, None, request.seed, fitting.name)).adapter
+        adapter = (await in_thread(lambda: learned_adapter(fitting.sources, result, p, zeros, seed=request.seed, name=fitting.name))).adapter
         yield Fitted(adapter, pb.SearchWeightsProgress(evaluations=p.steps, best_loss=result.best_loss, best_weights=fit.source_weights()))
