@@ -144,6 +144,17 @@ def test_a_cancelled_stream_leaves_and_the_next_request_is_served(served, refere
     assert engine.queue_depth == 0 and engine.stats["batch_size"] <= 1
 
 
+def test_a_deadline_passing_mid_stream_ends_it_and_the_engine_goes_on(served, reference) -> None:
+    server, client = served
+    story = [{"role": "user", "content": "Write a very long story about a dragon and a lighthouse keeper."}]
+    stream = client.generate(messages=story, max_new_tokens=256, timeout=1.0)
+    with pytest.raises(grpc.RpcError) as error:
+        list(stream)  # a long story's 256 tokens take several seconds on this CPU on either engine
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert chat(client, prompt_of("uppercase"), adapter="uppercase") == reference["texts"]["uppercase"]
+    assert server.running.engine.queue_depth == 0
+
+
 @pytest.mark.parametrize(
     "ask, code",
     [
