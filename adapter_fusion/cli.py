@@ -315,9 +315,9 @@ def serve(
 
     from adapter_fusion.engines.builtin import Limits
     from adapter_fusion.models import DEMO_ADAPTERS, cache_dir, default_base, resolve_device, resolve_dtype
-    from server.app import ServerConfig, serve as run_server
-    from server.served import ServiceLimits
-    from server.connections import ConnectionLimits
+    from adapter_fusion.server.app import ServerConfig, serve as run_server
+    from adapter_fusion.server.served import ServiceLimits
+    from adapter_fusion.server.connections import ConnectionLimits
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if (tls_cert is None) != (tls_key is None):
@@ -409,7 +409,7 @@ def cluster(
 
     from adapter_fusion.engines.builtin import Limits
     from adapter_fusion.models import DEMO_ADAPTERS, cache_dir, default_base
-    from server.app import ServerConfig
+    from adapter_fusion.server.app import ServerConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:

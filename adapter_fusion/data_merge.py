@@ -23,7 +23,7 @@ from adapter_fusion.fit_cost import FitBounds, FitCost, ModelShape, statistics_c
 from adapter_fusion.fit_guard import Tick, releasing, stop_points
 from adapter_fusion.merge import MergeResult, get_method, merge
 from adapter_fusion.merge.driver import ProgressCallback
-from adapter_fusion.merge.registry import data_methods
+from adapter_fusion.merge.methods import data_methods
 
 Example = tuple[str, str]  # (input, target)
 MAX_EXAMPLES = 10_000  # per source: statistics converge long before; a typo'd file fails fast
@@ -272,7 +272,7 @@ def merge_with_data(
     if spec.data is None:
         raise RecipeError(f"method {method!r} uses no examples; examples go only with {', '.join(data_methods())}")
     if spec.data == "coefficients":
-        raise RecipeError(f"method {method!r} fits coefficients on one shared set of examples: use adapter_fusion.learned.merge_learned")
+        raise RecipeError(f"method {method!r} fits coefficients on one shared set of examples: use adapter_fusion.coefficient_fit.merge_learned")
     if len(examples) != len(sources):
         raise RecipeError(f"got examples for {len(examples)} sources, but {len(sources)} sources: every source needs its own")
     if any(len(rows) == 0 for rows in examples):

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from adapter_fusion.errors import RecipeError
 from adapter_fusion.merge import get_method, parse_parameters
 from adapter_fusion.merge.driver import check_weights
-from adapter_fusion.merge.registry import data_methods
+from adapter_fusion.merge.methods import data_methods
 
 
 class Example(BaseModel):

@@ -93,7 +93,7 @@ def merge_recipe(
             on_example(*last)
 
     if data == "coefficients":
-        from adapter_fusion.learned import merge_learned
+        from adapter_fusion.coefficient_fit import merge_learned
 
         steps = parse_parameters(get_method("learned"), recipe.parameters).steps
         last[:] = [0, steps, "fitting"]

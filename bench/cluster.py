@@ -33,8 +33,8 @@ from adapter_fusion.cluster.routing import LOADS_KEY, REPLICA_KEY
 from adapter_fusion.engines.builtin import Limits
 from adapter_fusion.models import DEMO_ADAPTERS, default_base
 from adapter_fusion.entries import AdapterInfo
-from server.app import ServerConfig
-from server.store import AdapterStore
+from adapter_fusion.server.app import ServerConfig
+from adapter_fusion.server.store import AdapterStore
 
 ADAPTERS = ["uppercase", "reverse_words", "kv_json", "number_to_words"]
 TOKEN = "bench"

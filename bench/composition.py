@@ -28,7 +28,7 @@ from pathlib import Path
 from adapter_fusion import load_adapter, merge
 from adapter_fusion.data_merge import merge_with_data
 from adapter_fusion.evaluate import evaluate
-from adapter_fusion.learned import merge_learned
+from adapter_fusion.coefficient_fit import merge_learned
 from adapter_fusion.lorahub import lorahub_search
 from adapter_fusion.models import DEMO_ADAPTERS, default_base
 from adapter_fusion.runtime import Runtime

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from adapter_fusion.client import Client, make_recipe
 from adapter_fusion.models import default_base, tiny_llama
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
-from server.app import BackgroundServer, ServerConfig
+from adapter_fusion.server.app import BackgroundServer, ServerConfig
 
 PROMPTS = ["Tell me about rivers.", "Count the stones.", "Name a colour.", "Describe the sea."]
 DEADLINE = 60.0

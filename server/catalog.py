@@ -1,6 +1,6 @@
 """Who decides which adapter names exist: `LocalCatalog` for one server, where the registry in
 memory is the truth and the store its durable copy. A cluster shares one store among many
-replicas and makes the store the truth (`adapter_fusion.cluster.catalog.SharedCatalog`); the
+replicas and makes the store the truth (`adapter_fusion.cluster.shared_catalog.SharedCatalog`); the
 service calls the same hooks either way, and here they cost nothing.
 """
 
@@ -15,7 +15,7 @@ from adapter_fusion.adapters import Adapter, load_adapter
 from adapter_fusion.atomic import sweep_leftovers
 from adapter_fusion.entries import AdapterInfo
 from adapter_fusion.registry import AdapterRegistry
-from server.store import AdapterStore
+from adapter_fusion.server.store import AdapterStore
 
 log = logging.getLogger("adapter_fusion.server")
 

@@ -32,10 +32,10 @@ from adapter_fusion.entries import AdapterInfo, Hold
 from adapter_fusion.names import hidden_name, not_hidden
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.worker_threads import in_thread
-from server.calls import NameLocks
-from server.inputs import Inputs
-from server.served import ServedModel, ServiceLimits
-from server.writes import AdapterWrites
+from adapter_fusion.server.calls import NameLocks
+from adapter_fusion.server.inputs import Inputs
+from adapter_fusion.server.served import ServedModel, ServiceLimits
+from adapter_fusion.server.writes import AdapterWrites
 
 WORD = re.compile(r"[^ ]+")
 MERGE_FREE = {"linear", "task_arithmetic", "cat"}  # Σ wᵢ ΔWᵢ exactly: served as per-row weights over resident slots

@@ -1,5 +1,5 @@
 """Generate and Score: every request's work is bounded before it starts (bytes before tokenising,
-tokens after, examples: `server.inputs`) and abandoned when its client cancels or its deadline passes."""
+tokens after, examples: `adapter_fusion.server.inputs`) and abandoned when its client cancels or its deadline passes."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from adapter_fusion.registry import AdapterRegistry
 from adapter_fusion.work import Event
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.worker_threads import in_thread
-from server.calls import Calls, thread_safe_emit
-from server.compose import Compositions
-from server.inputs import Inputs
+from adapter_fusion.server.calls import Calls, thread_safe_emit
+from adapter_fusion.server.compose import Compositions
+from adapter_fusion.server.inputs import Inputs
 
 MIX_ERROR_KEY = "adapter-fusion-mix-relative-error"  # trailing metadata: how far a truncated mix is from the exact sum
 

@@ -12,8 +12,8 @@ ROLES = ("system", "user", "assistant")
 
 class Inputs:
     def __init__(self, model, limits) -> None:
-        self.model = model  # server.served.ServedModel: its encoder and request limits
-        self.limits = limits  # server.served.ServiceLimits
+        self.model = model  # adapter_fusion.server.served.ServedModel: its encoder and request limits
+        self.limits = limits  # adapter_fusion.server.served.ServiceLimits
 
     def text(self, text: str, what: str) -> str:
         size = len(text.encode("utf-8", "surrogatepass"))

@@ -8,7 +8,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from adapter_fusion.engines.base import ServingEngine
 from adapter_fusion.registry import AdapterRegistry
-from server.calls import Observer
+from adapter_fusion.server.calls import Observer
 
 
 class _EngineCollector:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from adapter_fusion.adapters import Adapter
 from adapter_fusion.engines.base import ServingEngine
 from adapter_fusion.errors import AlreadyExistsError, InvalidRequestError, RequestCancelledError
-from adapter_fusion.learned import CoefficientFit, learned_adapter
+from adapter_fusion.coefficient_fit import CoefficientFit, learned_adapter
 from adapter_fusion.lorahub import SearchProgress, check_settings, search, weighted_objective
 from adapter_fusion.merge import get_method, merge, parse_parameters
 from adapter_fusion.merge.learned import LearnedParams
@@ -29,12 +29,12 @@ from adapter_fusion.entries import AdapterInfo
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.worker_threads import in_thread
 from adapter_fusion.names import hidden_name, not_hidden
-from server.calls import Done, NameLocks, reports_of
-from server.inference import tenant_of, when_done
-from server.inputs import Inputs
-from server.served import ServedModel, ServiceLimits
-from server.store import check_name
-from server.writes import AdapterWrites
+from adapter_fusion.server.calls import Done, NameLocks, reports_of
+from adapter_fusion.server.inference import tenant_of, when_done
+from adapter_fusion.server.inputs import Inputs
+from adapter_fusion.server.served import ServedModel, ServiceLimits
+from adapter_fusion.server.store import check_name
+from adapter_fusion.server.writes import AdapterWrites
 
 METHODS = ("lorahub", "learned")
 

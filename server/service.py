@@ -1,12 +1,12 @@
 """The AdapterFusion servicer: proto <-> library, composed of collaborators with one job each:
-request inputs and their limits (`server.inputs`), adapter writes (`server.writes`), compositions
-(`server.compose`), generation and scoring (`server.inference`), weight search (`server.search`).
+request inputs and their limits (`adapter_fusion.server.inputs`), adapter writes (`adapter_fusion.server.writes`), compositions
+(`adapter_fusion.server.compose`), generation and scoring (`adapter_fusion.server.inference`), weight search (`adapter_fusion.server.search`).
 The registry RPCs, export and bake live here.
 
 No maths here and nothing slow on the event loop: loading, merging, exporting, baking and every
 store or path check run in worker threads; generation and scoring go to the engine's thread.
 Writers of one adapter name (Load, Compose, Unload, Export) run one at a time. Names are checked
-against the catalog (`server.catalog`) before use: free on one server, the shared store's view on
+against the catalog (`adapter_fusion.server.catalog`) before use: free on one server, the shared store's view on
 a cluster replica.
 """
 
@@ -28,17 +28,17 @@ from adapter_fusion.registry import AdapterRegistry
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
 from adapter_fusion.worker_threads import in_thread
-from server.calls import Calls, Done, NameLocks, Observer, reports_of
-from server.catalog import LocalCatalog
-from server.compose import Compositions
-from server.inference import Inference
-from server.inputs import Inputs
-from server.search import Search
-from server.paths import PathPolicy
-from server.quota import RootQuotas
-from server.served import ServedModel, ServiceLimits
-from server.store import AdapterStore, check_name
-from server.writes import AdapterWrites, info_message
+from adapter_fusion.server.calls import Calls, Done, NameLocks, Observer, reports_of
+from adapter_fusion.server.catalog import LocalCatalog
+from adapter_fusion.server.compose import Compositions
+from adapter_fusion.server.inference import Inference
+from adapter_fusion.server.inputs import Inputs
+from adapter_fusion.server.search import Search
+from adapter_fusion.server.paths import PathPolicy
+from adapter_fusion.server.quota import RootQuotas
+from adapter_fusion.server.served import ServedModel, ServiceLimits
+from adapter_fusion.server.store import AdapterStore, check_name
+from adapter_fusion.server.writes import AdapterWrites, info_message
 
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -9,7 +9,7 @@ was interrupted, and moves any entry that does not parse or validate to `.quaran
 one log line, so a damaged store never stops the server.
 
 Each save gives the entry a fresh id (`ENTRY_KEY` in its metadata): replicas that share a store
-(`adapter_fusion.cluster.catalog`) compare it to tell "the same adapter" from "unloaded and
+(`adapter_fusion.cluster.shared_catalog`) compare it to tell "the same adapter" from "unloaded and
 loaded again under the same name".
 
 The store has a quota (`DiskQuota`): its usage is counted by `recover()` and kept up to date by
@@ -35,7 +35,7 @@ from adapter_fusion.errors import AdapterFormatError, quoted
 from adapter_fusion.entries import AdapterInfo
 from adapter_fusion.jsonfile import read_json
 from adapter_fusion.names import NAME, check_name
-from server.quota import DiskQuota
+from adapter_fusion.server.quota import DiskQuota
 
 log = logging.getLogger("adapter_fusion.store")
 META = "adapter_fusion_store.json"

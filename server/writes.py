@@ -10,8 +10,8 @@ from adapter_fusion.errors import NotFoundError
 from adapter_fusion.registry import AdapterRegistry
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.worker_threads import in_thread
-from server.catalog import LocalCatalog
-from server.store import AdapterStore
+from adapter_fusion.server.catalog import LocalCatalog
+from adapter_fusion.server.store import AdapterStore
 
 
 def info_message(info: AdapterInfo, resident: bool) -> pb.AdapterInfo:

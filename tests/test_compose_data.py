@@ -15,10 +15,10 @@ from adapter_fusion import load_adapter
 from adapter_fusion.client import Client, make_recipe
 from adapter_fusion.data_merge import merge_with_data
 from adapter_fusion.names import hidden_name
-from adapter_fusion.learned import merge_learned
+from adapter_fusion.coefficient_fit import merge_learned
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
-from server.app import BackgroundServer, ServerConfig
-from server.service import ServiceLimits
+from adapter_fusion.server.app import BackgroundServer, ServerConfig
+from adapter_fusion.server.service import ServiceLimits
 from tests.conftest import write_peft_adapter
 
 UPPER = [("alpha beta gamma", "ALPHA BETA GAMMA"), ("one two", "ONE TWO")]

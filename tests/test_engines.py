@@ -26,8 +26,8 @@ from adapter_fusion.engines.builtin import Limits
 from adapter_fusion.engines.vllm_setup import VllmSettings
 from adapter_fusion.models import DEMO_ADAPTERS
 from adapter_fusion.runtime import Runtime
-from server.app import BackgroundServer, ServerConfig
-from server.inference import MIX_ERROR_KEY
+from adapter_fusion.server.app import BackgroundServer, ServerConfig
+from adapter_fusion.server.inference import MIX_ERROR_KEY
 from tests.numerics import logits_bound
 
 VLLM = importlib.util.find_spec("vllm") is not None

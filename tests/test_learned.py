@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from adapter_fusion import load_adapter, merge
 from adapter_fusion.cli import app
 from adapter_fusion.errors import RecipeError
-from adapter_fusion.learned import CoefficientFit, coefficient_groups, fit_coefficients, merge_learned
+from adapter_fusion.coefficient_fit import CoefficientFit, coefficient_groups, fit_coefficients, merge_learned
 from adapter_fusion.lorahub import SearchCancelled, lorahub_search, runtime_objective, tokenize_examples
 from adapter_fusion.models import tiny_t5
 from adapter_fusion.recipe import parse_recipe

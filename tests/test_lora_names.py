@@ -14,7 +14,7 @@ from adapter_fusion import load_adapter, merge
 from adapter_fusion.entries import AdapterInfo
 from adapter_fusion.errors import InvalidRequestError, LimitExceededError, NotFoundError, PathNotAllowedError
 from adapter_fusion.lora_names import Limits, LoraNames
-from server.store import AdapterStore
+from adapter_fusion.server.store import AdapterStore
 
 
 @pytest.fixture()

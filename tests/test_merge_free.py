@@ -16,7 +16,7 @@ from adapter_fusion.client import Client, make_recipe
 from adapter_fusion.engines.builtin import Limits
 from adapter_fusion.merge import merge
 from adapter_fusion.runtime import Runtime
-from server.app import BackgroundServer, ServerConfig
+from adapter_fusion.server.app import BackgroundServer, ServerConfig
 from tests.numerics import EPS32, logits_bound
 
 DEMO = Path(__file__).parent.parent / "examples" / "adapters"

@@ -10,7 +10,7 @@ import pytest
 
 from adapter_fusion import load_adapter, save_adapter
 from adapter_fusion.errors import InvalidRequestError, OutputExistsError, PathNotAllowedError
-from server.paths import PathPolicy
+from adapter_fusion.server.paths import PathPolicy
 
 DEMO = Path(__file__).parent.parent / "examples" / "adapters"
 

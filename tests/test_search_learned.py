@@ -13,10 +13,10 @@ import pytest
 
 from adapter_fusion import load_adapter
 from adapter_fusion.client import Client
-from adapter_fusion.learned import fit_coefficients
+from adapter_fusion.coefficient_fit import fit_coefficients
 from adapter_fusion.names import hidden_name
 from adapter_fusion.runtime import Runtime
-from server.app import BackgroundServer, ServerConfig
+from adapter_fusion.server.app import BackgroundServer, ServerConfig
 from tests.conftest import write_peft_adapter
 
 EXAMPLES = [("stone cloud river", "RIVER"), ("paper light", "light paper"), ("one two three", "3")]

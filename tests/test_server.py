@@ -18,8 +18,8 @@ from adapter_fusion.client import Client, make_recipe
 from adapter_fusion.engines.builtin import Limits
 from adapter_fusion.names import HIDDEN, hidden_name
 from adapter_fusion.worker_threads import WORKERS
-from server.app import BackgroundServer, ServerConfig
-from server.service import ServiceLimits
+from adapter_fusion.server.app import BackgroundServer, ServerConfig
+from adapter_fusion.server.service import ServiceLimits
 from tests.conftest import wait_threads_ended
 
 DEMO = Path(__file__).parent.parent / "examples" / "adapters"
@@ -516,7 +516,7 @@ def test_one_writer_per_name(client: Client, server: BackgroundServer) -> None:
 def test_plaintext_on_a_public_address_needs_a_token_or_insecure(config: ServerConfig) -> None:
     import asyncio
 
-    from server.app import InsecureBindError, create_server
+    from adapter_fusion.server.app import InsecureBindError, create_server
 
     exposed = ServerConfig(**{**config.__dict__, "host": "0.0.0.0"})
     with pytest.raises(InsecureBindError, match="--insecure"):

@@ -13,7 +13,7 @@ import pytest
 from adapter_fusion import load_adapter
 from adapter_fusion import atomic
 from adapter_fusion.entries import AdapterInfo
-from server.store import META, QUARANTINE, AdapterStore
+from adapter_fusion.server.store import META, QUARANTINE, AdapterStore
 
 DEMO = Path(__file__).parent.parent / "examples" / "adapters"
 
@@ -48,7 +48,7 @@ def test_metadata_is_written_before_the_entry_becomes_visible(store: AdapterStor
             raise KeyboardInterrupt  # stands for a kill between the two writes
         return real_dump(obj, *args, **kwargs)
 
-    monkeypatch.setattr("server.store.json.dumps", crash)
+    monkeypatch.setattr("adapter_fusion.server.store.json.dumps", crash)
     with pytest.raises(KeyboardInterrupt):
         _save(store, "upper")
     assert not (store.root / "upper").exists()
@@ -82,7 +82,7 @@ def test_recover_repairs_what_a_crash_left(store: AdapterStore) -> None:
 
 def test_delete_is_a_rename_first(store: AdapterStore, monkeypatch: pytest.MonkeyPatch) -> None:
     _save(store, "upper")
-    monkeypatch.setattr("server.store.remove_tree", lambda path: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr("adapter_fusion.server.store.remove_tree", lambda path: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):  # killed after the rename, before the files are gone
         store.delete("upper")
     assert not (store.root / "upper").exists()

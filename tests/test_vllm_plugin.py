@@ -18,7 +18,7 @@ from adapter_fusion.client import Client, make_recipe
 from adapter_fusion.engines.builtin import Limits
 from adapter_fusion.models import DEMO_ADAPTERS
 from adapter_fusion.vllm_env import OpenAIServer
-from server.app import BackgroundServer, ServerConfig
+from adapter_fusion.server.app import BackgroundServer, ServerConfig
 
 if importlib.util.find_spec("vllm") is None:
     if os.environ.get("ADAPTER_FUSION_REQUIRE_VLLM"):  # CI sets it: there a missing vLLM fails, never skips

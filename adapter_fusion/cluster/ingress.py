@@ -32,8 +32,8 @@ from adapter_fusion.cluster.proxy_servicers import Undecodable
 from adapter_fusion.cluster.wire import ReplicaTag, RpcFailure
 from adapter_fusion.errors import new_error_id
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
-from server.calls import MAX_DETAILS
-from server.interceptors import NO_TOKEN, UNPARSABLE, token_matches
+from adapter_fusion.server.calls import MAX_DETAILS
+from adapter_fusion.server.interceptors import NO_TOKEN, UNPARSABLE, token_matches
 
 log = logging.getLogger("adapter_fusion.cluster")
 SERVICE = pb.DESCRIPTOR.services_by_name["AdapterFusion"]

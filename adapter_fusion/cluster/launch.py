@@ -22,7 +22,7 @@ from adapter_fusion.cluster.proxy_servicers import SERVICER_FUNCTIONS
 from adapter_fusion.cluster.replica import Replica
 from adapter_fusion.errors import InvalidRequestError
 from adapter_fusion.limits import Limits
-from server.app import ServerConfig, check_exposure
+from adapter_fusion.server.app import ServerConfig, check_exposure
 
 log = logging.getLogger("adapter_fusion.cluster")
 APP_NAME = "adapter-fusion"

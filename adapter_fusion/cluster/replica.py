@@ -19,13 +19,13 @@ from typing import Any
 import grpc
 from ray import serve
 
-from adapter_fusion.cluster.catalog import SharedCatalog
+from adapter_fusion.cluster.shared_catalog import SharedCatalog
 from adapter_fusion.cluster.routing import RECIPE_PREFIX, adapters_of, routing_key
 from adapter_fusion.cluster.wire import ReplicaTag, RpcFailure
 from adapter_fusion.errors import AdapterFusionError
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.worker_threads import in_thread
-from server.app import ServerConfig, build_core
+from adapter_fusion.server.app import ServerConfig, build_core
 
 METHODS = set(pb.DESCRIPTOR.services_by_name["AdapterFusion"].methods_by_name)
 ROUTED = {"Generate", "Score"}  # the RPCs that run an adapter, and so are multiplexed

@@ -14,7 +14,7 @@ from adapter_fusion.adapters import Adapter, check_compatible
 from adapter_fusion.delta import LowRankDelta, Truncation, truncate_all
 from adapter_fusion.errors import RecipeError
 from adapter_fusion.merge.base import MergeMethod, ModuleSources, Params
-from adapter_fusion.merge.registry import get_method, parse_parameters
+from adapter_fusion.merge.methods import get_method, parse_parameters
 
 
 PENDING_BYTES = 16 << 20  # low-rank results held for one batched truncation; its float64 working set is ~8x this
@@ -129,7 +129,7 @@ def merge(
     if spec.data is not None and statistics is None:
         raise RecipeError(
             f"method {method!r} learns from data: give it examples (JSONL files of input/target) in a recipe, or call "
-            "adapter_fusion.data_merge.merge_with_data (regmean, fisher) or adapter_fusion.learned.merge_learned (learned)"
+            "adapter_fusion.data_merge.merge_with_data (regmean, fisher) or adapter_fusion.coefficient_fit.merge_learned (learned)"
         )
 
     paths = sorted(set().union(*(a.modules for a in sources)))

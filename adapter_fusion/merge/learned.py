@@ -1,5 +1,5 @@
 """`learned`: Σ cᵢΔWᵢ with coefficients fitted on examples (gradient-based LoraHub), exact in low
-rank. The fitting runs the model (`adapter_fusion.learned`); this rule only applies the fitted
+rank. The fitting runs the model (`adapter_fusion.coefficient_fit`); this rule only applies the fitted
 coefficients, one per source and module (equal across modules when fitted `per: source`)."""
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import pytest
 from adapter_fusion.cluster.routing import LOADS_KEY, REPLICA_KEY
 from adapter_fusion.client import Client
 from adapter_fusion.engines.builtin import Limits
-from server.app import BackgroundServer, ServerConfig
+from adapter_fusion.server.app import BackgroundServer, ServerConfig
 from tests.reliability import conftest as reliability
 
 tok_base = reliability.tok_base  # the reliability suite's tiny base and its four adapters, as fixtures here too

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from adapter_fusion.adapters import load_adapter
-from adapter_fusion.cluster.catalog import SharedCatalog
+from adapter_fusion.cluster.shared_catalog import SharedCatalog
 from adapter_fusion.entries import AdapterInfo
 from adapter_fusion.registry import AdapterRegistry
 from adapter_fusion.runtime import Runtime
-from server.store import AdapterStore
+from adapter_fusion.server.store import AdapterStore
 
 pytestmark = pytest.mark.cluster
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from adapter_fusion.cli import app
 from adapter_fusion.cluster.launch import ClusterConfig, check
 from adapter_fusion.errors import InvalidRequestError
-from server.app import ServerConfig
+from adapter_fusion.server.app import ServerConfig
 
 pytestmark = pytest.mark.cluster
 runner = CliRunner()
@@ -42,7 +42,7 @@ def test_a_serve_config_is_checked_like_the_command(tmp_path: Path, monkeypatch:
     from ray import serve
 
     from adapter_fusion.cluster.launch import app_builder
-    from server.app import InsecureBindError
+    from adapter_fusion.server.app import InsecureBindError
 
     paths = {"base": str(tmp_path / "base"), "store": str(tmp_path / "store")}
     with pytest.raises(ValidationError, match="colour"):

@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from adapter_fusion.client import Client
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
-from server.app import BackgroundServer, ServerConfig
+from adapter_fusion.server.app import BackgroundServer, ServerConfig
 from tests.conftest import write_peft_adapter
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -187,7 +187,7 @@ def collapse(statuses: list[int]) -> list[int]:
 LAUNCHER = textwrap.dedent(
     """
     import os, sys
-    import adapter_fusion.cli, server.app, adapter_fusion.runtime, transformers
+    import adapter_fusion.cli, adapter_fusion.server.app, adapter_fusion.runtime, transformers
     import transformers.models.llama.modeling_llama
     trigger = os.environ.get("AF_FAULT_TRIGGER")
     if trigger:
@@ -339,7 +339,7 @@ def score(client: Client, examples: list[tuple[str, str]], adapter: str | None =
 ZYGOTE = textwrap.dedent(
     """
     import json, os, signal, sys
-    import adapter_fusion.cli, server.app, adapter_fusion.runtime, transformers, grpc, peft
+    import adapter_fusion.cli, adapter_fusion.server.app, adapter_fusion.runtime, transformers, grpc, peft
     import transformers.models.llama.modeling_llama
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     print("warm", flush=True)

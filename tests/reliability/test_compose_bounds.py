@@ -15,8 +15,8 @@ from adapter_fusion.client import Client, make_recipe
 from adapter_fusion.engines.builtin import Limits
 from adapter_fusion.names import hidden_name
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
-from server.app import ServerConfig
-from server.served import ServiceLimits
+from adapter_fusion.server.app import ServerConfig
+from adapter_fusion.server.served import ServiceLimits
 
 from .conftest import RPC_TIMEOUT, code_of, greedy, load, serving
 

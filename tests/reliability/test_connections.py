@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from adapter_fusion.client import Client
-from server.app import ServerConfig
-from server.connections import ConnectionLimits
+from adapter_fusion.server.app import ServerConfig
+from adapter_fusion.server.connections import ConnectionLimits
 
 from .conftest import SERVING, bump, greedy, health_status, load, serving
 
@@ -110,7 +110,7 @@ def _flood(sock: socket.socket, limit: float) -> tuple[float | None, int]:
 
 def test_a_ping_flood_leaves_a_normal_stream_and_health_answering(tmp_path: Path, tok_base: Path, tok_adapters: list[Path]) -> None:
     """gRPC core's ping strikes close a flooder only once their GOAWAY is written, which a peer
-    that never reads can prevent, and core has no other control (see `server.connections`). What
+    that never reads can prevent, and core has no other control (see `adapter_fusion.server.connections`). What
     this server guarantees meanwhile: a normal Generate gives the same tokens, health answers, and
     every flooder is either closed or no longer read within 10 s (its cost bounded)."""
     with serving(_config(tmp_path, tok_base, tok_adapters, ConnectionLimits())) as server, Client(server.address) as client:

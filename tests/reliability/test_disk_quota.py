@@ -14,8 +14,8 @@ from adapter_fusion.adapters import load_adapter, saved_bytes
 from adapter_fusion.atomic import tree_bytes
 from adapter_fusion.client import Client
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
-from server.app import ServerConfig
-from server.served import ServiceLimits
+from adapter_fusion.server.app import ServerConfig
+from adapter_fusion.server.served import ServiceLimits
 
 from .conftest import bake, bump, code_of, compose, export, listing, load, serving, unload
 from .test_hostile_paths import diff, snapshot

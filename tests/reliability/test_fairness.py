@@ -22,7 +22,7 @@ import pytest
 from adapter_fusion.engines.builtin import Limits
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
-from server.app import ServerConfig
+from adapter_fusion.server.app import ServerConfig
 
 from .conftest import PROMPT, RPC_TIMEOUT, bump, code_of, serving
 

@@ -23,7 +23,7 @@ import grpc
 
 from adapter_fusion.client import Client
 from adapter_fusion.engines.builtin import Limits
-from server.app import ServerConfig
+from adapter_fusion.server.app import ServerConfig
 
 from .conftest import (
     NOT_SERVING,

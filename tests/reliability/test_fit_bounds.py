@@ -21,7 +21,7 @@ import pytest
 from adapter_fusion.client import Client, make_recipe
 from adapter_fusion.data_merge import examples_cost as statistics_examples_cost
 from adapter_fusion.fit_cost import FitBounds
-from adapter_fusion.learned import examples_cost as learned_examples_cost
+from adapter_fusion.coefficient_fit import examples_cost as learned_examples_cost
 from adapter_fusion.models import DEMO_ADAPTERS, default_base
 from tests.reliability.conftest import ServeProcess, compose, load
 

@@ -29,11 +29,11 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from adapter_fusion.engines.builtin import Limits
-from adapter_fusion.merge.registry import METHODS
+from adapter_fusion.merge.methods import METHODS
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
-from server.app import SERVICE_NAME, ServerConfig
-from server.served import ServiceLimits
+from adapter_fusion.server.app import SERVICE_NAME, ServerConfig
+from adapter_fusion.server.served import ServiceLimits
 
 from .conftest import FIGURES, SERVING, bump, code_of, health_status, serving, wait_health
 

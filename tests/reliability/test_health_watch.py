@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from adapter_fusion.client import Client
-from server.app import ServerConfig
+from adapter_fusion.server.app import ServerConfig
 
 from .conftest import PROMPT, SERVING, ServeProcess, bump, code_of, greedy, load, serving
 

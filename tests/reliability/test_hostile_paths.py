@@ -22,7 +22,7 @@ import pytest
 from adapter_fusion.adapters import load_adapter
 from adapter_fusion.atomic import MARKER, atomic_directory, is_ours
 from adapter_fusion.client import Client
-from server.app import ServerConfig
+from adapter_fusion.server.app import ServerConfig
 
 from .conftest import SERVING, bake, bump, code_of, export, health_status, load, serving
 

@@ -45,7 +45,7 @@ import grpc
 from adapter_fusion.adapters import load_adapter
 from adapter_fusion.atomic import is_ours
 from adapter_fusion.client import Client, make_recipe
-from server.store import QUARANTINE
+from adapter_fusion.server.store import QUARANTINE
 
 from .conftest import FIGURES, ForkedServe, ServeProcess, Zygote, bake, compose, export, greedy, listing, load, unload
 

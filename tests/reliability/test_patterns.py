@@ -15,7 +15,7 @@ import pytest
 
 from adapter_fusion.client import Client
 from adapter_fusion.patterns import PatternBounds
-from server.app import ServerConfig
+from adapter_fusion.server.app import ServerConfig
 
 from .conftest import SERVING, bump, code_of, greedy, health_status, listing, load, serving
 

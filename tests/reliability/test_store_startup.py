@@ -12,8 +12,8 @@ import pytest
 from adapter_fusion.adapters import CONFIG_NAME, load_adapter
 from adapter_fusion.client import Client
 from adapter_fusion.entries import AdapterInfo
-from server.app import ServerConfig
-from server.store import META, QUARANTINE, AdapterStore
+from adapter_fusion.server.app import ServerConfig
+from adapter_fusion.server.store import META, QUARANTINE, AdapterStore
 
 from .conftest import greedy, listing, serving
 

@@ -15,7 +15,7 @@ import grpc
 
 from adapter_fusion.adapters import load_adapter
 from adapter_fusion.client import Client
-from server.app import ServerConfig
+from adapter_fusion.server.app import ServerConfig
 
 from .conftest import bake, bump, code_of, export, load, serving
 from .test_hostile_paths import diff, snapshot

@@ -30,8 +30,8 @@ from adapter_fusion.adapters import Adapter
 from adapter_fusion.entries import AdapterInfo
 from adapter_fusion.names import NAME
 from adapter_fusion.registry import AdapterRegistry
-from server.catalog import LocalCatalog
-from server.store import AdapterStore
+from adapter_fusion.server.catalog import LocalCatalog
+from adapter_fusion.server.store import AdapterStore
 
 LOCKS = ".locks"  # hidden: the store's recovery and listing skip it
 MAINTENANCE = "maintenance"
