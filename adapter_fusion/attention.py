@@ -45,12 +45,15 @@ def decode_attention(
     if query.dtype == torch.float32:
         out = nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scale)
     else:
-        scores = torch.matmul(q, key.transpose(-1, -2)).float().mul_(scale)  # (batch, kv_heads, group, L)
+        # keys times queries, not queries times transposed keys: the cache view is then read row by
+        # row (a transposed operand made bfloat16's matmul copy it first: 8x slower at L = 512)
+        scores = torch.matmul(key, q.transpose(-1, -2)).float().mul_(scale)  # (batch, kv_heads, L, group)
         if attention_mask is not None and attention_mask.dtype == torch.bool:
-            scores.masked_fill_(~attention_mask, float("-inf"))
+            scores.masked_fill_(~attention_mask.transpose(-1, -2), float("-inf"))
         elif attention_mask is not None:
-            scores += attention_mask
-        out = torch.matmul(scores.softmax(-1).to(value.dtype), value)  # (batch, kv_heads, group, dim)
+            scores += attention_mask.transpose(-1, -2)
+        probs = scores.softmax(-2).to(value.dtype).transpose(-1, -2)  # (batch, kv_heads, group, L)
+        out = torch.matmul(probs, value)  # (batch, kv_heads, group, dim)
     return out.reshape(batch, 1, heads, dim), None
 
 
