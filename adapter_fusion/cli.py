@@ -21,6 +21,11 @@ DEFAULT_RECIPE = Path(__file__).parent / "default_recipe.yaml"
 # where the base model runs (checked by `models.resolve_device` / `resolve_dtype` before loading)
 DeviceOption = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or mps; default: cuda if available, else cpu")]
 DtypeOption = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16; default: bfloat16 on cuda, else float32")]
+ServeDtypeOption = Annotated[
+    str | None, typer.Option(help="float32, bfloat16 or float16; default: bfloat16 on cuda and on CPUs with AVX512-BF16 or AMX, else float32")
+]
+
+
 class EngineName(str, Enum):
     builtin = "builtin"
     vllm = "vllm"
@@ -306,7 +311,7 @@ def serve(
     max_model_len: MaxModelLenOption = None,
     tensor_parallel_size: TensorParallelOption = 1,
     device: DeviceOption = None,
-    dtype: DtypeOption = None,
+    dtype: ServeDtypeOption = None,
 ) -> None:
     """Serve the gRPC API: one base model, hot-loaded and composed adapters, mixed batches, on our
     engine or on vLLM (--engine vllm)."""
@@ -314,7 +319,7 @@ def serve(
     import logging
 
     from adapter_fusion.engines.builtin import Limits
-    from adapter_fusion.models import DEMO_ADAPTERS, cache_dir, default_base, resolve_device, resolve_dtype
+    from adapter_fusion.models import DEMO_ADAPTERS, cache_dir, default_base, resolve_device, resolve_dtype, serving_dtype
     from adapter_fusion.server.app import ServerConfig, serve as run_server
     from adapter_fusion.server.served import ServiceLimits
     from adapter_fusion.server.connections import ConnectionLimits
@@ -324,6 +329,7 @@ def serve(
         _fail(typer.BadParameter("give both --tls-cert and --tls-key"))
     demo = sorted(p for p in DEMO_ADAPTERS.glob("*") if (p / "adapter_config.json").is_file())
     try:
+        dtype = dtype or serving_dtype(device)
         resolve_dtype(dtype, resolve_device(device))  # a bad --device or --dtype refused before the store and the model load
         config = ServerConfig(
             base_dir=base or default_base(),

@@ -150,8 +150,9 @@ class Decoder:
         emitted: list[tuple[Request, int]] = []
         keep: list[int] = []
         tokenizer = self.runtime.tokenizer
-        # greedy rows' tokens: one device sync per step, not one per row
-        best = self.logits.argmax(-1).tolist() if self.active else []
+        # greedy rows' tokens: one device sync per step, not one per row; the argmax in float32
+        # (exact for any dtype), whose CPU kernel is 4x faster than bfloat16's
+        best = self.logits.float().argmax(-1).tolist() if self.active else []
         for b, request in enumerate(self.active):
             if request.cancelled:
                 request.finish_reason = "cancelled"

@@ -25,8 +25,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
+
+from adapter_fusion import packed_linear
 
 
 GROUPED_SLOTS = 1  # a decode step routed to at most this many slots runs slot by slot; measured by bench/serve.py (CPU: dense from 2 slots)
@@ -74,6 +77,13 @@ class MultiLoraLinear(nn.Module):
         # (end - start,) over the routed span: this layer's own factor per column, on top of the
         # routing's per-row weights (learned per-module coefficients); None: 1. Set by `scale_columns`
         self.column_scale: Tensor | None = None
+        self.packed: Tensor | None = None  # the base weight prepacked for oneDNN (`pack`), used without autograd
+
+    def pack(self) -> None:
+        """Keep a oneDNN-packed copy of the base weight for forwards without autograd, if this CPU
+        and dtype allow (`adapter_fusion.packed_linear`)."""
+        weight = self.base.weight.T if isinstance(self.base, Conv1D) else self.base.weight  # (out, in)
+        self.packed = packed_linear.pack(weight) if packed_linear.packable(weight) else None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -83,7 +93,8 @@ class MultiLoraLinear(nn.Module):
         return self.base.out_features, self.base.in_features
 
     def forward(self, x: Tensor) -> Tensor:  # x (batch, seq, in)
-        y = self.base(x)  # a fresh tensor: the deltas are added into it in place
+        # a fresh tensor either way: the deltas are added into it in place
+        y = self.base(x) if self.packed is None or torch.is_grad_enabled() else packed_linear.linear(x, self.packed, self.base.bias)
         routing = self.routing
         if routing is None or self.holds.isdisjoint(routing.slots):
             return y

@@ -12,9 +12,11 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from adapter_fusion.adapters import Adapter
+from adapter_fusion.attention import use_decode_attention
 from adapter_fusion.encoding import Encoder
 from adapter_fusion.lora_layers import inject, route, scale_columns
 from adapter_fusion.models import resolve_device, resolve_dtype
+from adapter_fusion.packed_linear import pack_head
 from adapter_fusion.slots import Route, SlotBank, routes_of
 from adapter_fusion.targets import check_targets
 
@@ -46,6 +48,10 @@ class Runtime:
         # never trained: gradients (learned coefficients) reach only the column scales
         self.model = model_class.from_pretrained(self.base_dir, dtype=self.dtype).to(self.device).eval().requires_grad_(False)
         self.layers = inject(self.model, None if targets is None else list(targets))
+        for layer in self.layers.values():
+            layer.pack()
+        pack_head(self.model)
+        use_decode_attention(self.model)
         self.slots = SlotBank(self.layers, self.device, self.dtype, slot_columns)
         self.shapes = {path: layer.shape for path, layer in self.layers.items()}
         self.stop_ids, self.pad_id, self.end_of_turn = self.encoder.stop_ids, self.encoder.pad_id, self.encoder.end_of_turn

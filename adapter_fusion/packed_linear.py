@@ -1,0 +1,59 @@
+"""Base projection weights reordered once into oneDNN's blocked layout, for inference on the CPU.
+
+A decode step multiplies a few rows by every weight of the model once: its time is the time to
+stream the weights from memory. `F.linear` reads a plain (out, in) weight through MKL; oneDNN's
+prepacked layout (what inductor's CPU freezing and vLLM's CPU backend use) reads the same bytes
+in the order its kernel consumes them, and uses AVX512-BF16/AMX instructions for bfloat16.
+Measured here (2 cores, SmolLM2's 1536x576 projection, 30 distinct weights, 16 rows): float32
+1.6x and bfloat16 1.65x faster than `F.linear`, a 512-row prefill 1.1x faster.
+
+The packed copy is used only where no gradient is recorded (decoding, scoring without autograd):
+it has no backward, so a differentiable forward (learned coefficients) reads the plain weight. It
+is a copy: the plain weight stays for autograd, tied embeddings and anything reading `.weight`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+BATCH_HINT = 16  # the row count oneDNN chooses its blocking for; any count runs, 1 to 512 measured alike
+
+_PACKED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def packable(weight: Tensor) -> bool:
+    """Whether oneDNN can prepack this (out, in) weight here: a CPU tensor of float32 or bfloat16."""
+    return weight.device.type == "cpu" and weight.dtype in _PACKED_DTYPES and torch.backends.mkldnn.is_available()
+
+
+def pack(weight: Tensor) -> Tensor:
+    """`weight` (out, in) as an opaque oneDNN tensor for `linear`."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), BATCH_HINT)
+
+
+def linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:  # x (..., in) -> (..., out)
+    """x Wᵀ + b with a weight from `pack`: a fresh, plain tensor."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class PackedHead:
+    """The output head's forward with a packed copy of its weight, used where no gradient is
+    recorded. The head stays the same module (its weight tied to the embeddings, its hooks and
+    `get_output_embeddings` unchanged): only its forward is this object's."""
+
+    def __init__(self, head: nn.Linear) -> None:
+        self.head = head
+        self.packed = pack(head.weight)
+
+    def __call__(self, x: Tensor) -> Tensor:  # x (..., d) -> (..., vocab)
+        if torch.is_grad_enabled() or x.dtype != self.head.weight.dtype:
+            return nn.functional.linear(x, self.head.weight, self.head.bias)
+        return linear(x, self.packed, self.head.bias)
+
+
+def pack_head(model: nn.Module) -> None:
+    """Give the model's output head a packed forward, where it is a plain CPU Linear oneDNN takes."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is nn.Linear and packable(head.weight):
+        head.forward = PackedHead(head)  # an instance attribute: nn.Module.__call__ (and its hooks) stay

@@ -1,0 +1,97 @@
+"""The decode step's own kernels: one-query attention over grouped heads equals transformers' SDPA
+with repeated key/value heads, and a runtime whose projections and head read oneDNN-packed
+weights decodes the tokens and logits the plain model gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from adapter_fusion import load_adapter
+from adapter_fusion.attention import NAME, decode_attention
+from adapter_fusion.runtime import Runtime
+
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}
+
+
+class _Heads(torch.nn.Module):
+    """What transformers' attention functions read off a Llama attention module."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.num_key_value_groups, self.is_causal, self.training = groups, True, False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [True, False])
+def test_one_query_attention_equals_sdpa_over_repeated_heads(dtype: torch.dtype, masked: bool) -> None:
+    """Against float32 SDPA on the same (dtype-rounded) inputs. Rounding model: the scores s, the
+    probabilities and the mix are each rounded once to the dtype (|Δp|/p <= u|s| + u, so the
+    output moves by at most (u·max|s| + 2u)·max|v|), and every float32 sum of length n adds n
+    roundings of 2^-24 (scores: dim, mix: length)."""
+    batch, heads, kv_heads, length, dim = 5, 9, 3, 37, 64
+    g = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(batch, h, n, dim, generator=g).to(dtype).float() for h, n in ((heads, 1), (kv_heads, length), (kv_heads, length)))
+    mask = torch.ones(batch, 1, 1, length, dtype=torch.bool)
+    mask[1, ..., :7] = mask[3, ..., :30] = False  # left padding of two rows
+    mask = mask if masked else None
+    module = _Heads(heads // kv_heads)
+    want, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=dim**-0.5)  # (batch, 1, heads, dim)
+    got, _ = decode_attention(module, query.to(dtype), key.to(dtype), value.to(dtype), mask, scaling=dim**-0.5)
+    assert got.shape == want.shape == (batch, 1, heads, dim) and got.dtype == dtype
+    scores = (query @ key.repeat_interleave(heads // kv_heads, 1).transpose(-1, -2)).abs().max() * dim**-0.5
+    u = UNIT_ROUNDOFF[dtype]
+    bound = ((u * (scores + 2) if dtype != torch.float32 else 0) + (dim + length + scores + 2) * UNIT_ROUNDOFF[torch.float32]) * value.abs().max()
+    assert (got.float() - want).abs().max() <= bound
+
+
+def test_prefill_and_longer_queries_are_transformers_sdpa() -> None:
+    query, key = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 3, 8)
+    module = _Heads(2)
+    want, _ = sdpa_attention_forward(module, query, key, key, None, scaling=0.5)
+    got, _ = decode_attention(module, query, key, key, None, scaling=0.5)
+    assert torch.equal(got, want)
+
+
+def _plain(runtime: Runtime) -> None:
+    """Back to transformers' own path: plain weights, SDPA attention."""
+    for layer in runtime.layers.values():
+        layer.packed = None
+    head = runtime.model.get_output_embeddings()
+    del head.forward
+    runtime.model.set_attn_implementation("sdpa")
+
+
+def test_packed_runtime_decodes_as_the_plain_model(tiny_chat_base: Path, tiny_adapters: list[Path]) -> None:
+    packed, plain = Runtime(tiny_chat_base), Runtime(tiny_chat_base)
+    _plain(plain)
+    assert packed.model.config._attn_implementation == NAME and plain.model.config._attn_implementation == "sdpa"
+    if torch.backends.mkldnn.is_available():
+        assert all(layer.packed is not None for layer in packed.layers.values())
+    adapters = [load_adapter(p) for p in tiny_adapters[2:]]  # rank 8 on every target, rank 4 on q and v
+    for runtime in (packed, plain):
+        runtime.set_slots([[a] for a in adapters])
+    prompts = [packed.chat_ids(m) for m in ("Name three rivers.", "Hi", "Count to five, slowly please.")]
+    rows = [1, 0, 2]
+    assert packed.greedy(prompts, rows, 24) == plain.greedy(prompts, rows, 24)
+    with torch.no_grad(), packed.routed(rows):
+        ids = torch.tensor([p[:3] for p in prompts])
+        packed_logits = packed.model(ids).logits
+    with torch.no_grad(), plain.routed(rows):
+        plain_logits = plain.model(ids).logits
+    torch.testing.assert_close(packed_logits, plain_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_differentiable_forward_reads_the_plain_weights(tiny_chat_base: Path, tiny_adapters: list[Path]) -> None:
+    """The packed copy has no backward: a forward that records gradients must not use it."""
+    runtime = Runtime(tiny_chat_base)
+    runtime.set_slots([[load_adapter(tiny_adapters[2])]])
+    path = next(iter(runtime.layers))
+    scale = torch.ones(8, requires_grad=True)
+    with runtime.scaled({path: scale}):
+        nll = runtime.target_nll([[5, 6, 7]], [[8, 9]], [1], differentiable=True)
+    nll.sum().backward()
+    assert scale.grad is not None and scale.grad.abs().sum() > 0
