@@ -6,6 +6,7 @@
   adapters mixed (LoRARequests), each dtype in its own process (`bench/vllm_offline.py`), and the
   ratios ours / vLLM;
   (a) ours through gRPC: 16 concurrent clients over 8 adapters, and the same clients on the base;
+  (e) the same clients through our gRPC server on `--engine vllm`, against vLLM offline (float32);
   (b) a naive gRPC server that serves requests one by one with peft `set_adapter` + `generate`;
   (c) peft's mixed-batch `generate(adapter_names=...)` on the same requests (no server).
 
@@ -131,14 +132,14 @@ def composition_latency(client: Client, four: list[str]) -> None:
 
 
 @contextmanager
-def serve_process(base: Path, root: Path, preload: list[Path], log: Path) -> Iterator[str]:
+def serve_process(base: Path, root: Path, preload: list[Path], log: Path, extra: tuple[str, ...] = ()) -> Iterator[str]:
     """`adapter-fusion serve` in its own process, as deployed: its engine thread does not share
     a GIL with the 16 client threads of this bench. Yields its address once health says SERVING."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     args = ["serve", "--base", str(base), "--port", str(port), "--store", str(root / "store"), "--max-batch", "64", "--dtype", "float32"]
-    args += [a for r in (DEMO_ADAPTERS, root) for a in ("--adapter-root", str(r))] + [a for p in preload for a in ("--preload", str(p))]
+    args += [a for r in (DEMO_ADAPTERS, root) for a in ("--adapter-root", str(r))] + [a for p in preload for a in ("--preload", str(p))] + list(extra)
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-m", "adapter_fusion.cli", *args], stdout=out, stderr=subprocess.STDOUT)
     address = f"127.0.0.1:{port}"
@@ -218,6 +219,22 @@ def print_versus(ours: dict, vllm: dict, k: int) -> None:
         print(f"    ours / vLLM, {dtype:8}: base {ours[dtype, 0] / theirs['base']:.2f}x, {k} adapters mixed {ours[dtype, k] / theirs['mixed']:.2f}x", flush=True)
 
 
+def on_vllm(base: Path, root: Path, dirs: list[Path], jobs, offline: dict, args) -> None:
+    """(e) our gRPC server on `--engine vllm` (float32), the same 16 clients, against vLLM offline on
+    the same batch: what our API costs on vLLM. The server (and its vLLM engine) ends before returning."""
+    extra = ("--engine", "vllm", "--max-loras", str(len(dirs)), "--max-lora-rank", "8")
+    with serve_process(base, root, dirs, root / "serve-vllm.log", extra) as address:
+        drive(address, jobs[: len(dirs)], 4)  # warm up: every adapter loaded into vLLM before the timed rounds
+        mixed = plain = 0.0
+        for _ in range(args.rounds):
+            seconds, count, ttft = drive(address, jobs, args.tokens)
+            mixed = max(mixed, count / seconds)
+            seconds, count, _ = drive(address, [(m, None) for m, _ in jobs], args.tokens)
+            plain = max(plain, count / seconds)
+    print(f"(e) ours, gRPC on --engine vllm, float32, {len(dirs)} adapters {mixed:7.1f} tok/s = {mixed / offline['mixed']:.2f}x vLLM offline; "
+          f"base model {plain:7.1f} tok/s = {plain / offline['base']:.2f}x vLLM offline; TTFT p50 {percentile(ttft, .5):.2f} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16)
@@ -237,8 +254,12 @@ def main() -> None:
         jobs = workload(args.clients, names)
         print(f"SmolLM2-135M, {len(dirs)} near-base rank-8 adapters (all 7 projections), {args.clients} requests x {args.tokens} tokens, greedy, {torch.get_num_threads()} threads")
         rates, prompts = in_process_rates(base, dirs, jobs, tokenizer, args)
+        vllm = {}
         if not args.no_vllm and importlib.util.find_spec("vllm") is not None:
-            print_versus(rates, vllm_rates(base, dirs, prompts, root, args), len(dirs))
+            vllm = vllm_rates(base, dirs, prompts, root, args)
+            print_versus(rates, vllm, len(dirs))
+        if "float32" in vllm:
+            on_vllm(base, root, dirs, jobs, vllm["float32"], args)
 
         # (a) ours through gRPC, the server in its own process, float32 (the in-process figure it is compared with)
         demo = [DEMO_ADAPTERS / n for n in ("uppercase", "reverse_words", "count_words", "caesar")]
