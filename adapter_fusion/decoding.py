@@ -192,3 +192,14 @@ class Decoder:
             self.logits = self._forward(ids, self.mask, positions, [r.route for r in self.active], self.cache)
         else:
             self._reset()
+
+
+@torch.no_grad()
+def greedy(runtime: Runtime, prompts: Sequence[list[int]], rows: Sequence[Route], max_new_tokens: int) -> list[list[int]]:
+    """Batched greedy completion on `runtime` (stops at end-of-turn); a convenience over `Decoder`."""
+    decoder = Decoder(runtime)
+    requests = [Request(prompt_ids=list(p), route=s, max_new_tokens=max_new_tokens) for p, s in zip(prompts, rows)]
+    decoder.admit(requests)
+    while decoder.active:
+        decoder.step()
+    return [r.output_ids for r in requests]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from adapter_fusion.adapters import Adapter
 from adapter_fusion.runtime import Runtime
 from adapter_fusion.tasks import Example, examples, user_message
+from adapter_fusion.decoding import greedy
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def evaluate(
         chunk = slice(start, start + batch_size)
         batch_rows = [r.slot for r in rows[chunk]]
         longest = max(len(t) for t in targets[chunk])
-        outputs = runtime.greedy(prompts[chunk], batch_rows, max_new_tokens=longest + 4)
+        outputs = greedy(runtime, prompts[chunk], batch_rows, max_new_tokens=longest + 4)
         texts += [runtime.tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
         nll += runtime.target_nll(prompts[chunk], targets[chunk], batch_rows).tolist()
         if on_batch is not None:

@@ -135,18 +135,6 @@ class Runtime:
             out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), decoder_input_ids=decoder_ids, use_cache=False)
         return _summed_nll(out.logits, labels)
 
-    @torch.no_grad()
-    def greedy(self, prompts: Sequence[list[int]], rows: Sequence[Route], max_new_tokens: int) -> list[list[int]]:
-        """Batched greedy completion (stops at end-of-turn); a convenience over `Decoder`."""
-        from adapter_fusion.decoding import Decoder, Request  # decoding builds on this module
-
-        decoder = Decoder(self)
-        requests = [Request(prompt_ids=list(p), route=s, max_new_tokens=max_new_tokens) for p, s in zip(prompts, rows)]
-        decoder.admit(requests)
-        while decoder.active:
-            decoder.step()
-        return [r.output_ids for r in requests]
-
 
 def _summed_nll(logits: Tensor, labels: Tensor) -> Tensor:  # logits (batch, P, vocab), labels (batch, P) -> (batch,)
     """Summed cross-entropy of each row's labels, positions labelled -100 skipped; float32, CPU."""

@@ -20,14 +20,14 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from adapter_fusion.decoding import Decoder, Request
+from adapter_fusion.decoding import greedy, Decoder, Request
 from adapter_fusion.models import default_base
 from adapter_fusion.runtime import Runtime
 
 
 def ours(runtime: Runtime, prompts: list[list[int]], tokens: int) -> float:
     start = time.perf_counter()
-    out = runtime.greedy(prompts, [0] * len(prompts), tokens)
+    out = greedy(runtime, prompts, [0] * len(prompts), tokens)
     assert all(len(o) == tokens for o in out)
     return sum(map(len, out)) / (time.perf_counter() - start)
 

@@ -46,6 +46,7 @@ from adapter_fusion.client import Client, make_recipe
 from adapter_fusion.lora_layers import GROUPED_SLOTS
 from adapter_fusion.models import DEMO_ADAPTERS, default_base
 from adapter_fusion.runtime import Runtime
+from adapter_fusion.decoding import greedy
 from serve_peers import base_generate, drive, naive_and_peft, percentile
 
 DTYPES = ("float32", "bfloat16")
@@ -81,7 +82,7 @@ def workload(n: int, names: list[str]) -> list[tuple[str, str]]:
 def in_process(runtime: Runtime, prompts: list[list[int]], rows: list[int], tokens: int) -> tuple[float, int]:
     """Our decoder on one batch, no server: (seconds, tokens written)."""
     start = time.perf_counter()
-    out = runtime.greedy(prompts, rows, tokens)
+    out = greedy(runtime, prompts, rows, tokens)
     return time.perf_counter() - start, sum(min(len(o) + 1, tokens) for o in out)  # + its end-of-turn, as `generated` counts
 
 

@@ -13,6 +13,7 @@ import torch
 from adapter_fusion import load_adapter, merge
 from adapter_fusion.models import LLAMA_TARGETS, default_base, tiny_llama
 from adapter_fusion.runtime import Runtime
+from adapter_fusion.decoding import greedy
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +94,7 @@ def planted(smollm2: Path, tmp_path_factory: pytest.TempPathFactory):
     rng = random.Random(0)
     words = "apple river stone cloud green music paper light table window garden silver".split()
     inputs = [" ".join(rng.sample(words, 4)) for _ in range(12)]
-    outputs = runtime.greedy([runtime.text_ids(x) for x in inputs], [1] * len(inputs), 6)
+    outputs = greedy(runtime, [runtime.text_ids(x) for x in inputs], [1] * len(inputs), 6)
     examples = [(x, runtime.tokenizer.decode(o)) for x, o in zip(inputs, outputs)]
     return runtime, adapters, examples
 

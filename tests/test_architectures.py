@@ -17,6 +17,7 @@ from adapter_fusion import load_adapter, lora_layers
 from adapter_fusion.errors import IncompatibleAdaptersError
 from adapter_fusion.models import LLAMA_TARGETS, tiny_causal_lm
 from adapter_fusion.runtime import Runtime
+from adapter_fusion.decoding import greedy
 from tests.conftest import write_peft_adapter
 from tests.test_runtime_device import LogitBound, decided_steps, head_io
 
@@ -101,7 +102,7 @@ def test_greedy_equals_peft_generate(architecture: tuple[Path, list[Path]]) -> N
     runtime = Runtime(base)
     runtime.set_slots([[load_adapter(d)] for d in adapter_dirs])
     prompts = [runtime.chat_ids(m) for m in ("Name three rivers.", "Hi", "Spell 'cat' backwards, please.")]  # unequal: left padding
-    ours = runtime.greedy(prompts, ROWS, 8)
+    ours = greedy(runtime, prompts, ROWS, 8)
     checked = 0
     for prompt, slot, got in zip(prompts, ROWS, ours):
         model = reference(base, adapter_dirs[slot - 1] if slot else None)

@@ -28,6 +28,7 @@ from adapter_fusion.models import DEMO_ADAPTERS
 from adapter_fusion.runtime import Runtime
 from adapter_fusion.server.app import BackgroundServer, ServerConfig
 from adapter_fusion.server.inference import MIX_ERROR_KEY
+from adapter_fusion.decoding import greedy
 from tests.numerics import logits_bound
 
 VLLM = importlib.util.find_spec("vllm") is not None
@@ -54,7 +55,7 @@ def reference(smollm2: Path) -> dict:
     adapters = [load_adapter(DEMO_ADAPTERS / name) for name in EIGHT]
     runtime.set_slots([[a] for a in adapters])
     prompts = [runtime.chat_ids(PROMPTS[i % len(PROMPTS)]) for i in range(len(EIGHT))]
-    tokens = runtime.greedy(prompts, list(range(1, len(EIGHT) + 1)), TOKENS)
+    tokens = greedy(runtime, prompts, list(range(1, len(EIGHT) + 1)), TOKENS)
     texts = {name: runtime.tokenizer.decode(ids, skip_special_tokens=True) for name, ids in zip(EIGHT, tokens)}
     examples = [(PROMPTS[1], "GUITAR RIVER ORANGE"), (PROMPTS[2], "candle friend wagon rabbit")]
     slot = EIGHT.index("uppercase") + 1

@@ -13,6 +13,7 @@ from transformers.cache_utils import DynamicCache
 
 from adapter_fusion.kv_cache import MIN_CAPACITY, GrowingCache, left_pad
 from adapter_fusion.runtime import Runtime
+from adapter_fusion.decoding import greedy
 from tests.test_architectures import normwise
 from tests.test_runtime_device import decided_steps
 
@@ -92,7 +93,7 @@ def test_a_long_generation_is_the_base_models_greedy(tiny_chat_base: Path) -> No
     runtime = Runtime(tiny_chat_base)
     prompts = [runtime.chat_ids(m) for m in ("Name three rivers.", "Hi")]
     tokens = 3 * MIN_CAPACITY
-    ours = runtime.greedy(prompts, [0, 0], tokens)
+    ours = greedy(runtime, prompts, [0, 0], tokens)
     width = max(map(len, prompts))  # both rows, left-padded, prefilled together
     first_regrowth = max(2 * width, MIN_CAPACITY)  # the prefill's buffers are full at this length
     model = AutoModelForCausalLM.from_pretrained(tiny_chat_base, dtype=torch.float32).eval()

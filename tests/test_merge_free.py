@@ -17,6 +17,7 @@ from adapter_fusion.engines.builtin import Limits
 from adapter_fusion.merge import merge
 from adapter_fusion.runtime import Runtime
 from adapter_fusion.server.app import BackgroundServer, ServerConfig
+from adapter_fusion.decoding import greedy
 from tests.numerics import EPS32, logits_bound
 
 DEMO = Path(__file__).parent.parent / "examples" / "adapters"
@@ -39,8 +40,8 @@ def test_eight_weightings_in_one_batch_equal_each_merged_adapter(smollm2: Path, 
     runtime.set_slots([[a] for a in sources] + [[m] for m in merged])  # sources in slots 1-3, merged in 4-11
     prompts = [runtime.chat_ids(PROMPTS[i % len(PROMPTS)]) for i in range(len(WEIGHTINGS))]
     mixes = [tuple((slot, (float(w),)) for slot, w in zip((1, 2, 3), weights)) for weights in WEIGHTINGS]
-    mixed = runtime.greedy(prompts, mixes, 12)  # one batch, 8 different weightings
-    alone = [runtime.greedy([p], [slot], 12)[0] for p, slot in zip(prompts, range(4, 12))]
+    mixed = greedy(runtime, prompts, mixes, 12)  # one batch, 8 different weightings
+    alone = [greedy(runtime, [p], [slot], 12)[0] for p, slot in zip(prompts, range(4, 12))]
     assert mixed == alone
     assert len({tuple(t) for t in mixed}) > 2  # the weightings do differ
 

@@ -24,6 +24,7 @@ from adapter_fusion.adapters import Adapter
 from adapter_fusion.lora_layers import MultiLoraLinear, route
 from adapter_fusion.slots import SlotBank, routes_of
 from adapter_fusion.runtime import Runtime
+from adapter_fusion.decoding import greedy
 from tests.conftest import write_peft_adapter
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))]
@@ -116,7 +117,7 @@ def test_bfloat16_decoder_keeps_float32_greedy_tokens_where_rounding_cannot_flip
     assert half.layers["model.layers.0.self_attn.q_proj"].A.device.type == device
     prompts = [reference.chat_ids(m) for m in ("Name three rivers.", "Count to five.", "Spell 'cat' backwards.")]
     rows = [1, 0, 2]  # a mixed batch: adapter, base model, adapter
-    expected, got = reference.greedy(prompts, rows, 12), half.greedy(prompts, rows, 12)
+    expected, got = greedy(reference, prompts, rows, 12), greedy(half, prompts, rows, 12)
     rank = max(d.rank for a in adapters for d in a.modules.values())
 
     def bound(h: Tensor, head: Tensor, z: Tensor, seq: int) -> Tensor:
