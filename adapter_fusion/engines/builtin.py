@@ -27,7 +27,8 @@ from collections.abc import Callable, Hashable
 import torch
 
 from adapter_fusion.decoding import Decoder, Request
-from adapter_fusion.errors import EngineFaultError, InvalidRequestError, RequestCancelledError, ShuttingDownError, UnavailableError, new_error_id
+from adapter_fusion.engines.lifecycle import Lifecycle
+from adapter_fusion.errors import EngineFaultError, InvalidRequestError, RequestCancelledError, ShuttingDownError, new_error_id
 from adapter_fusion.limits import Limits
 from adapter_fusion.entries import Choice, Hold
 from adapter_fusion.registry import AdapterRegistry
@@ -58,11 +59,9 @@ class Engine:
         self.registry = registry or AdapterRegistry(runtime.check, runtime.slot_bytes, limits.memory_budget_bytes, reload)
         self.scheduler = Scheduler(runtime, self.registry, limits)
         self.hooks = self.scheduler.hooks
-        self.on_state = on_state or (lambda state: None)  # "serving", "restarting", "failed", "stopped"
-        self.state = "starting"
         self._wake = self.scheduler.wake
+        self.life = Lifecycle(self._wake, self._run, "adapter-fusion-engine", on_state, failed="down after repeated faults")
         self._faults: deque[float] = deque()
-        self._thread = threading.Thread(target=self._run, name="adapter-fusion-engine", daemon=True)
         self.stats = self.scheduler.stats  # one dict: the scheduler counts tokens and requests, the engine faults
         self.stats["faults"] = 0
 
@@ -150,29 +149,23 @@ class Engine:
         return job
 
     def _check_open(self) -> None:  # lock held
-        if self.state != "serving":
-            reason = {"restarting": "restarting after a fault", "failed": "down after repeated faults"}.get(self.state, self.state)
-            raise (ShuttingDownError if self.state == "stopped" else UnavailableError)(
-                f"the serving engine is {reason}; retry shortly or on another replica"
-            )
+        self.life.check_open()
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
+    @property
+    def state(self) -> str:
+        return self.life.state
+
     def start(self) -> None:
-        self._set_state("serving")
-        self._thread.start()
+        self.life.start()
 
     def stop(self) -> None:
         """Stop the thread; every request still queued or held ends with UNAVAILABLE."""
-        with self._wake:
-            if self.state != "failed":
-                self.state = "stopped"
-            self._wake.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
+        ended = self.life.halt()
         stopped = ShuttingDownError("the server stopped before this request finished; retry on another replica")
-        self.scheduler.fail_held(stopped, include_active=not self._thread.is_alive())
-        self.on_state("stopped")
+        self.scheduler.fail_held(stopped, include_active=ended)
+        self.life.on_state("stopped")
 
     @property
     def queue_depth(self) -> int:
@@ -187,11 +180,7 @@ class Engine:
         return self.scheduler.decoder
 
     def _set_state(self, state: str) -> None:
-        with self._wake:
-            if self.state == "stopped" and state != "stopped":
-                return
-            self.state = state
-        self.on_state(state)
+        self.life.set(state)
 
     # ---- the engine thread -------------------------------------------------------------------
 

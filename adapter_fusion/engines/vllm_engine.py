@@ -28,6 +28,7 @@ import torch
 from adapter_fusion.decoding import Request
 from adapter_fusion.encoding import Encoder
 from adapter_fusion.engines.job_model import JobModel
+from adapter_fusion.engines.lifecycle import Lifecycle
 from adapter_fusion.engines.vllm_loras import Lora, LoraTable
 from adapter_fusion.engines.vllm_scores import ScoreRows, Scoring
 from adapter_fusion.engines.vllm_streams import InFlight, Live, event_of
@@ -35,7 +36,7 @@ from adapter_fusion.engines.vllm_setup import VllmSettings, check_rank, lora_req
 from adapter_fusion.entries import Choice, Hold
 from adapter_fusion.errors import (
     AdapterFusionError, EngineFaultError, InvalidRequestError,
-    RequestCancelledError, ShuttingDownError, UnavailableError, new_error_id,
+    RequestCancelledError, ShuttingDownError, new_error_id,
 )
 from adapter_fusion.limits import Limits
 from adapter_fusion.registry import AdapterRegistry
@@ -68,10 +69,9 @@ class VllmEngine:
         self._dir = tempfile.TemporaryDirectory(prefix="adapter-fusion-vllm-")
         self.loras = LoraTable(Path(self._dir.name), settings.max_lora_rank, settings.max_mixes)
         self.llm = start_vllm(self.base_dir, limits, settings, sorted({p.rsplit(".", 1)[-1] for p in self.shapes}), dtype)
-        self.on_state = on_state or (lambda state: None)
-        self.state = "starting"
         self.stats = {"tokens": 0, "requests": 0, "faults": 0, "batch_size": 0}
         self._wake = threading.Condition()
+        self.life = Lifecycle(self._wake, self._run, "adapter-fusion-vllm", on_state, failed="down after a fault (vLLM's state is unknown)")
         self._inbox: list[Callable[[], None]] = []
         self._live: dict[str, Live] = {}  # vLLM id -> generation (engine thread only)
         self._held: set[Live] = set()  # every generation submitted and not ended
@@ -81,7 +81,6 @@ class VllmEngine:
         self._scores = ScoreRows(self.llm, self._ids, self._end_job, CANCELLED)  # Score jobs, row by row
         self._prepare = ThreadPoolExecutor(2, thread_name_prefix="vllm-prepare")
         self.job_model = JobModel(self.base_dir, device)  # learned fits: a private transformers copy, loaded on first use
-        self._thread = threading.Thread(target=self._run, name="adapter-fusion-vllm", daemon=True)
 
     # ---- adapters ------------------------------------------------------------------------------
 
@@ -97,7 +96,7 @@ class VllmEngine:
 
     def check_room(self, tenant: Hashable = None) -> None:
         with self._wake:
-            self._check_open()
+            self.life.check_open()
             self._in_flight.check(tenant)
 
     def submit(self, request: Request, adapter: Choice | Hold, emit: Callable[[Event], None], tenant: Hashable = None) -> Request:
@@ -105,7 +104,7 @@ class VllmEngine:
         hold = self.registry.held(adapter)
         with self._wake:
             try:
-                self._check_open()
+                self.life.check_open()
                 self._in_flight.check(tenant)
             except AdapterFusionError:
                 if hold is not adapter:  # a hold handed over stays the caller's when refused
@@ -166,35 +165,21 @@ class VllmEngine:
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
+    @property
+    def state(self) -> str:
+        return self.life.state
+
     def start(self) -> None:
-        self._set_state("serving")
-        self._thread.start()
+        self.life.start()
 
     def stop(self) -> None:
-        with self._wake:
-            if self.state != "failed":
-                self.state = "stopped"
-            self._wake.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
+        self.life.halt()
         self._prepare.shutdown(wait=True, cancel_futures=True)
         self.job_model.stop()
         self._end_all(ShuttingDownError("the server stopped before this request finished; retry on another replica"))
         self.llm.engine_core.shutdown()
         self._dir.cleanup()
-        self.on_state("stopped")
-
-    def _set_state(self, state: str) -> None:
-        with self._wake:
-            if self.state == "stopped":
-                return
-            self.state = state
-        self.on_state(state)
-
-    def _check_open(self) -> None:  # lock held
-        if self.state != "serving":
-            reason = {"failed": "down after a fault"}.get(self.state, self.state)
-            raise (ShuttingDownError if self.state == "stopped" else UnavailableError)(f"the serving engine is {reason}; retry on another replica")
+        self.life.on_state("stopped")
 
     # ---- preparing (worker threads) ------------------------------------------------------------
 
@@ -214,7 +199,7 @@ class VllmEngine:
         job = Job(self.registry.held(adapter), [], lambda: None, cancelled, tenant)
         with self._wake:
             try:
-                self._check_open()
+                self.life.check_open()
             except AdapterFusionError:
                 if job.hold is not adapter:
                     self.registry.release(job.hold)
@@ -249,7 +234,7 @@ class VllmEngine:
             error_id = new_error_id()
             log.error("vLLM engine fault (error id %s); ending every request it held", error_id, exc_info=error)
             self.stats["faults"] += 1
-            self._set_state("failed")
+            self.life.set("failed")
             self._end_all(EngineFaultError(error_id))
 
     def _drop_freed(self) -> None:
