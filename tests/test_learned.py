@@ -267,8 +267,8 @@ def test_fit_targets_end_where_the_answer_ends(gentle) -> None:
     template = runtime.tokenizer.chat_template
     try:
         runtime.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
-        assert runtime._end_of_turn() is None
+        assert runtime.encoder._end_of_turn() is None
         runtime.tokenizer.chat_template = "{{ raise_exception('this template takes no assistant turn') }}"
-        assert runtime._end_of_turn() is None
+        assert runtime.encoder._end_of_turn() is None
     finally:
         runtime.tokenizer.chat_template = template
