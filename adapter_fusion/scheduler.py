@@ -20,7 +20,6 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Callable, Hashable
-from concurrent.futures import InvalidStateError
 
 import torch
 
@@ -31,9 +30,8 @@ from adapter_fusion.fair_queue import FairQueue
 from adapter_fusion.limits import Limits
 from adapter_fusion.registry import AdapterRegistry
 from adapter_fusion.runtime import Runtime
-from adapter_fusion.work import Event, Job, Pending
+from adapter_fusion.work import CANCELLED, Event, Job, Pending
 
-CANCELLED = "abandoned: the client cancelled or its deadline passed"
 
 
 class Scheduler:
@@ -100,7 +98,7 @@ class Scheduler:
             pending.emit(Event(error=error) if error is not None else Event(finish_reason="cancelled"))
         for job in jobs:
             job.cancelled.set()
-            _fail(job, error or RequestCancelledError(CANCELLED))
+            job.fail(error or RequestCancelledError(CANCELLED))
             self._let_go(job)
 
     # ---- the engine thread --------------------------------------------------------------------
@@ -190,13 +188,13 @@ class Scheduler:
             except torch.OutOfMemoryError:  # too much work in one piece (e.g. long examples): that job's failure
                 raise LimitExceededError("the device ran out of memory for this work; send fewer or shorter examples") from None
         except AdapterFusionError as error:  # that job's own failure; other exceptions are faults
-            _fail(job, error)
+            job.fail(error)
         if not job.future.done():
             with self.wake:
                 if not job.cancelled.is_set():  # its call may have been cancelled while the piece ran
                     self._jobs.push(job.tenant, job)
                     return
-            _fail(job, RequestCancelledError(CANCELLED))
+            job.fail(RequestCancelledError(CANCELLED))
         self._let_go(job)
 
     def _deliver(self, emitted: list) -> None:
@@ -234,12 +232,3 @@ class Scheduler:
         self.decoder = Decoder(self.runtime)
         self.runtime.slots.clear()
         self.registry.invalidate_slots()
-
-
-def _fail(job: Job, error: Exception) -> None:
-    """Its future gets `error`, unless it already has an outcome (or its caller cancelled it)."""
-    try:
-        if not job.future.done():
-            job.future.set_exception(error)
-    except InvalidStateError:  # cancelled by its caller just now
-        pass

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 from adapter_fusion.entries import Hold
@@ -55,6 +55,8 @@ class Pending:
         return Event(text, ids, r.finish_reason, len(r.prompt_ids), len(r.output_ids))
 
 
+CANCELLED = "abandoned: the client cancelled or its deadline passed"  # what a job or request dropped for its caller is told
+
 Piece = Callable[[object, "Job"], None]  # (route, job): one bounded part of a job's work
 
 
@@ -72,6 +74,14 @@ class Job:
     future: Future = field(default_factory=Future)
     done: int = 0  # pieces run so far
     released: bool = False
+
+    def fail(self, error: Exception) -> None:
+        """Its future gets `error`, unless it already has an outcome (or its caller cancelled it)."""
+        try:
+            if not self.future.done():
+                self.future.set_exception(error)
+        except InvalidStateError:  # cancelled by its caller just now
+            pass
 
 
 def token_chunks(lengths: Sequence[int], budget: int, max_rows: int) -> list[slice]:

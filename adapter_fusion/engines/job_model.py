@@ -40,7 +40,7 @@ class JobModel:
                     self.runtime().set_slots([job.hold.entries[0].sources] if job.hold.entries else [])
                     job.future.set_result(work(1 if job.hold.entries else 0, job))
                 except BaseException as error:  # its caller sees it: the engine goes on
-                    job.future.set_exception(error)
+                    job.fail(error)
             finally:
                 done(job)
 

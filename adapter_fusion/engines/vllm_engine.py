@@ -42,10 +42,9 @@ from adapter_fusion.limits import Limits
 from adapter_fusion.registry import AdapterRegistry
 from adapter_fusion.runtime import Runtime
 from adapter_fusion.targets import check_targets, projection_shapes
-from adapter_fusion.work import Event, Job
+from adapter_fusion.work import CANCELLED, Event, Job
 
 log = logging.getLogger("adapter_fusion.engine")
-CANCELLED = "abandoned: the client cancelled or its deadline passed"
 
 
 class VllmEngine:
@@ -279,17 +278,17 @@ class VllmEngine:
 
     def _end(self, live: Live, event: Event) -> None:
         """Send a request's last event and let go of what it held, once."""
-        if live.ended:
-            return
-        live.ended = True
-        if isinstance(live.request.route, str):
-            self._live.pop(live.request.route, None)
-        with self._wake:
+        with self._wake:  # a preparing thread and the engine thread (a fault) may both end one
+            if live.ended:
+                return
+            live.ended = True
             self._held.discard(live)
             self._in_flight.add(live.tenant, -1)
         if live.lora is not None:
             self.loras.release(live.lora)
         self.registry.release(live.hold)
+        if isinstance(live.request.route, str):
+            self._live.pop(live.request.route, None)
         live.request.finish_reason = event.finish_reason or live.request.finish_reason
         live.emit(event)
 
@@ -299,11 +298,8 @@ class VllmEngine:
                 return
             job.released = True
             self._held_jobs.discard(job)
-        if error is not None and not job.future.done():
-            try:
-                job.future.set_exception(error)
-            except Exception:  # cancelled by its caller meanwhile
-                pass
+        if error is not None:
+            job.fail(error)
         for lora in scoring.loras if scoring is not None else []:
             if lora is not None:
                 self.loras.release(lora)

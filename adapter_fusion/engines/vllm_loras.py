@@ -53,7 +53,6 @@ class LoraTable:
         self._removed: list[int] = []  # LoRA ids to remove from vLLM (engine thread)
         self._serial: weakref.WeakKeyDictionary[Entry, int] = weakref.WeakKeyDictionary()
         self._serials = itertools.count(1)
-        self._serial_lock = threading.Lock()
         self._mix_ids = itertools.count(MIX_IDS)
 
     def for_hold(self, registry: AdapterRegistry, hold: Hold, row_weights: list[float] | None = None) -> Lora | None:
@@ -83,7 +82,7 @@ class LoraTable:
         with self._lock:
             old = self._slots.get(slot)
             if old is not None and old[0] is not entry:  # the slot went to another entry: drop the old LoRA
-                self._forget(old[1], remove=True)
+                self._forget(old[1])
             self._slots[slot] = (entry, lora)
         return lora
 
@@ -117,7 +116,7 @@ class LoraTable:
         with self._lock:
             old = self._slots.pop(slot, None)
             if old is not None:
-                self._forget(old[1], remove=True)
+                self._forget(old[1])
 
     def take_removed(self) -> list[int]:
         with self._lock:
@@ -126,7 +125,7 @@ class LoraTable:
 
     def _serial_of(self, entry: Entry) -> int:
         """A number no other entry ever gets (names are reused; ids of objects are too)."""
-        with self._serial_lock:
+        with self._lock:  # callers hold no lock when they ask
             if entry not in self._serial:
                 self._serial[entry] = next(self._serials)
             return self._serial[entry]
@@ -134,9 +133,9 @@ class LoraTable:
     def _trim(self) -> None:  # lock held
         unused = [key for key, lora in self._mixed.items() if lora.users == 0]
         for key in unused[: max(0, len(self._mixed) - self.max_mixes)]:
-            self._forget(self._mixed.pop(key), remove=True)
+            self._forget(self._mixed.pop(key))
 
-    def _forget(self, lora: Lora, remove: bool) -> None:  # lock held
-        if remove:
-            self._removed.append(lora.lora_id)
+    def _forget(self, lora: Lora) -> None:  # lock held
+        """Out of vLLM (on the engine thread's next round) and off the disk."""
+        self._removed.append(lora.lora_id)
         shutil.rmtree(lora.path, ignore_errors=True)
