@@ -9,12 +9,16 @@ above `MIX_IDS` and the least recently used unused ones leave vLLM past `max_mix
 
 Everything here but `take_removed` runs on the engine's preparing threads (disk and merge work);
 vLLM itself is touched only on the engine thread, which removes what `take_removed` returns.
+A LoRA's dir is removed under the table's lock and never while another thread may hand it out:
+each registered adapter's LoRA is written to a dir of its own (never reused), and a mix being
+built or read is not dropped until its builder has registered it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+from collections import Counter
 import shutil
 import threading
 import weakref
@@ -51,6 +55,8 @@ class LoraTable:
         self._slots: dict[int, tuple[Entry, Lora]] = {}  # slot -> the entry it was written for, its LoRA
         self._mixed: OrderedDict[str, Lora] = OrderedDict()  # mix key -> LoRA, least recently used first
         self._removed: list[int] = []  # LoRA ids to remove from vLLM (engine thread)
+        self._building: Counter[str] = Counter()  # mix key -> threads between its lookup and its registration
+        self._writes = itertools.count()  # each written slot dir gets its own name
         self._serial: weakref.WeakKeyDictionary[Entry, int] = weakref.WeakKeyDictionary()
         self._serials = itertools.count(1)
         self._mix_ids = itertools.count(MIX_IDS)
@@ -74,17 +80,20 @@ class LoraTable:
             if known is not None and known[0] is entry:
                 known[1].users += 1
                 return known[1]
-        path = self.root / "slots" / f"{slot}-{self._serial_of(entry)}"
-        if not path.is_dir():
-            with atomic_directory(path, overwrite=True) as tmp:
-                write_adapter_files(entry.sources[0], tmp)
-        lora = Lora(slot, f"{entry.info.name}@{slot}", path, users=1)
+            path = self.root / "slots" / f"{slot}-{next(self._writes)}"  # its own: removing an old LoRA's dir never touches it
+        with atomic_directory(path) as tmp:
+            write_adapter_files(entry.sources[0], tmp)
         with self._lock:
             old = self._slots.get(slot)
-            if old is not None and old[0] is not entry:  # the slot went to another entry: drop the old LoRA
+            if old is not None and old[0] is entry:  # another thread wrote it meanwhile: use that one
+                shutil.rmtree(path, ignore_errors=True)
+                old[1].users += 1
+                return old[1]
+            if old is not None:  # the slot went to another entry: drop the old LoRA
                 self._forget(old[1])
+            lora = Lora(slot, f"{entry.info.name}@{slot}", path, users=1)
             self._slots[slot] = (entry, lora)
-        return lora
+            return lora
 
     def mix(self, parts: list[tuple[Entry, list[float]]]) -> Lora:
         """The LoRA of Σ weight x source over these entries' sources (each entry with one weight per source)."""
@@ -95,9 +104,16 @@ class LoraTable:
                 self._mixed.move_to_end(key)
                 found.users += 1
                 return found
+            self._building[key] += 1  # its dir is not removed until this thread registers it
         sources: list[tuple[Adapter, float]] = [(a, w) for e, ws in parts for a, w in zip(e.sources, ws)]
-        cached = self.mixes.get(key, lambda: sources)
+        try:
+            cached = self.mixes.get(key, lambda: sources)
+        except BaseException:
+            with self._lock:
+                self._done_building(key)
+            raise
         with self._lock:
+            self._done_building(key)
             found = self._mixed.get(key)  # another thread built the same mix meanwhile
             if found is None:
                 found = Lora(next(self._mix_ids), f"mix-{key[:12]}", cached.path, cached.relative_error)
@@ -114,8 +130,9 @@ class LoraTable:
     def slot_freed(self, slot: int) -> None:
         """The registry freed `slot` (Unload, eviction): its LoRA leaves vLLM."""
         with self._lock:
-            old = self._slots.pop(slot, None)
-            if old is not None:
+            old = self._slots.get(slot)
+            if old is not None and old[1].users == 0:  # in use: a stale notice, its entry is back (no slot a request holds is freed)
+                del self._slots[slot]
                 self._forget(old[1])
 
     def take_removed(self) -> list[int]:
@@ -130,8 +147,13 @@ class LoraTable:
                 self._serial[entry] = next(self._serials)
             return self._serial[entry]
 
+    def _done_building(self, key: str) -> None:  # lock held
+        self._building[key] -= 1
+        if not self._building[key]:
+            del self._building[key]
+
     def _trim(self) -> None:  # lock held
-        unused = [key for key, lora in self._mixed.items() if lora.users == 0]
+        unused = [key for key, lora in self._mixed.items() if lora.users == 0 and key not in self._building]
         for key in unused[: max(0, len(self._mixed) - self.max_mixes)]:
             self._forget(self._mixed.pop(key))
 
