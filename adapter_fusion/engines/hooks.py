@@ -8,11 +8,13 @@ a test may block in one on purpose, to hold the engine at that point while it ac
 
 Phases and their arguments:
   admitted     (requests)       requests joined the batch (their slots ready), before their prefill
-  forward      (kind)           a forward of the batch is about to run: "prefill" or "decode"
+  forward      (kind)           a forward of the batch is about to run: "prefill" or "decode" ("step" on vLLM)
   emitted      (emitted)        one step's tokens ([(request, token)]) were handed to every stream
   slot_written (slot, sources)  a slot's buffers were written (sources empty: the slot was freed)
   fault        (error_id, gave_up)  a fault ended what the engine held; gave_up: no restart follows
   ended        ()               the engine thread returned (stopped or failed): no phase follows
+  preparing    (request)        the vLLM engine is about to prepare a request's LoRA (on a preparing
+                                thread, not the engine thread; the builtin engine has no such phase)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-PHASES = ("admitted", "forward", "emitted", "slot_written", "fault", "ended")
+PHASES = ("admitted", "forward", "emitted", "slot_written", "fault", "ended", "preparing")
 
 Listener = Callable[..., None]
 

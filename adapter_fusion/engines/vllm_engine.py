@@ -4,7 +4,9 @@ vLLM's `LLMEngine` runs in this process (no engine-core child: nothing outlives 
 idle engine does not spin, since nothing steps it), owned by one thread as our builtin engine's
 model is: commands (add, abort, drop a LoRA) reach it through an inbox, and it steps only while
 requests are in flight. Preparing a request's LoRA (writing a PEFT dir, composing a mix) runs on
-preparing threads, off the engine thread and off the event loop (`vllm_loras.LoraTable`).
+preparing threads, off the engine thread and off the event loop (`vllm_loras.LoraTable`), shared
+fairly between tenants (`vllm_prepare.PrepareQueue`). `hooks` fires the builtin engine's phases
+where vLLM has them (admitted, forward) and `preparing` on a preparing thread.
 
 Generation streams vLLM's deltas as our events (stop tokens dropped from the ids, as ours do);
 Score sums vLLM's prompt logprobs over each target; `run` work (learned fits) executes on a private
@@ -20,16 +22,18 @@ import logging
 import tempfile
 import threading
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
 
 from adapter_fusion.decoding import Request
 from adapter_fusion.encoding import Encoder
+from adapter_fusion.engines.hooks import EngineHooks
 from adapter_fusion.engines.job_model import JobModel
 from adapter_fusion.engines.lifecycle import Lifecycle
 from adapter_fusion.engines.vllm_loras import Lora, LoraTable
+from adapter_fusion.engines.vllm_prepare import PrepareQueue
 from adapter_fusion.engines.vllm_scores import ScoreRows, Scoring
 from adapter_fusion.engines.vllm_streams import InFlight, Live, event_of
 from adapter_fusion.engines.vllm_setup import VllmSettings, check_rank, lora_request, sampling_params, start_vllm
@@ -67,9 +71,10 @@ class VllmEngine:
         self.registry = AdapterRegistry(self.check, lambda slots: 0, limits.memory_budget_bytes, reload)
         self._dir = tempfile.TemporaryDirectory(prefix="adapter-fusion-vllm-")
         self.loras = LoraTable(Path(self._dir.name), settings.max_lora_rank, settings.max_mixes)
-        self.llm = start_vllm(self.base_dir, limits, settings, sorted({p.rsplit(".", 1)[-1] for p in self.shapes}), dtype)
+        self.llm = start_vllm(self.base_dir, limits, settings, sorted({p.rsplit(".", 1)[-1] for p in self.shapes}), dtype, device)
         self.stats = {"tokens": 0, "requests": 0, "faults": 0, "batch_size": 0}
         self._wake = threading.Condition()
+        self.hooks = EngineHooks()
         self.life = Lifecycle(self._wake, self._run, "adapter-fusion-vllm", on_state, failed="down after a fault (vLLM's state is unknown)")
         self._inbox: list[Callable[[], None]] = []
         self._live: dict[str, Live] = {}  # vLLM id -> generation (engine thread only)
@@ -78,8 +83,9 @@ class VllmEngine:
         self._in_flight = InFlight(limits)
         self._ids = itertools.count()
         self._scores = ScoreRows(self.llm, self._ids, self._end_job, CANCELLED)  # Score jobs, row by row
-        self._prepare = ThreadPoolExecutor(2, thread_name_prefix="vllm-prepare")
-        self.job_model = JobModel(self.base_dir, device)  # learned fits: a private transformers copy, loaded on first use
+        self._prepare = PrepareQueue(2, "vllm-prepare")
+        # learned fits: a private transformers copy, loaded on first use (cuda:N is the one GPU vLLM left visible)
+        self.job_model = JobModel(self.base_dir, "cuda" if device is not None and device.startswith("cuda:") else device)
 
     # ---- adapters ------------------------------------------------------------------------------
 
@@ -112,7 +118,7 @@ class VllmEngine:
             self._in_flight.add(tenant)
             live = Live(request, hold, emit, tenant)
             self._held.add(live)
-        self._prepare.submit(self._prepared, live)
+        self._prepare.submit(tenant, lambda: self._prepared(live))
         return request
 
     def cancel_request(self, request: Request) -> None:
@@ -128,15 +134,19 @@ class VllmEngine:
 
         def prepare() -> None:
             weights = [None] * len(prompts) if source_weights is None else source_weights.tolist()
+            loras: list[Lora | None] = []
             try:
-                loras = [self._lora_for(job.hold, w) for w in weights]
-            except AdapterFusionError as error:
-                self._end_job(job, error)
+                for w in weights:
+                    loras.append(self._lora_for(job.hold, w))
+            except Exception as error:
+                for lora in filter(None, loras):  # those taken before the failure
+                    self.loras.release(lora)
+                self._end_job(job, self._preparing_failed(error))
                 return
             scoring = Scoring(job, targets, loras)
             self._post(lambda: self._scores.add(scoring, prompts))
 
-        self._prepare.submit(prepare)
+        self._prepare.submit(job.tenant, prepare)
         return job
 
     def run(self, adapter: Choice, work: Callable[[object, Job], object], cancelled: threading.Event | None = None, tenant: Hashable = None) -> Job:
@@ -173,7 +183,7 @@ class VllmEngine:
 
     def stop(self) -> None:
         self.life.halt()
-        self._prepare.shutdown(wait=True, cancel_futures=True)
+        self._prepare.close()
         self.job_model.stop()
         self._end_all(ShuttingDownError("the server stopped before this request finished; retry on another replica"))
         self.llm.engine_core.shutdown()
@@ -185,11 +195,21 @@ class VllmEngine:
     def _prepared(self, live: Live) -> None:
         try:
             if not live.request.cancelled:
+                self.hooks.fire("preparing", live.request)
                 live.lora = self._lora_for(live.hold)
-        except AdapterFusionError as error:  # over budget, a mix too large: that request fails
-            self._end(live, Event(error=error))
+        except Exception as error:  # over budget, a mix too large, a disk error: that request fails
+            self._end(live, Event(error=self._preparing_failed(error)))
             return
         self._post(lambda: self._add(live))
+
+    def _preparing_failed(self, error: Exception) -> AdapterFusionError:
+        """What a request whose LoRA could not be prepared ends with: our errors as they are; anything
+        else (a LoRA dir that cannot be written) logged under an error id, the engine going on."""
+        if isinstance(error, AdapterFusionError):
+            return error
+        error_id = new_error_id()
+        log.error("preparing a request's LoRA failed (error id %s)", error_id, exc_info=error)
+        return EngineFaultError(error_id)
 
     def _new_job(self, adapter: Choice, cancelled: threading.Event | None, tenant: Hashable) -> Job:
         cancelled = cancelled or threading.Event()
@@ -222,10 +242,12 @@ class VllmEngine:
                     if self.state != "serving":
                         return
                     commands, self._inbox = self._inbox, []
+                self._drop_freed()  # first: a LoRA id removed before a command adds a request with it again
                 for command in commands:
                     command()
-                self._drop_freed()
                 if self.llm.has_unfinished_requests():
+                    self.stats["batch_size"] = len(self._live)
+                    self.hooks.fire("forward", "step")
                     for output in self.llm.step():
                         self._deliver(output)
                     self.stats["batch_size"] = len(self._live)
@@ -254,6 +276,7 @@ class VllmEngine:
         live.request.route = rid
         self._live[rid] = live
         self.stats["requests"] += 1
+        self.hooks.fire("admitted", [live.request])
 
     def _deliver(self, output) -> None:
         if output.request_id in self._scores:

@@ -5,13 +5,14 @@ vLLM is imported only here and only when called: the package imports without it.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from adapter_fusion.adapters import Adapter
 from adapter_fusion.decoding import Request
 from adapter_fusion.engines.vllm_loras import Lora
-from adapter_fusion.errors import IncompatibleAdaptersError
+from adapter_fusion.errors import IncompatibleAdaptersError, InvalidRequestError
 from adapter_fusion.limits import Limits
 from adapter_fusion.vllm_env import cpu_environment
 
@@ -39,11 +40,43 @@ def check_rank(adapter: Adapter, settings: VllmSettings) -> None:
         )
 
 
-def start_vllm(base_dir: Path, limits: Limits, settings: VllmSettings, targets: list[str], dtype: str | None):
+def device_environment(device: str | None, tensor_parallel_size: int = 1, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """What vLLM's environment must say for it to run on `--device` (it takes no device argument: it
+    uses its platform's first visible devices). cpu, cuda or none: nothing to set; cuda:N: only that
+    GPU visible (N counts within an existing CUDA_VISIBLE_DEVICES, as torch counts). Anything else
+    is refused with what to do instead."""
+    if device in (None, "cpu", "cuda"):
+        return {}
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or not index.isdigit():
+        raise InvalidRequestError(f"--engine vllm runs on cpu or cuda, not --device {device}")
+    if tensor_parallel_size > 1:
+        raise InvalidRequestError(
+            f"--device {device} names one GPU but --tensor-parallel-size is {tensor_parallel_size}: "
+            "set CUDA_VISIBLE_DEVICES to the GPUs to use and pass --device cuda"
+        )
+    visible = [d.strip() for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()] if "CUDA_VISIBLE_DEVICES" in environ else None
+    if visible is not None and int(index) >= len(visible):
+        raise InvalidRequestError(f"--device {device}: CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']} shows {len(visible)} GPU(s), numbered from 0")
+    return {"CUDA_VISIBLE_DEVICES": visible[int(index)] if visible is not None else index}
+
+
+def start_vllm(base_dir: Path, limits: Limits, settings: VllmSettings, targets: list[str], dtype: str | None, device: str | None = None):
     """vLLM's `LLMEngine` in this process (one process: no engine-core child; several for tensor
-    parallelism), configured for this machine (`vllm_env.cpu_environment`, read by its CPU build only)."""
+    parallelism), configured for this machine (`vllm_env.cpu_environment`, read by its CPU build
+    only) and on `device` (`device_environment`)."""
+    placed = device_environment(device, settings.tensor_parallel_size)
+    if placed and placed["CUDA_VISIBLE_DEVICES"] != os.environ.get("CUDA_VISIBLE_DEVICES"):
+        import torch
+
+        if torch.cuda.is_initialized():  # too late: the visible GPUs are fixed once CUDA starts
+            raise InvalidRequestError(f"CUDA is already in use in this process, so vLLM cannot be moved to --device {device}: start the process with CUDA_VISIBLE_DEVICES={placed['CUDA_VISIBLE_DEVICES']} and --device cuda")
+    os.environ.update(placed)
     for key, value in cpu_environment().items():
         os.environ.setdefault(key, value)
+    # the host owns logging: vLLM's own setup (at its import) runs dictConfig, which closes every handler
+    # of the process (a Ray Serve replica's log file among them); its records go to the root logger instead
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if settings.tensor_parallel_size == 1 else "1")
     from vllm import EngineArgs
     from vllm.v1.engine.llm_engine import LLMEngine

@@ -33,6 +33,7 @@ class InFlight:
     """Generations submitted and not ended, in all and per tenant; the caller holds its lock."""
 
     def __init__(self, limits: Limits) -> None:
+        self.limits = limits
         self.total, self.share = limits.max_queue + limits.max_batch, limits.tenant_queue + limits.tenant_rows
         self._count: Counter = Counter()  # per tenant; None: all
 
@@ -40,7 +41,10 @@ class InFlight:
         if self._count[None] >= self.total:
             raise LimitExceededError(f"the engine is full ({self.total} requests in flight); retry later")
         if tenant is not None and self._count[tenant] >= self.share:
-            raise LimitExceededError(f"this connection already has {self.share} requests in flight, its share; wait for some to finish, then retry")
+            raise LimitExceededError(
+                f"this connection already has {self.share} requests in flight, its share of the queue of {self.limits.max_queue} "
+                f"and the batch of {self.limits.max_batch}; wait for some to finish, then retry"
+            )
 
     def add(self, tenant: Hashable, sign: int = 1) -> None:
         for key in [None, tenant] if tenant is not None else [None]:
