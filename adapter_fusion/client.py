@@ -1,7 +1,7 @@
 """A small typed client over the generated stub (synchronous; one channel per client).
 
 The same client talks to one server and to a cluster (`adapter-fusion cluster`): Generate and
-Score carry the routing key Ray Serve multiplexes on (`adapter_fusion.cluster.routing`); a single
+Score carry the routing key Ray Serve multiplexes on (`adapter_fusion.routing`); a single
 server ignores it."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 
-from adapter_fusion.cluster.routing import APPLICATION_KEY, MULTIPLEXED_KEY, routing_key
+from adapter_fusion.routing import APPLICATION_KEY, MULTIPLEXED_KEY, routing_key
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
 from adapter_fusion.v1 import adapter_fusion_pb2_grpc as pb_grpc
 

@@ -29,7 +29,7 @@ from ray import serve
 from adapter_fusion.adapters import load_adapter
 from adapter_fusion.client import Client
 from adapter_fusion.cluster.launch import ClusterConfig, deploy
-from adapter_fusion.cluster.routing import LOADS_KEY, REPLICA_KEY
+from adapter_fusion.routing import LOADS_KEY, REPLICA_KEY
 from adapter_fusion.engines.builtin import Limits
 from adapter_fusion.models import DEMO_ADAPTERS, default_base
 from adapter_fusion.entries import AdapterInfo

@@ -20,7 +20,7 @@ import grpc
 from ray import serve
 
 from adapter_fusion.cluster.shared_catalog import SharedCatalog
-from adapter_fusion.cluster.routing import RECIPE_PREFIX, adapters_of, routing_key
+from adapter_fusion.routing import RECIPE_PREFIX, adapters_of, routing_key
 from adapter_fusion.cluster.wire import ReplicaTag, RpcFailure
 from adapter_fusion.errors import AdapterFusionError
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb

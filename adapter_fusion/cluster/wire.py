@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adapter_fusion.cluster.routing import LOADS_KEY, REPLICA_KEY
+from adapter_fusion.routing import LOADS_KEY, REPLICA_KEY
 
 
 class RpcFailure(Exception):

@@ -2,7 +2,7 @@
 
 Handlers (any thread) submit generations and jobs (scoring, learned steps), each with an
 optional tenant (whose turn it takes) and cancel event (shared by one call's jobs); the engine
-thread runs the scheduler's rounds (`adapter_fusion.scheduler`: admission, slots, one job piece,
+thread runs the scheduler's rounds (`adapter_fusion.engines.scheduler`: admission, slots, one job piece,
 one decode step each). Names, residency and slot numbers are the registry's (`adapter_fusion.registry`).
 
 Supervision: a typed error (over budget, bad input) ends only its request. Any other exception
@@ -33,7 +33,7 @@ from adapter_fusion.limits import Limits
 from adapter_fusion.entries import Choice, Hold
 from adapter_fusion.registry import AdapterRegistry
 from adapter_fusion.runtime import Runtime
-from adapter_fusion.scheduler import Scheduler
+from adapter_fusion.engines.scheduler import Scheduler
 from adapter_fusion.work import Event, Job, Pending, Piece, token_chunks
 
 __all__ = ["Engine", "Event", "Limits"]

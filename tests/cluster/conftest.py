@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from adapter_fusion.cluster.routing import LOADS_KEY, REPLICA_KEY
+from adapter_fusion.routing import LOADS_KEY, REPLICA_KEY
 from adapter_fusion.client import Client
 from adapter_fusion.engines.builtin import Limits
 from adapter_fusion.server.app import BackgroundServer, ServerConfig
