@@ -17,8 +17,17 @@ import torch
 
 from adapter_fusion.decoding import Request
 from adapter_fusion.entries import Choice, Hold
+from adapter_fusion.errors import InvalidRequestError
 from adapter_fusion.runtime import Runtime
 from adapter_fusion.work import Event, Job
+
+
+def check_examples(prompts: list[list[int]], targets: list[list[int]]) -> None:
+    """What every engine's Score refuses before any work: no examples, a missing target, an empty side."""
+    if not prompts or len(prompts) != len(targets):
+        raise InvalidRequestError(f"scoring needs at least one example, each with a target (got {len(prompts)} inputs, {len(targets)} targets)")
+    if any(not p for p in prompts) or any(not t for t in targets):
+        raise InvalidRequestError("every example needs a non-empty input and target (after tokenising)")
 
 
 class ServingEngine(Protocol):

@@ -28,7 +28,8 @@ import torch
 
 from adapter_fusion.decoding import Decoder, Request
 from adapter_fusion.engines.lifecycle import Lifecycle
-from adapter_fusion.errors import EngineFaultError, InvalidRequestError, RequestCancelledError, ShuttingDownError, new_error_id
+from adapter_fusion.engines.base import check_examples
+from adapter_fusion.errors import EngineFaultError, RequestCancelledError, ShuttingDownError, new_error_id
 from adapter_fusion.limits import Limits
 from adapter_fusion.entries import Choice, Hold
 from adapter_fusion.registry import AdapterRegistry
@@ -105,10 +106,7 @@ class Engine:
         between steps in pieces of at most `max_job_tokens` (rows x padded length) and `max_batch`
         rows; `cancel(job.cancelled)` abandons it at once. `source_weights` (rows, n_sources)
         weights a group's adapters per row. `cancelled`: an event shared by a call's jobs."""
-        if not prompts or len(prompts) != len(targets):
-            raise InvalidRequestError(f"scoring needs at least one example, each with a target (got {len(prompts)} inputs, {len(targets)} targets)")
-        if any(not p for p in prompts) or any(not t for t in targets):
-            raise InvalidRequestError("every example needs a non-empty input and target (after tokenising)")
+        check_examples(prompts, targets)
         out: list[torch.Tensor] = []
 
         def piece(chunk: slice) -> Piece:

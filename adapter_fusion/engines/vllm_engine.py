@@ -29,19 +29,17 @@ import torch
 
 from adapter_fusion.decoding import Request
 from adapter_fusion.encoding import Encoder
+from adapter_fusion.engines.base import check_examples
 from adapter_fusion.engines.hooks import EngineHooks
 from adapter_fusion.engines.job_model import JobModel
 from adapter_fusion.engines.lifecycle import Lifecycle
 from adapter_fusion.engines.vllm_loras import Lora, LoraTable
-from adapter_fusion.engines.vllm_prepare import PrepareQueue
+from adapter_fusion.engines.vllm_prepare import PrepareQueue, preparing_error
 from adapter_fusion.engines.vllm_scores import ScoreRows, Scoring
 from adapter_fusion.engines.vllm_streams import InFlight, Live, event_of
 from adapter_fusion.engines.vllm_setup import VllmSettings, check_rank, lora_request, sampling_params, start_vllm
 from adapter_fusion.entries import Choice, Hold
-from adapter_fusion.errors import (
-    AdapterFusionError, EngineFaultError, InvalidRequestError,
-    RequestCancelledError, ShuttingDownError, new_error_id,
-)
+from adapter_fusion.errors import AdapterFusionError, EngineFaultError, InvalidRequestError, RequestCancelledError, ShuttingDownError, new_error_id
 from adapter_fusion.limits import Limits
 from adapter_fusion.registry import AdapterRegistry
 from adapter_fusion.runtime import Runtime
@@ -126,24 +124,15 @@ class VllmEngine:
         self._post(lambda: self._abort(request))
 
     def score(self, adapter: Choice, prompts, targets, source_weights: torch.Tensor | None = None, cancelled: threading.Event | None = None, tenant: Hashable = None) -> Job:
-        if not prompts or len(prompts) != len(targets):
-            raise InvalidRequestError(f"scoring needs at least one example, each with a target (got {len(prompts)} inputs, {len(targets)} targets)")
-        if any(not p for p in prompts) or any(not t for t in targets):
-            raise InvalidRequestError("every example needs a non-empty input and target (after tokenising)")
+        check_examples(prompts, targets)
         job = self._new_job(adapter, cancelled, tenant)
 
         def prepare() -> None:
             weights = [None] * len(prompts) if source_weights is None else source_weights.tolist()
-            loras: list[Lora | None] = []
             try:
-                for w in weights:
-                    loras.append(self._lora_for(job.hold, w))
+                scoring = Scoring(job, targets, self.loras.for_rows(self.registry, job.hold, weights))
             except Exception as error:
-                for lora in filter(None, loras):  # those taken before the failure
-                    self.loras.release(lora)
-                self._end_job(job, self._preparing_failed(error))
-                return
-            scoring = Scoring(job, targets, loras)
+                return self._end_job(job, preparing_error(error))
             self._post(lambda: self._scores.add(scoring, prompts))
 
         self._prepare.submit(job.tenant, prepare)
@@ -198,18 +187,9 @@ class VllmEngine:
                 self.hooks.fire("preparing", live.request)
                 live.lora = self._lora_for(live.hold)
         except Exception as error:  # over budget, a mix too large, a disk error: that request fails
-            self._end(live, Event(error=self._preparing_failed(error)))
+            self._end(live, Event(error=preparing_error(error)))
             return
         self._post(lambda: self._add(live))
-
-    def _preparing_failed(self, error: Exception) -> AdapterFusionError:
-        """What a request whose LoRA could not be prepared ends with: our errors as they are; anything
-        else (a LoRA dir that cannot be written) logged under an error id, the engine going on."""
-        if isinstance(error, AdapterFusionError):
-            return error
-        error_id = new_error_id()
-        log.error("preparing a request's LoRA failed (error id %s)", error_id, exc_info=error)
-        return EngineFaultError(error_id)
 
     def _new_job(self, adapter: Choice, cancelled: threading.Event | None, tenant: Hashable) -> Job:
         cancelled = cancelled or threading.Event()
@@ -323,9 +303,8 @@ class VllmEngine:
             self._held_jobs.discard(job)
         if error is not None:
             job.fail(error)
-        for lora in scoring.loras if scoring is not None else []:
-            if lora is not None:
-                self.loras.release(lora)
+        for lora in filter(None, scoring.loras if scoring is not None else []):
+            self.loras.release(lora)
         self.registry.release(job.hold)
 
     def _end_all(self, error: Exception) -> None:

@@ -73,6 +73,18 @@ class LoraTable:
             return self.mix([(hold.entries[0], row_weights)])
         return self.mix([(e, [w] * len(e.sources)) for e, w in zip(hold.entries, hold.weights)])
 
+    def for_rows(self, registry: AdapterRegistry, hold: Hold, row_weights: list[list[float] | None]) -> list[Lora | None]:
+        """Each row's LoRA (`for_hold`), all or none: those taken are given back if one fails."""
+        loras: list[Lora | None] = []
+        try:
+            for weights in row_weights:
+                loras.append(self.for_hold(registry, hold, weights))
+        except Exception:
+            for lora in filter(None, loras):
+                self.release(lora)
+            raise
+        return loras
+
     def single(self, slot: int, entry: Entry) -> Lora:
         """The LoRA of a registered adapter in `slot` (the registry made it resident there)."""
         with self._lock:

@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import Callable, Hashable
 
+from adapter_fusion.errors import AdapterFusionError, EngineFaultError, new_error_id
 from adapter_fusion.fair_queue import FairQueue
 
 Work = Callable[[], None]
@@ -69,3 +70,13 @@ class PrepareQueue:
                 with self._wake:
                     self._running.discard(tenant)
                     self._wake.notify_all()  # that tenant's next piece may run now
+
+
+def preparing_error(error: Exception) -> AdapterFusionError:
+    """What a request whose LoRA could not be prepared ends with: our errors as they are; anything
+    else (a LoRA dir that cannot be written) logged under an error id, the engine going on."""
+    if isinstance(error, AdapterFusionError):
+        return error
+    error_id = new_error_id()
+    log.error("preparing a request's LoRA failed (error id %s)", error_id, exc_info=error)
+    return EngineFaultError(error_id)
