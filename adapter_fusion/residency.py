@@ -12,8 +12,8 @@ need when served, from the moment it is pinned: a pin that could never be served
 it is made, not at its first request.
 
 Inline compositions (hidden, never stored, keyed by their recipe's hash): at most `inline_cap`
-of them are kept, least recently used dropped first. Neither rule ever drops an entry a request
-holds: the cap is met again when its last request ends.
+(the service's `inline_cache_size`) of them are kept, least recently used dropped first. Neither
+rule ever drops an entry a request holds: the cap is met again when its last request ends.
 """
 
 from __future__ import annotations
@@ -24,15 +24,13 @@ from adapter_fusion.entries import Entry
 from adapter_fusion.errors import LimitExceededError
 from adapter_fusion.slot_numbers import SlotNumbers, SlotTable
 
-INLINE_CAP = 16  # inline compositions kept until the service sets its own cap
-
 
 class ResidencyPolicy:
     def __init__(self, limit_bytes: int, slot_bytes: Callable[[SlotTable], int], can_reload: bool) -> None:
         self.limit_bytes = limit_bytes
         self.slot_bytes = slot_bytes  # what a slot table costs once stacked into buffers
         self.can_reload = can_reload
-        self.inline_cap = INLINE_CAP
+        self.inline_cap: int | None = None  # set by the service that composes them (its inline_cache_size); None: no cap
 
     def usage(self, entries: Iterable[Entry], slots: SlotNumbers) -> int:
         """Resident factors, plus the slot buffers of every assigned slot and of the slot each
@@ -79,6 +77,8 @@ class ResidencyPolicy:
     def over_inline_cap(self, entries: Iterable[Entry]) -> list[Entry]:
         """The inline compositions to drop so that at most `inline_cap` are kept: least recently
         used first, none that a request holds (fewer, then, until it ends)."""
+        if self.inline_cap is None:
+            return []
         inline = [e for e in entries if e.inline]
         excess = len(inline) - self.inline_cap
         unheld = sorted((e for e in inline if e.refs == 0), key=lambda e: e.last_used)
