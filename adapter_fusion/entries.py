@@ -32,6 +32,7 @@ class Entry:
     sources: list[Adapter] | None  # one adapter, or a group weighted per row; None: evicted
     hidden: bool = False  # inline compositions and search groups: usable, not listed
     persisted: bool = True  # in the store, so it can be evicted and reloaded; else evicting drops it
+    inline: bool = False  # an inline composition (hidden, never stored): counted against the inline cap
     refs: int = 0
     slot: int | None = None
     removed: bool = False

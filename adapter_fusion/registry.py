@@ -5,9 +5,13 @@ Any thread may call it. Its lock guards only bookkeeping and is never held while
 read or slots are written, so a caller on an event loop never waits behind disk or model work.
 
 Residency: an adapter's factors stay in memory while it is pinned, in use, or within the memory
-budget (`adapter_fusion.budget`: least recently used ones are evicted first and reloaded from the
-store on demand). A request holds a reference to the entry it resolved, so unloading or evicting
-never changes what an in-flight request computes: the slot is freed when its last request ends.
+budget; inline compositions, also within their count cap (`adapter_fusion.residency`, the policy:
+least recently used ones are dropped first, stored ones reloaded on demand). Every change to an
+entry (register, unregister, hold, release, reload, evict, an inline composition added or
+dropped, a drop under the budget) is one of this class's methods under its lock. A request holds
+a reference to the entry it resolved, so unloading or evicting never changes what an in-flight
+request computes: the slot is freed when its last request ends, and the policy never drops a held
+entry.
 Under this lock, `adapter_fusion.slot_numbers` keeps the slot numbers; `adapter_fusion.entries`
 says what each name holds.
 """
@@ -19,9 +23,9 @@ import time
 from collections.abc import Callable
 
 from adapter_fusion.adapters import Adapter
-from adapter_fusion.budget import MemoryBudget
 from adapter_fusion.entries import AdapterInfo, Choice, Entry, Hold
 from adapter_fusion.errors import AlreadyExistsError, InvalidRequestError, LimitExceededError, NotFoundError, quoted
+from adapter_fusion.residency import ResidencyPolicy
 from adapter_fusion.slot_numbers import SlotNumbers, SlotTable
 from adapter_fusion.slots import Route
 
@@ -39,8 +43,8 @@ class AdapterRegistry:
         reload: Callable[[str], Adapter] | None = None,
     ) -> None:
         self.check = check  # refuses adapters the model cannot run
-        self.budget = MemoryBudget(budget_bytes, slot_bytes, can_reload=reload is not None)
-        self._reload = reload  # read only here: the budget was told at construction whether it exists
+        self.policy = ResidencyPolicy(budget_bytes, slot_bytes, can_reload=reload is not None)
+        self._reload = reload  # read only here: the policy was told at construction whether it exists
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] = {}
         self._slots = SlotNumbers()
@@ -48,7 +52,7 @@ class AdapterRegistry:
 
     # ---- names --------------------------------------------------------------------------------
 
-    def register(self, adapter: Adapter | None, info: AdapterInfo, hidden: bool = False, persisted: bool = True) -> AdapterInfo:
+    def register(self, adapter: Adapter | None, info: AdapterInfo) -> AdapterInfo:
         """Add a name; the same name from the same source again is a no-op. `adapter=None`
         registers it lazily (read from the store on first use)."""
         if adapter is not None:
@@ -60,9 +64,9 @@ class AdapterRegistry:
                     return current.info
                 raise AlreadyExistsError(f"adapter {quoted(info.name)} already exists from another source; unload it first or pick another name")
             if adapter is None:
-                self._entries[info.name] = Entry(info, None, hidden, persisted)
+                self._entries[info.name] = Entry(info, None)
             else:
-                self._admit(Entry(info, [adapter], hidden, persisted))
+                self._admit(Entry(info, [adapter]))
                 self.stats["loads"] += 1
         return info
 
@@ -79,6 +83,40 @@ class AdapterRegistry:
                 raise AlreadyExistsError(f"adapter {quoted(name)} already exists")
             self._admit(Entry(info, list(adapters), hidden=True, persisted=False))
 
+    def hold_inline(self, name: str) -> Hold | None:
+        """The inline composition registered as `name`, held for one request (and now its most
+        recently used); None if there is none (never composed, or dropped): compose it."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or not entry.inline:
+                return None
+            self._take(entry)
+        return Hold((entry,))
+
+    def add_inline(self, adapter: Adapter, info: AdapterInfo) -> Hold:
+        """Register an inline composition and hold it for the request that composed it, in one
+        step: no budget check or cap can drop it before that request runs. One already registered
+        under the name (composed meanwhile) is held instead. Refused whole if it cannot fit."""
+        self.check(adapter)
+        with self._lock:
+            entry = self._entries.get(info.name)
+            if entry is None:
+                entry = Entry(info, [adapter], hidden=True, persisted=False, inline=True, refs=1)
+                self._admit(entry)
+                self.stats["loads"] += 1
+                self._cap_inline()
+            elif entry.inline:
+                self._take(entry)
+            else:
+                raise AlreadyExistsError(f"adapter {quoted(info.name)} already exists and is not an inline composition")
+        return Hold((entry,))
+
+    def cap_inline(self, count: int) -> None:
+        """Keep at most `count` inline compositions (the service's cap), least recently used dropped."""
+        with self._lock:
+            self.policy.inline_cap = count
+            self._cap_inline()
+
     def unregister(self, name: str) -> None:
         if not self.discard(name):
             raise _not_loaded(name)
@@ -87,12 +125,10 @@ class AdapterRegistry:
         """Unregister `name` if it is registered; whether it was. Requests holding it keep it
         (and its slot) until they end."""
         with self._lock:
-            entry = self._entries.pop(name, None)
+            entry = self._entries.get(name)
             if entry is None:
                 return False
-            entry.removed = True
-            if entry.refs == 0:
-                self._slots.free(entry)
+            self._forget(entry)
             return True
 
     def evict(self, name: str) -> bool:
@@ -101,7 +137,7 @@ class AdapterRegistry:
         Ray Serve routes to it, not more. Whether it was evicted."""
         with self._lock:
             entry = self._entries.get(name)
-            if entry is None or entry.sources is None or not entry.persisted or not self.budget.droppable(entry):
+            if entry is None or entry.sources is None or not entry.persisted or not self.policy.droppable(entry):
                 return False
             self._drop(entry)
             return True
@@ -142,8 +178,7 @@ class AdapterRegistry:
         with self._lock:
             entries = tuple(self._entry(name) for name in names)
             for entry in entries:
-                entry.refs += 1
-                entry.last_used = time.monotonic()
+                self._take(entry)
         return Hold(entries, weights)
 
     def held(self, target: Choice | Hold) -> Hold:
@@ -154,8 +189,11 @@ class AdapterRegistry:
         with self._lock:
             for entry in hold.entries:
                 entry.refs -= 1
+                entry.last_used = time.monotonic()  # used until now
                 if entry.refs == 0 and entry.removed:
                     self._slots.free(entry)
+            if any(entry.inline and entry.refs == 0 for entry in hold.entries):
+                self._cap_inline()  # an inline composition the cap had to keep while held
 
     def route_for(self, hold: Hold) -> Route:
         """The slot (or mix of slots) a held request runs in, each made resident on first use."""
@@ -208,10 +246,14 @@ class AdapterRegistry:
             entry.last_used = time.monotonic()
             return entry.sources
 
+    def _take(self, entry: Entry) -> None:
+        entry.refs += 1
+        entry.last_used = time.monotonic()
+
     def _admit(self, entry: Entry) -> None:
         """Register a resident entry within the memory budget, or refuse it whole (also when it
         could never be served beside the pinned ones)."""
-        self.budget.check_servable(self._entries.values(), entry)
+        self.policy.check_servable(self._entries.values(), entry)
         self._entries[entry.info.name] = entry
         # one with no copy in the store is refused rather than evicted as it arrives (its name would go)
         self._fit(undo=lambda: self._entries.pop(entry.info.name), keep=None if entry.persisted else entry)
@@ -219,16 +261,27 @@ class AdapterRegistry:
     def _fit(self, undo: Callable[[], object], keep: Entry | None = None) -> None:
         """Enforce the budget after a change; if it cannot hold, undo that change and refuse."""
         try:
-            self.budget.enforce(self._entries, self._slots, self._drop, keep)
+            self.policy.enforce(self._entries, self._slots, self._drop, keep)
         except LimitExceededError:
             undo()
             raise
 
+    def _cap_inline(self) -> None:
+        for entry in self.policy.over_inline_cap(self._entries.values()):
+            self._forget(entry)
+
+    def _forget(self, entry: Entry) -> None:
+        """Unregister its name; requests holding it keep it (and its slot) until they end."""
+        del self._entries[entry.info.name]
+        entry.removed = True
+        if entry.refs == 0:
+            self._slots.free(entry)
+
     def _drop(self, entry: Entry) -> None:
-        """Evict its factors (and its slot); a name never stored goes with them (an inline cache recomposes)."""
+        """Evict its factors (and its slot); a name never stored goes with them (an inline
+        composition is composed again on its next request)."""
         entry.sources = None
         self._slots.free(entry)
         if not entry.persisted:
-            del self._entries[entry.info.name]
-            entry.removed = True
+            self._forget(entry)
         self.stats["evictions"] += 1

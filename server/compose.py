@@ -8,8 +8,9 @@ once per hash (concurrent requests for it wait for that one) and cached. Data-aw
 model (on its device) in a worker thread, off the engine thread so streams keep decoding, one
 such composition at a time (each holds that copy); a cancelled call stops at the next example or
 Adam step and registers nothing. Name locks are held only to check and to register, never while
-composing. Inline compositions are cached here, least recently used dropped, and handed to the
-engine held: nothing can drop one between composing it and serving it.
+composing. Inline compositions are kept by the registry (its residency policy drops the least
+recently used over `inline_cache_size`, never a held one) and handed to the engine held: nothing
+can drop one between composing it and serving it.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import hashlib
 import json
 import re
 import threading
-from collections import OrderedDict
+from collections.abc import Callable
+from typing import TypeVar
 
 from adapter_fusion.adapters import Adapter
-from adapter_fusion.errors import AlreadyExistsError, LimitExceededError, NotFoundError, RequestCancelledError
-from adapter_fusion.merge import get_method, parse_parameters
+from adapter_fusion.errors import AlreadyExistsError, LimitExceededError, RequestCancelledError
+from adapter_fusion.merge import MergeResult, get_method, parse_parameters
 from adapter_fusion.merge.cost import merge_cost
 from adapter_fusion.recipe import Recipe, parse_recipe
 from adapter_fusion.recipe_run import merge_recipe
@@ -38,6 +40,7 @@ from adapter_fusion.server.served import ServedModel, ServiceLimits
 from adapter_fusion.server.writes import AdapterWrites
 
 WORD = re.compile(r"[^ ]+")
+T = TypeVar("T")
 MERGE_FREE = {"linear", "task_arithmetic", "cat"}  # Σ wᵢ ΔWᵢ exactly: served as per-row weights over resident slots
 
 
@@ -85,9 +88,10 @@ class Compositions:
     def __init__(self, *, writes: AdapterWrites, names: NameLocks, inputs: Inputs, model: ServedModel, limits: ServiceLimits) -> None:
         self.writes, self.registry, self.catalog, self.store = writes, writes.registry, writes.catalog, writes.store
         self.names, self.inputs, self.model, self.limits = names, inputs, model, limits
-        self._inline: OrderedDict[str, str] = OrderedDict()  # canonical recipe hash -> hidden adapter name
-        self._inline_lock = asyncio.Lock()
+        self.registry.cap_inline(limits.inline_cache_size)
         self.data_lock = asyncio.Lock()  # one data-aware composition at a time: each holds a copy of the base model
+        self.merges = 0  # merges started: a cached inline recipe, or one another request is composing, starts none
+        self._merges_lock = threading.Lock()
 
     async def parsed(self, recipe: pb.Recipe, also: list[str] = ()) -> tuple[Recipe, str]:
         """The parsed recipe and a hash of what it means: the recipe, and where each source came
@@ -137,7 +141,7 @@ class Compositions:
         cost = merge_cost(sources, get_method(spec.method), spec.rank)
         if stored:
             self.store.quota.check(cost.output_bytes, f"the {spec.method} output")
-        budget = self.registry.budget.limit_bytes
+        budget = self.registry.policy.limit_bytes
         if cost.output_bytes > budget:
             raise LimitExceededError(
                 f"the {spec.method} output would take {cost.output_bytes / 1e6:.1f} MB, over the memory budget of {budget / 1e6:.1f} MB"
@@ -150,15 +154,10 @@ class Compositions:
                 f"{self.limits.max_dense_values:,}: use fewer sources, fewer target modules, or a low-rank method (linear, svd)"
             )
 
-    async def compose(
-        self, name: str, recipe: pb.Recipe, spec: Recipe, key: str, pin: bool, hidden: bool
-    ) -> tuple[AdapterInfo, list]:
-        described = f"composed: {spec.method} of {', '.join(s.adapter for s in spec.sources)} (recipe {key})"
-        abandoned = threading.Event()
-
-        def tick(*_) -> None:
-            if abandoned.is_set():
-                raise RequestCancelledError("composition abandoned: the client cancelled or its deadline passed")
+    async def compose(self, name: str, recipe: pb.Recipe, spec: Recipe, key: str, pin: bool) -> tuple[AdapterInfo, list]:
+        """ComposeAdapter: the recipe composed, registered under `name` and stored; (its info, the
+        per-module report). The same recipe under the name already is a no-op."""
+        described = _described(spec, key)
 
         def existing() -> AdapterInfo | None:
             """The same recipe under this name already: a no-op; another: refused."""
@@ -171,50 +170,84 @@ class Compositions:
         @contextlib.contextmanager
         def name_checked():
             """The catalog's lock on a listed name, with its view brought up to date (a cluster's store)."""
-            if hidden:
-                yield
-                return
             with self.catalog.writing(name):
                 self.catalog.sync([name])
                 yield
 
-        def compose() -> tuple[AdapterInfo, list]:
+        def register(merged: Callable[[], MergeResult]) -> tuple[AdapterInfo, list]:
             with name_checked():
                 found = existing()
             if found is not None:
                 return found, []
-            sources = [self.registry.get(s.adapter) for s in spec.sources]
-            self._check_cost(spec, sources, stored=not hidden)  # from shapes: before the tokenising below
-            for where, rows in example_sets(recipe):
-                self.inputs.example_ids(rows, recipe.raw, where)  # every text and token limit, as Score checks them
-            result = merge_recipe(spec, sources, name, self.model.base_dir, self.model.device, on_example=tick, bounds=self.limits.fit_bounds())
-            tick()  # a call abandoned during the last step registers nothing
+            result = merged()
             info = AdapterInfo.of(result.adapter, described, pin)
             with name_checked():
                 found = existing()  # another writer may have been first
                 if found is not None:
                     return found, []
-                self.registry.register(result.adapter, info, hidden=hidden, persisted=not hidden)
-                if not hidden:
-                    self.writes.persist(result.adapter, info)
+                self.registry.register(result.adapter, info)
+                self.writes.persist(result.adapter, info)
             return info, result.report
 
+        return await self._composed(name, recipe, spec, stored=True, register=register, abandon=lambda _: None)
+
+    async def _inline(self, name: str, recipe: pb.Recipe, spec: Recipe, key: str) -> Hold:
+        """An inline recipe composed and registered as the inline composition `name`, held."""
+        described = _described(spec, key)
+
+        def register(merged: Callable[[], MergeResult]) -> Hold:
+            result = merged()
+            return self.registry.add_inline(result.adapter, AdapterInfo.of(result.adapter, described, False))
+
+        # finished just as the call ended: kept in the registry's inline cache, not held
+        return await self._composed(name, recipe, spec, stored=False, register=register, abandon=self.registry.release)
+
+    async def _composed(
+        self,
+        name: str,
+        recipe: pb.Recipe,
+        spec: Recipe,
+        stored: bool,
+        register: Callable[[Callable[[], MergeResult]], T],
+        abandon: Callable[[T], None],
+    ) -> T:
+        """`register(merged)` in a worker thread, where `merged()` runs the merge (bounded first);
+        a cancelled call stops the merge at its next example or Adam step, and `abandon`s what
+        `register` returned if it finished just as the call ended."""
+        abandoned = threading.Event()
+
+        def tick(*_) -> None:
+            if abandoned.is_set():
+                raise RequestCancelledError("composition abandoned: the client cancelled or its deadline passed")
+
+        def merged() -> MergeResult:
+            sources = [self.registry.get(s.adapter) for s in spec.sources]
+            self._check_cost(spec, sources, stored)  # from shapes: before the tokenising below
+            for where, rows in example_sets(recipe):
+                self.inputs.example_ids(rows, recipe.raw, where)  # every text and token limit, as Score checks them
+            with self._merges_lock:
+                self.merges += 1
+            result = merge_recipe(spec, sources, name, self.model.base_dir, self.model.device, on_example=tick, bounds=self.limits.fit_bounds())
+            tick()  # a call abandoned during the last step registers nothing
+            return result
+
         async with self.data_lock if get_method(spec.method).data else contextlib.nullcontext():
-            work = asyncio.ensure_future(in_thread(compose))
+            work = asyncio.ensure_future(in_thread(register, merged))
             try:
                 return await asyncio.shield(work)
             except asyncio.CancelledError:
                 abandoned.set()  # the thread stops at its next example or step and registers nothing
                 await finished(work)  # the data lock is held until it has
-                if hidden and not work.cancelled() and work.exception() is None:
-                    self.registry.discard(name)  # finished just as the call ended: not in the inline cache, so not kept
+                if not work.cancelled() and work.exception() is None:
+                    abandon(work.result())
                 raise
 
     async def target(self, request) -> Hold:
         """What a Generate/Score request runs with, held for it (the engine releases it when the
         request ends): an adapter, the base model, or for an inline recipe either a weighted mix of
-        loaded adapters (an exact weighted sum: no merge at all) or an adapter composed once and
-        cached by the recipe's canonical hash, held the moment it is cached."""
+        loaded adapters (an exact weighted sum: no merge at all) or the registry's inline
+        composition for the recipe's canonical hash, composed once if it has none; held from the
+        moment it is registered, so no budget check or cap drops it before the request runs."""
         which = request.WhichOneof("target")
         if which == "adapter":
             await self.writes.synced([not_hidden(request.adapter)])
@@ -225,20 +258,15 @@ class Compositions:
         if spec.method in MERGE_FREE and spec.rank is None:
             return self.registry.hold([(s.adapter, s.weight) for s in spec.sources])
         name = hidden_name("inline", key)
-        for _ in range(3):
-            async with self._inline_lock:  # held for bookkeeping only, never while composing
-                if key in self._inline:
-                    try:
-                        hold = self.registry.hold(name)
-                        self._inline.move_to_end(key)
-                        return hold
-                    except NotFoundError:  # the budget dropped it (never stored): composed again below
-                        del self._inline[key]
-            async with self.names.hold(name):  # one composition per recipe: the same recipe meanwhile waits for it
-                await self.compose(name, request.recipe, spec, key, pin=False, hidden=True)
-            async with self._inline_lock:
-                self._inline[key] = name
-                while len(self._inline) > self.limits.inline_cache_size:
-                    _, old = self._inline.popitem(last=False)
-                    self.registry.discard(old)  # requests using it keep it until they end
-        raise LimitExceededError("the memory budget dropped this composition each time before it could be served; retry when the server is less busy")
+        hold = self.registry.hold_inline(name)
+        if hold is None:
+            async with self.names.hold(name):  # one composition per recipe: the same recipe meanwhile waits, then holds it
+                hold = self.registry.hold_inline(name)
+                if hold is None:
+                    hold = await self._inline(name, request.recipe, spec, key)
+        return hold
+
+
+def _described(spec: Recipe, key: str) -> str:
+    """The source a composition is registered with: what it is, and its recipe's hash."""
+    return f"composed: {spec.method} of {', '.join(s.adapter for s in spec.sources)} (recipe {key})"

@@ -79,7 +79,7 @@ class AdapterFusionService(pb_grpc.AdapterFusionServicer):
             name = check_name(request.name)
             async with self.names.hold(name):
                 spec, key = await self.compositions.parsed(request.recipe, also=[name])
-                _, report = await self.compositions.compose(name, request.recipe, spec, key, request.pin, hidden=False)
+                _, report = await self.compositions.compose(name, request.recipe, spec, key, request.pin)
                 return pb.ComposeAdapterResponse(adapter=self.writes.info(name), report=[pb.ModuleReport(**asdict(m)) for m in report])
 
         return await self.calls.unary("ComposeAdapter", context, work)

@@ -290,9 +290,9 @@ def test_a_hidden_composition_that_cannot_fit_is_refused_not_dropped(runtime: Ru
     engine.registry.register(busy, AdapterInfo.of(busy, "b", pinned=False))
     engine.registry.route_for(engine.registry.hold("busy"))  # in use, in its slot: nothing may evict it
     # servable on its own (under the budget with its slot), but not beside the busy one
-    assert composed.size_bytes + runtime.slot_bytes([[composed]]) <= engine.registry.budget.limit_bytes
+    assert composed.size_bytes + runtime.slot_bytes([[composed]]) <= engine.registry.policy.limit_bytes
     with pytest.raises(LimitExceededError, match="memory budget"):
-        engine.registry.register(composed, AdapterInfo.of(composed, "recipe", pinned=False), hidden=True, persisted=False)
+        engine.registry.add_inline(composed, AdapterInfo.of(composed, "recipe", pinned=False))
     assert not engine.registry.has("composed") and engine.registry.stats["evictions"] == 0
 
 

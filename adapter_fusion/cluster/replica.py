@@ -6,8 +6,8 @@ like the client's `multiplexed_model_id` (`routing.routing_key`), so Ray Serve l
 replica holds which adapter and routes the next request for it there. The loader reads the
 adapter's factors from the shared store in a worker thread (not on the engine thread, which would
 stall every stream), and when Ray's per-replica LRU drops a key its adapters are evicted here too
-(unless pinned, in use, or used by a key still held), so "resident" means the same thing to Ray's
-router and to the registry.
+(unless used by a key still held) through `registry.evict`, whose residency policy keeps one pinned
+or in use, so "resident" means the same thing to Ray's router and to the registry.
 """
 
 from __future__ import annotations
