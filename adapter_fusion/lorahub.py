@@ -137,11 +137,10 @@ def weighted_objective(nll: NllFunction, prompts: list[list[int]], targets: list
 
 
 def tokenize_examples(runtime: Runtime, examples: Sequence[tuple[str, str]], chat: bool = True) -> tuple[list[list[int]], list[list[int]]]:
-    """Prompt and target ids, once (user messages in the chat template, unless `chat` is off; in a
-    chat, targets end with the end of the assistant's turn: `Runtime.answer_ids`)."""
-    use_chat = chat and not runtime.is_seq2seq
-    prompts = [runtime.chat_ids(x) if use_chat else runtime.text_ids(x) for x, _ in examples]
-    return prompts, [runtime.answer_ids(y, use_chat) for _, y in examples]
+    """Prompt and target ids, once, as every fit learns them (`Encoder.example_ids`: user messages
+    in the chat template unless `chat` is off; in a chat, targets end with the end of the turn)."""
+    pairs = [runtime.encoder.example_ids(x, y, chat) for x, y in examples]
+    return [p for p, _ in pairs], [t for _, t in pairs]
 
 
 def runtime_objective(

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from adapter_fusion.adapters import Adapter
 from adapter_fusion.engines.base import ServingEngine
 from adapter_fusion.errors import AlreadyExistsError, InvalidRequestError, RequestCancelledError
-from adapter_fusion.coefficient_fit import CoefficientFit, learned_adapter
+from adapter_fusion.coefficient_fit import CoefficientFit, learned_adapter, learned_settings
 from adapter_fusion.lorahub import SearchProgress, check_settings, search, weighted_objective
-from adapter_fusion.merge import get_method, merge, parse_parameters
+from adapter_fusion.merge import merge
 from adapter_fusion.merge.learned import LearnedParams
 from adapter_fusion.entries import AdapterInfo
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
@@ -83,7 +83,7 @@ class Search:
         steps = self.limits.check_learned(len(request.adapters), request.budget or 30, "budget")
         given = {"per": request.per or None, "steps": steps, "batch_size": request.batch_size or None}
         given |= {key: getattr(request, key) for key in ("lr", "l1", "bound") if request.HasField(key)}
-        return parse_parameters(get_method("learned"), {k: v for k, v in given.items() if v is not None})
+        return learned_settings({k: v for k, v in given.items() if v is not None})
 
     async def search(self, request: pb.SearchWeightsRequest, context) -> AsyncIterator[pb.SearchWeightsProgress]:
         name = check_name(request.output_name)
@@ -143,8 +143,8 @@ class Search:
         limits = self.model.limits
         longest = max(len(a) + len(b) for a, b in zip(fitting.prompts, fitting.targets))
         fit = CoefficientFit(  # each piece within the engine's token budget per job (one example at least)
-            await in_thread(self.engine.job_runtime), fitting.sources, fitting.prompts, fitting.targets, p.per, zeros, p.lr, p.l1, p.bound, p.batch_size,
-            request.seed, chunk_rows=max(1, min(limits.max_batch, limits.max_job_tokens // longest)),
+            await in_thread(self.engine.job_runtime), fitting.sources, fitting.prompts, fitting.targets, p,
+            init=zeros, seed=request.seed, chunk_rows=max(1, min(limits.max_batch, limits.max_job_tokens // longest)),
         )
         call = fitting.call
 
