@@ -43,7 +43,7 @@ def load_base(base_dir: str | Path, device: str | None = None, dtype: str | None
     resolved_dtype = resolve_dtype(dtype, resolved)
     base_dir = Path(base_dir)
     if not (base_dir / "config.json").is_file():
-        raise RecipeError(f"{base_dir}: not a model directory (no config.json); set `base:` in the recipe or pass --base")
+        raise RecipeError(f"{base_dir}: not a model directory (no config.json); give a transformers model directory")
     encoder = open_encoder(base_dir)
     model = model_class(encoder.is_seq2seq).from_pretrained(base_dir, dtype=resolved_dtype)
     return LoadedBase(model.to(resolved).eval().requires_grad_(False), encoder, resolved, resolved_dtype)

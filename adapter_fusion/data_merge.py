@@ -221,6 +221,7 @@ def merge_with_data(
     base: str | Path | None = None,
     weights: Sequence[float] | None = None,
     parameters: dict | None = None,
+    *,
     rank: int | None = None,
     seed: int = 0,
     name: str = "merged",

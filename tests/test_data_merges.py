@@ -314,6 +314,15 @@ def test_bad_recipes(recipe, message) -> None:
         parse_recipe(recipe)
 
 
+def test_base_model_refusals(tiny_chat_base, tmp_path: Path) -> None:
+    """The one loader (the serving runtime's and these merges') says what a directory lacks."""
+    with pytest.raises(RecipeError, match="not a model directory \\(no config.json\\); give a transformers model directory"):
+        load_base(tmp_path)
+    (tmp_path / "config.json").write_text((tiny_chat_base / "config.json").read_text())
+    with pytest.raises(RecipeError, match="no tokenizer; the examples are tokenized with the base model's tokenizer"):
+        load_base(tmp_path)
+
+
 def test_refusals_at_merge_time(tiny_chat_base, sources) -> None:
     with pytest.raises(RecipeError, match="method 'regmean' learns from data: give it examples"):
         merge(sources, "regmean")
