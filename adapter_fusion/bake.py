@@ -14,49 +14,25 @@ import hashlib
 import json
 import re
 import shutil
-import struct
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import safe_open
 
-from adapter_fusion.adapters import DTYPES, Adapter
+from adapter_fusion.adapters import Adapter
 from adapter_fusion.atomic import atomic_directory
-from adapter_fusion.errors import AdapterFusionError, IncompatibleAdaptersError
+from adapter_fusion.errors import IncompatibleAdaptersError
 from adapter_fusion.nofollow import create_file
+from adapter_fusion.peft_format import DTYPES
+from adapter_fusion.safetensors_files import (
+    INDEX_NAME, BakeError, StoredTensor, parse_size, plan_shards, read_tensor, shard_header, stored_tensors, verify_shards,
+)
 
-INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "adapter_fusion_bake.json"
 WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|gguf)$|.*\.index\.json$")
-_ST_DTYPES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
-_FROM_ST = {v: k for k, v in _ST_DTYPES.items()}
 ProgressCallback = Callable[[int, int], None]  # (bytes written, bytes total)
-
-
-class BakeError(AdapterFusionError):
-    """The base model directory cannot be baked (no safetensors weights, broken index)."""
-
-
-@dataclass(frozen=True)
-class _Tensor:
-    name: str
-    source: Path  # base shard it is read from
-    shape: tuple[int, ...]
-    dtype: torch.dtype  # as written
-    offset: int = 0  # where its bytes start in `source`
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
 
 
 @dataclass
@@ -74,95 +50,7 @@ class BakeManifest:
     recipe: dict | None = None
 
 
-def parse_size(size: int | str) -> int:
-    """Bytes from 5000000, "500MB", "5GB" (10^n) or "2GiB" (2^n), as transformers reads them."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", size.upper())
-    if not match:
-        raise ValueError(f"cannot read a size from {size!r}; use e.g. 500MB, 5GB or 2GiB")
-    number, unit, binary = match.groups()
-    return int(float(number) * (1024 if binary else 1000) ** "_KMGT".index(unit or "_"))
-
-
-def _read_header(path: Path) -> tuple[int, dict]:
-    """(where the data starts, the header's tensor entries) of a safetensors file."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise BakeError(f"{path}: truncated safetensors file")
-        (length,) = struct.unpack("<Q", head)
-        try:
-            entries = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise BakeError(f"{path}: unreadable safetensors header ({error})") from None
-    entries.pop("__metadata__", None)
-    return 8 + length, entries
-
-
-def _read_tensor(f, t: _Tensor, stored: torch.dtype) -> torch.Tensor:
-    """One tensor by a plain read (no mmap: the pages of the whole model never count as ours)."""
-    n = 1
-    for d in t.shape:
-        n *= d
-    buffer = bytearray(n * torch.empty((), dtype=stored).element_size())
-    f.seek(t.offset)
-    if f.readinto(buffer) != len(buffer):
-        raise BakeError(f"{t.source}: truncated while reading {t.name}")
-    return torch.frombuffer(buffer, dtype=stored).reshape(t.shape) if n else torch.empty(t.shape, dtype=stored)
-
-
-def _base_tensors(base_dir: Path) -> list[_Tensor]:
-    index = base_dir / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as error:
-            raise BakeError(f"{index}: broken index ({error})") from None
-        files = list(dict.fromkeys(weight_map.values()))
-    elif (base_dir / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise BakeError(f"{base_dir}: no model.safetensors or {INDEX_NAME}; bake reads safetensors weights only")
-    tensors = []
-    for file in files:
-        path = base_dir / file
-        if not path.is_file():
-            raise BakeError(f"{path}: listed in the index but missing")
-        start, entries = _read_header(path)
-        for name, entry in sorted(entries.items(), key=lambda item: item[1]["data_offsets"][0]):
-            if entry["dtype"] not in _FROM_ST:
-                raise BakeError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
-            shape = tuple(entry["shape"])
-            tensors.append(_Tensor(name, path, shape, _FROM_ST[entry["dtype"]], start + entry["data_offsets"][0]))
-    return tensors
-
-
-def _plan_shards(tensors: list[_Tensor], cap: int) -> list[list[_Tensor]]:
-    """Fill shards in order, starting a new one when the next tensor would overflow the cap."""
-    shards: list[list[_Tensor]] = [[]]
-    size = 0
-    for t in tensors:
-        if shards[-1] and size + t.nbytes > cap:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.nbytes
-    return shards
-
-
-def _header(shard: list[_Tensor]) -> bytes:
-    entries: dict[str, dict] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for t in shard:
-        entries[t.name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    text = json.dumps(entries, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-    return struct.pack("<Q", len(text)) + text
-
-
-def _targets(adapter: Adapter, tensors: dict[str, _Tensor], tied: bool) -> tuple[dict[str, str], list[str]]:
+def _targets(adapter: Adapter, tensors: dict[str, StoredTensor], tied: bool) -> tuple[dict[str, str], list[str]]:
     """Map tensor name -> adapter module; refuse anything that does not fit, before writing."""
     targets: dict[str, str] = {}
     untied: list[str] = []
@@ -185,11 +73,11 @@ def _targets(adapter: Adapter, tensors: dict[str, _Tensor], tied: bool) -> tuple
 
 class _Plan(NamedTuple):
     config: dict  # the base's config.json
-    base: list[_Tensor]  # as stored
-    tensors: list[_Tensor]  # as written, in order (the untied lm_head appended)
+    base: list[StoredTensor]  # as stored
+    tensors: list[StoredTensor]  # as written, in order (the untied lm_head appended)
     targets: dict[str, str]  # tensor name -> adapter module
     untied: list[str]
-    embed: _Tensor | None
+    embed: StoredTensor | None
 
 
 def _plan(base_dir: Path, adapter: Adapter, dtype: str | None) -> _Plan:
@@ -205,16 +93,16 @@ def _plan(base_dir: Path, adapter: Adapter, dtype: str | None) -> _Plan:
     def written(dt: torch.dtype) -> torch.dtype:
         return out_dtype if out_dtype is not None and dt.is_floating_point else dt
 
-    base = _base_tensors(base_dir)
+    base = stored_tensors(base_dir)
     by_name = {t.name: t for t in base}
     tied = bool(config.get("tie_word_embeddings", False))
     targets, untied = _targets(adapter, by_name, tied)
-    plan = [_Tensor(t.name, t.source, t.shape, written(t.dtype), t.offset) for t in base]
+    plan = [StoredTensor(t.name, t.source, t.shape, written(t.dtype), t.offset) for t in base]
     embed = next((t for t in plan if t.name.endswith("embed_tokens.weight")), None)
     for name in untied:
         if embed is None:
             raise IncompatibleAdaptersError("adapter targets the tied lm_head but no embed_tokens weight was found")
-        plan.append(_Tensor(name, embed.source, embed.shape, embed.dtype, embed.offset))
+        plan.append(StoredTensor(name, embed.source, embed.shape, embed.dtype, embed.offset))
         targets[name] = "lm_head"
     return _Plan(config, base, plan, targets, untied, embed)
 
@@ -249,7 +137,7 @@ def bake(
     if cap <= 0:
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
     config, base, plan, targets, untied, embed = _plan(base_dir, adapter, dtype)
-    shards = _plan_shards(plan, cap)
+    shards = plan_shards(plan, cap)
     total = sum(t.nbytes for t in plan)
     names = (
         ["model.safetensors"]
@@ -275,13 +163,13 @@ def bake(
             for file, shard in zip(names, shards):
                 digest = hashlib.sha256()
                 with create_file(tmp, file) as out:
-                    header = _header(shard)
+                    header = shard_header(shard)
                     out.write(header)
                     digest.update(header)
                     for t in shard:
                         if t.source not in handles:
                             handles[t.source] = open(t.source, "rb")  # noqa: SIM115 (closed below)
-                        tensor = _read_tensor(handles[t.source], t, stored[t.name])
+                        tensor = read_tensor(handles[t.source], t, stored[t.name])
                         if t.name in targets:
                             delta = adapter.modules[targets[t.name]].dense()  # (out, in) float32
                             tensor = tensor.float() + (delta.T if adapter.fan_in_fan_out else delta)
@@ -295,7 +183,7 @@ def bake(
         finally:
             for handle in handles.values():
                 handle.close()
-        _verify(tmp, names, shards)
+        verify_shards(tmp, names, shards)
         if len(shards) > 1:
             weight_map = {t.name: file for file, shard in zip(names, shards) for t in shard}
             (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
@@ -311,13 +199,3 @@ def bake(
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / MANIFEST_NAME).write_text(json.dumps(asdict(manifest), indent=2, default=str))
     return manifest
-
-
-def _verify(directory: Path, names: list[str], shards: list[list[_Tensor]]) -> None:
-    """Every planned tensor is in its shard with its shape and dtype (headers only, cheap)."""
-    for file, shard in zip(names, shards):
-        with safe_open(directory / file, framework="pt") as f:
-            found = {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()}
-        expected = {t.name: (t.shape, _ST_DTYPES[t.dtype]) for t in shard}
-        if found != expected:
-            raise BakeError(f"{file}: written tensors do not match the plan; nothing was published")

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 
 from adapter_fusion.adapters import Adapter, check_compatible
+from adapter_fusion.base_model import open_encoder
 from adapter_fusion.errors import RecipeError
 from adapter_fusion.fit_cost import FitBounds, FitCost, ModelShape, batch_rows, learned_cost
 from adapter_fusion.fit_guard import Tick, releasing, stop_points
@@ -57,21 +58,17 @@ def coefficient_groups(paths: Sequence[str], per: Granularity) -> dict[str, int]
     return {path: order[key] for path, key in keys.items()}
 
 
-def check_fit(n_sources: int, n_examples: int, steps: int, lr: float, l1: float, bound: float, batch_size: int | None) -> None:
+def learned_settings(settings: LearnedParams | dict | None = None) -> LearnedParams:
+    """A fit's settings (per, steps, lr, l1, bound, batch_size) checked once, by the `learned`
+    method's parameter model: a recipe, the server and the library refuse the same values alike."""
+    return parse_parameters(get_method("learned"), settings)
+
+
+def check_counts(n_sources: int, n_examples: int) -> None:
     if n_sources < 1:
         raise RecipeError("learned coefficients need at least one adapter")
     if n_examples < 1:
         raise RecipeError("learned coefficients need at least one example")
-    if not 1 <= steps <= 10_000:
-        raise RecipeError(f"steps must be in 1..10000, got {steps}")
-    if not (math.isfinite(lr) and 0 < lr <= 10):
-        raise RecipeError(f"lr must be in (0, 10], got {lr}")
-    if not (math.isfinite(l1) and 0 <= l1 <= 1e3):
-        raise RecipeError(f"l1 must be a finite number in [0, 1000], got {l1}")
-    if not (math.isfinite(bound) and 0 < bound <= 1e3):
-        raise RecipeError(f"bound must be a finite number in (0, 1000], got {bound}")
-    if batch_size is not None and batch_size < 1:
-        raise RecipeError(f"batch_size must be >= 1, got {batch_size}")
 
 
 CHUNK_ROWS = 32  # examples per forward and backward at most: memory stays that of a batch the engine decodes
@@ -91,28 +88,26 @@ class CoefficientFit:
         adapters: Sequence[Adapter],
         prompts: list[list[int]],
         targets: list[list[int]],
-        per: Granularity = "source",
+        settings: LearnedParams | dict | None = None,
+        *,
         init: Sequence[float] | None = None,
-        lr: float = 0.1,
-        l1: float = 0.05,
-        bound: float = 1.5,
-        batch_size: int | None = None,
         seed: int = 0,
         chunk_rows: int = CHUNK_ROWS,
         chunk_tokens: int | None = None,
     ) -> None:
         check_compatible(adapters)
-        check_fit(len(adapters), len(prompts), 1, lr, l1, bound, batch_size)
+        check_counts(len(adapters), len(prompts))
+        self.settings = settings = learned_settings(settings)
         init = [1.0] * len(adapters) if init is None else [float(w) for w in init]
         if len(init) != len(adapters):
             raise RecipeError(f"got {len(init)} initial coefficients for {len(adapters)} adapters")
         self.runtime, self.prompts, self.targets = runtime, prompts, targets
-        self.l1, self.bound, self.batch_size, self.chunk_rows = l1, bound, batch_size, chunk_rows
+        self.l1, self.bound, self.batch_size, self.chunk_rows = settings.l1, settings.bound, settings.batch_size, chunk_rows
         self.chunk_tokens = chunk_tokens
         paths = [path for path in runtime.layers if any(path in a.modules for a in adapters)]
-        self.groups = coefficient_groups(paths, per)
+        self.groups = coefficient_groups(paths, settings.per)
         self.coefficients = torch.tensor([init] * (max(self.groups.values()) + 1), requires_grad=True)  # (groups, n)
-        self.optimizer = torch.optim.Adam([self.coefficients], lr=lr)
+        self.optimizer = torch.optim.Adam([self.coefficients], lr=settings.lr)
         self.order = torch.Generator().manual_seed(seed)
         self.result = FitResult(coefficients={})
         self.best: torch.Tensor | None = None  # (groups, n): the best step's coefficients
@@ -186,13 +181,9 @@ def fit_coefficients(
     runtime: Runtime,
     adapters: Sequence[Adapter],
     examples: Sequence[tuple[str, str]],
-    per: Granularity = "source",
+    settings: LearnedParams | dict | None = None,
+    *,
     init: Sequence[float] | None = None,
-    steps: int = 30,
-    lr: float = 0.1,
-    l1: float = 0.05,
-    bound: float = 1.5,
-    batch_size: int | None = None,
     seed: int = 0,
     chat: bool = True,
     on_step: StepCallback | None = None,
@@ -200,20 +191,21 @@ def fit_coefficients(
     bounds: FitBounds = FitBounds(),
     tick: Tick | None = None,
 ) -> FitResult:
-    """Fit coefficients (`per` source, layer or module, starting from `init`, default 1 each) by
-    Adam on the examples' target loss, clamped to ±`bound`; full batch unless `batch_size`
-    (minibatches in a seeded order), each step in micro-batches of `bounds.batch_tokens`
-    (gradients accumulated: the same step). The cost is checked against `bounds` before any
-    forward; `tick` runs between micro-batches and blocks (raising from it stops the fit).
-    Returns the coefficients of the best step seen."""
-    adapters = list(adapters)
-    check_fit(len(adapters), len(examples), steps, lr, l1, bound, batch_size)
+    """Fit coefficients (`settings.per` source, layer or module, starting from `init`, default 1
+    each) by Adam on the examples' target loss, clamped to ±`settings.bound`; full batch unless
+    `settings.batch_size` (minibatches in a seeded order), each step in micro-batches of
+    `bounds.batch_tokens` (gradients accumulated: the same step). The cost is checked against
+    `bounds` before any forward; `tick` runs between micro-batches and blocks (raising from it
+    stops the fit). Returns the coefficients of the best step seen."""
+    adapters, settings = list(adapters), learned_settings(settings)
+    check_counts(len(adapters), len(examples))
     prompts, targets = tokenize_examples(runtime, examples, chat)
-    learned_cost(ModelShape.of(runtime.base_dir), [len(p) for p in prompts], [len(t) for t in targets], steps, bounds, runtime.dtype.itemsize).check(bounds)
-    fit = CoefficientFit(runtime, adapters, prompts, targets, per, init, lr, l1, bound, batch_size, seed, chunk_tokens=bounds.batch_tokens)
+    shape = ModelShape.of(runtime.base_dir)
+    learned_cost(shape, [len(p) for p in prompts], [len(t) for t in targets], settings.steps, bounds, runtime.dtype.itemsize).check(bounds)
+    fit = CoefficientFit(runtime, adapters, prompts, targets, settings, init=init, seed=seed, chunk_tokens=bounds.batch_tokens)
     runtime.set_slots([adapters])
     with stop_points(runtime.model, tick):
-        for step in range(steps):
+        for step in range(settings.steps):
             if should_stop is not None and should_stop():
                 raise SearchCancelled("fitting the coefficients was cancelled")
             for piece in fit.pieces():
@@ -221,28 +213,17 @@ def fit_coefficients(
                     tick()
                 piece(1)
             if on_step is not None:
-                on_step(step + 1, steps, fit.result.losses[-1])
+                on_step(step + 1, settings.steps, fit.result.losses[-1])
     return fit.finish()
 
 
 def examples_cost(base_dir: str | Path, examples: Sequence[tuple[str, str]], chat: bool, steps: int, bounds: FitBounds) -> FitCost:
     """A learned fit's cost from the tokenizer and the checkpoint's shapes alone, before a model
-    is loaded. Token counts as `tokenize_examples` makes them, a chat target counted with the
-    token that ends the assistant's turn."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    seq2seq = bool(AutoConfig.from_pretrained(base_dir).is_encoder_decoder)
-    use_chat = chat and not seq2seq and bool(tokenizer.chat_template)
-    prompts, targets = [], []
-    for x, y in examples:
-        if use_chat:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True, tokenize=False)
-            prompts.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
-        else:
-            prompts.append(len(tokenizer(x, add_special_tokens=seq2seq)["input_ids"]))
-        targets.append(len(tokenizer(y, add_special_tokens=seq2seq)["input_ids"]) + int(use_chat))
-    return learned_cost(ModelShape.of(base_dir), prompts, targets, steps, bounds)
+    is loaded: token counts as `tokenize_examples` makes them (`Encoder.example_ids`)."""
+    shape = ModelShape.of(base_dir)  # first: a path that is no model says so
+    encoder = open_encoder(base_dir)
+    pairs = [encoder.example_ids(x, y, chat) for x, y in examples]
+    return learned_cost(shape, [len(p) for p, _ in pairs], [len(t) for _, t in pairs], steps, bounds)
 
 
 def learned_adapter(
@@ -250,6 +231,7 @@ def learned_adapter(
     fit: FitResult,
     p: LearnedParams,
     weights: Sequence[float] | None = None,
+    *,
     rank: int | None = None,
     seed: int = 0,
     name: str = "learned",
@@ -257,7 +239,7 @@ def learned_adapter(
 ) -> MergeResult:
     """Σ cᵢΔWᵢ per module with a fit's coefficients; the fit's curve kept in the adapter's extra."""
     statistics = {path: [torch.tensor(c) for c in cs] for path, cs in fit.coefficients.items()}
-    result = merge(list(sources), "learned", weights, p, rank, seed, name, on_module, statistics=statistics)
+    result = merge(list(sources), "learned", weights, p, rank=rank, seed=seed, name=name, on_module=on_module, statistics=statistics)
     result.adapter.extra["learned"] = {
         "per": p.per, "coefficients": fit.coefficients, "losses": fit.losses, "best_loss": fit.best_loss, "seconds": fit.seconds
     }
@@ -269,7 +251,8 @@ def merge_learned(
     examples: Sequence[tuple[str, str]],
     base: str | Path | Runtime | None = None,
     weights: Sequence[float] | None = None,
-    parameters: dict | None = None,
+    parameters: LearnedParams | dict | None = None,
+    *,
     rank: int | None = None,
     seed: int = 0,
     name: str = "learned",
@@ -286,14 +269,14 @@ def merge_learned(
     Over `bounds`, refused before a model is loaded; a model loaded here is released after."""
     from adapter_fusion.models import default_base
 
-    p = parse_parameters(get_method("learned"), parameters)
-    settings = (p.per, weights, p.steps, p.lr, p.l1, p.bound, p.batch_size, seed, chat, on_step)
+    p = learned_settings(parameters)
+    fitting = {"init": weights, "seed": seed, "chat": chat, "on_step": on_step, "bounds": bounds, "tick": tick}
     if isinstance(base, Runtime):
-        fit = fit_coefficients(base, sources, examples, *settings, bounds=bounds, tick=tick)
+        fit = fit_coefficients(base, sources, examples, p, **fitting)
     else:
         base = base or default_base()
-        check_fit(len(sources), len(examples), p.steps, p.lr, p.l1, p.bound, p.batch_size)
+        check_counts(len(sources), len(examples))
         examples_cost(base, examples, chat, p.steps, bounds).check(bounds)
         with releasing():  # the model copy is this fit's alone
-            fit = fit_coefficients(Runtime(base, device=device), sources, examples, *settings, bounds=bounds, tick=tick)
-    return learned_adapter(sources, fit, p, weights, rank, seed, name, on_module)
+            fit = fit_coefficients(Runtime(base, device=device), sources, examples, p, **fitting)
+    return learned_adapter(sources, fit, p, weights, rank=rank, seed=seed, name=name, on_module=on_module)

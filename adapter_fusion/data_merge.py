@@ -18,12 +18,15 @@ import torch
 from torch import Tensor
 
 from adapter_fusion.adapters import Adapter
+from adapter_fusion.base_model import load_base, open_encoder
+from adapter_fusion.encoding import Encoder
 from adapter_fusion.errors import IncompatibleAdaptersError, RecipeError, quoted
 from adapter_fusion.fit_cost import FitBounds, FitCost, ModelShape, statistics_cost
 from adapter_fusion.fit_guard import Tick, releasing, stop_points
 from adapter_fusion.merge import MergeResult, get_method, merge
 from adapter_fusion.merge.driver import ProgressCallback
 from adapter_fusion.merge.methods import data_methods
+from adapter_fusion.nll import IGNORED, causal_nll, summed_nll
 
 Example = tuple[str, str]  # (input, target)
 MAX_EXAMPLES = 10_000  # per source: statistics converge long before; a typo'd file fails fast
@@ -57,53 +60,22 @@ def load_examples(path: str | Path) -> list[Example]:
     return examples
 
 
-def load_tokenizer(base_dir: str | Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(base_dir)
-    except (OSError, ValueError, TypeError):
-        raise RecipeError(f"{base_dir}: no tokenizer; the examples are tokenized with the base model's tokenizer") from None
-
-
-def load_base(base_dir: str | Path, device: str | None = None):
-    """(model, tokenizer) in float32, eval mode, parameters frozen (gradients go to probes only)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    from adapter_fusion.models import resolve_device
-
-    base_dir = Path(base_dir)
-    if not (base_dir / "config.json").is_file():
-        raise RecipeError(f"{base_dir}: not a model directory (no config.json); set `base:` in the recipe or pass --base")
-    tokenizer = load_tokenizer(base_dir)
-    seq2seq = bool(AutoConfig.from_pretrained(base_dir).is_encoder_decoder)
-    model_class = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-    model = model_class.from_pretrained(base_dir, dtype=torch.float32).to(resolve_device(device)).eval()
-    return model.requires_grad_(False), tokenizer
-
-
-def token_ids(config, tokenizer, example: Example, chat: bool) -> tuple[list[int], list[int]]:
-    """An example's input and target ids as `encode` feeds them (seq2seq: with special tokens)."""
+def token_ids(encoder: Encoder, example: Example, chat: bool) -> tuple[list[int], list[int]]:
+    """An example's input and target ids as learned and LoraHub fit them (`Encoder.example_ids`:
+    in a chat, the target ends with the end of the assistant's turn), within the model's length."""
     prompt, target = example
-    if config.is_encoder_decoder:
-        return tokenizer(prompt)["input_ids"], tokenizer(target)["input_ids"]
-    if chat and tokenizer.chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-    else:
-        text = prompt
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-    limit = getattr(config, "max_position_embeddings", None)
+    ids, target_ids = encoder.example_ids(prompt, target, chat)
+    limit = encoder.max_positions
     if limit and len(ids) + len(target_ids) > limit:
         raise RecipeError(f"example {quoted(prompt)} is {len(ids) + len(target_ids)} tokens, more than the base model's {limit}")
     return ids, target_ids
 
 
-def encode(model, tokenizer, example: Example, chat: bool) -> dict[str, Tensor]:
-    """Model inputs of one example (batch 1) with `labels` -100 except on the target tokens.
-    Causal: the input as a chat user message (the tokenizer's template; raw text if `chat` is off
-    or there is none), then the target. Seq2seq: input to the encoder, target as the labels."""
-    ids, target_ids = token_ids(model.config, tokenizer, example, chat)
+def encode(model, encoder: Encoder, example: Example, chat: bool) -> dict[str, Tensor]:
+    """Model inputs of one example (batch 1) with `labels` `IGNORED` except on the target tokens.
+    Causal: the input (a chat user message, or raw text: `Encoder.uses_chat`), then the target.
+    Seq2seq: input to the encoder, target as the labels."""
+    ids, target_ids = token_ids(encoder, example, chat)
     if model.config.is_encoder_decoder:
         labels = torch.tensor([target_ids])
         return {
@@ -111,29 +83,25 @@ def encode(model, tokenizer, example: Example, chat: bool) -> dict[str, Tensor]:
             "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=labels),
             "labels": labels,
         }
-    return {"input_ids": torch.tensor([ids + target_ids]), "labels": torch.tensor([[-100] * len(ids) + target_ids])}
+    return {"input_ids": torch.tensor([ids + target_ids]), "labels": torch.tensor([[IGNORED] * len(ids) + target_ids])}
 
 
 def examples_cost(kind: str, base_dir: str | Path, sources: Sequence[Adapter], examples: Sequence[Sequence[Example]], chat: bool) -> FitCost:
     """What collecting `kind` statistics would hold and run, from the tokenizer, the config and the
     sources' module shapes alone: before the model is loaded."""
-    from transformers import AutoConfig
-
     shape = ModelShape.of(base_dir)  # first: a path that is no model says so
-    config, tokenizer = AutoConfig.from_pretrained(base_dir), load_tokenizer(base_dir)
-    lengths = [[sum(map(len, token_ids(config, tokenizer, example, chat))) for example in rows] for rows in examples]
+    encoder = open_encoder(base_dir)
+    lengths = [[sum(map(len, token_ids(encoder, example, chat))) for example in rows] for rows in examples]
     modules = {path: delta.shape for adapter in sources for path, delta in adapter.modules.items()}
     return statistics_cost(kind, shape, modules, lengths)
 
 
 def target_nll(model, batch: dict[str, Tensor]) -> Tensor:
-    """Summed −log p(target | input) of one example (a 0-d tensor)."""
-    labels = batch["labels"]
+    """Summed −log p(target | input) of one example (a 0-d tensor): `nll.summed_nll`."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs, use_cache=False).logits  # (1, T, vocab)
-    if not model.config.is_encoder_decoder:
-        logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t+1
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    nll = summed_nll if model.config.is_encoder_decoder else causal_nll
+    return nll(logits, batch["labels"])[0]
 
 
 class _Hooks:
@@ -212,7 +180,7 @@ def module_shapes(model, sources: Sequence[Adapter]) -> dict[str, tuple[int, int
 
 
 def collect_statistics(
-    kind: str, model, tokenizer, sources: Sequence[Adapter], examples: Sequence[Sequence[Example]], chat: bool = True,
+    kind: str, model, encoder: Encoder, sources: Sequence[Adapter], examples: Sequence[Sequence[Example]], chat: bool = True,
     on_example: ProgressCallback | None = None, tick: Tick | None = None,
 ) -> dict[str, list[Tensor]]:
     """Per module, one statistic per source (see `MergeMethod.data`): "gram" = mean x xᵀ over
@@ -227,7 +195,7 @@ def collect_statistics(
         try:
             with stop_points(model, tick):
                 for example in rows:
-                    batch = {k: v.to(model.device) for k, v in encode(model, tokenizer, example, chat).items()}
+                    batch = {k: v.to(model.device) for k, v in encode(model, encoder, example, chat).items()}
                     if kind == "fisher":
                         with torch.enable_grad():
                             target_nll(model, batch).backward()  # the probes' hooks collect the gradients
@@ -253,6 +221,7 @@ def merge_with_data(
     base: str | Path | None = None,
     weights: Sequence[float] | None = None,
     parameters: dict | None = None,
+    *,
     rank: int | None = None,
     seed: int = 0,
     name: str = "merged",
@@ -280,5 +249,6 @@ def merge_with_data(
     base = base or default_base()
     examples_cost(spec.data, base, sources, examples, chat).check(bounds)
     with releasing():  # the model copy is this merge's alone
-        statistics = collect_statistics(spec.data, *load_base(base, device), sources, examples, chat, on_example, tick)
-    return merge(sources, method, weights, parameters, rank, seed, name, on_module, statistics=statistics)
+        loaded = load_base(base, device, "float32")
+        statistics = collect_statistics(spec.data, loaded.model, loaded.encoder, sources, examples, chat, on_example=on_example, tick=tick)
+    return merge(sources, method, weights, parameters, rank=rank, seed=seed, name=name, on_module=on_module, statistics=statistics)

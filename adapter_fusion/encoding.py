@@ -14,7 +14,9 @@ from transformers import AutoConfig, AutoTokenizer
 class Encoder:
     def __init__(self, base_dir: str | Path) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        self.is_seq2seq = bool(AutoConfig.from_pretrained(base_dir).is_encoder_decoder)
+        config = AutoConfig.from_pretrained(base_dir)
+        self.is_seq2seq = bool(config.is_encoder_decoder)
+        self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
         eos = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
         self.stop_ids = {i for i in eos if isinstance(i, int) and i >= 0}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -39,6 +41,17 @@ class Encoder:
         carries its end-of-sequence mark already)."""
         ids = self.text_ids(text)
         return ids + [self.end_of_turn] if chat and self.end_of_turn is not None else ids
+
+    def uses_chat(self, chat: bool) -> bool:
+        """Whether an example's input is a chat user message: asked for, a causal model, and a
+        template to write it with (otherwise the input is raw text)."""
+        return chat and not self.is_seq2seq and bool(self.tokenizer.chat_template)
+
+    def example_ids(self, prompt: str, target: str, chat: bool) -> tuple[list[int], list[int]]:
+        """An (input, target) example as every fit (learned, LoraHub, regmean, fisher) learns it:
+        the input as a chat user message (`uses_chat`) or raw text, the target by `answer_ids`."""
+        use_chat = self.uses_chat(chat)
+        return (self.chat_ids(prompt) if use_chat else self.text_ids(prompt)), self.answer_ids(target, use_chat)
 
     def _end_of_turn(self) -> int | None:
         """The stop token the chat template closes an assistant's message with (None: seq2seq, no

@@ -52,48 +52,56 @@ class SearchResult:
     adapter: Adapter | None = None
 
 
-def check_settings(
-    n_sources: int, n_examples: int, budget: int, optimizer: str, parallel: int = 1, l1: float = 0.05, bound: float = 1.5, seed: int = 0
-) -> None:
-    """Refuse every setting that would fail late or run away (a huge `parallel` asks nevergrad
-    for that many workers' state) before any work starts."""
+@dataclass(frozen=True)
+class SearchSettings:
+    """A LoraHub search's settings, refused on construction if any would fail late or run away (a
+    huge `parallel` asks nevergrad for that many workers' state): before any work starts."""
+
+    budget: int = 40  # evaluations
+    optimizer: str = "NGOpt"  # any name in nevergrad.optimizers.registry
+    seed: int = 0
+    l1: float = 0.05  # penalty on mean |w|
+    bound: float = 1.5  # weights searched in [-bound, bound]
+    parallel: int = 1  # candidates scored in one batched pass
+
+    def __post_init__(self) -> None:
+        if not 0 < self.budget <= MAX_BUDGET:
+            raise RecipeError(f"budget must be in 1..{MAX_BUDGET}, got {self.budget}")
+        if self.optimizer not in ng.optimizers.registry:
+            popular = ", ".join(o for o in ("NGOpt", "CMA", "TwoPointsDE", "OnePlusOne", "PSO", "RandomSearch") if o in ng.optimizers.registry)
+            raise RecipeError(f"unknown nevergrad optimizer {quoted(self.optimizer)}; e.g. {popular} (any name in nevergrad.optimizers.registry)")
+        if not 1 <= self.parallel <= min(MAX_PARALLEL, self.budget):
+            raise RecipeError(f"parallel must be in 1..{min(MAX_PARALLEL, self.budget)} (at most the budget), got {self.parallel}")
+        if not (math.isfinite(self.l1) and 0 <= self.l1 <= 1e3):
+            raise RecipeError(f"l1 must be a finite number in [0, 1000], got {self.l1}")
+        if not (math.isfinite(self.bound) and 0 < self.bound <= 1e3):
+            raise RecipeError(f"bound must be a finite number in (0, 1000], got {self.bound}")
+        if not 0 <= self.seed < 2**32:  # nevergrad's random state is numpy's
+            raise RecipeError(f"seed must be in 0..2**32-1, got {self.seed}")
+
+
+def check_counts(n_sources: int, n_examples: int) -> None:
     if not 1 <= n_sources <= MAX_SOURCES:
         raise RecipeError(f"LoraHub needs 1..{MAX_SOURCES} adapters, got {n_sources}")
     if n_examples < 1:
         raise RecipeError("LoraHub needs at least one example")
-    if not 0 < budget <= MAX_BUDGET:
-        raise RecipeError(f"budget must be in 1..{MAX_BUDGET}, got {budget}")
-    if optimizer not in ng.optimizers.registry:
-        popular = ", ".join(o for o in ("NGOpt", "CMA", "TwoPointsDE", "OnePlusOne", "PSO", "RandomSearch") if o in ng.optimizers.registry)
-        raise RecipeError(f"unknown nevergrad optimizer {quoted(optimizer)}; e.g. {popular} (any name in nevergrad.optimizers.registry)")
-    if not 1 <= parallel <= min(MAX_PARALLEL, budget):
-        raise RecipeError(f"parallel must be in 1..{min(MAX_PARALLEL, budget)} (at most the budget), got {parallel}")
-    if not (math.isfinite(l1) and 0 <= l1 <= 1e3):
-        raise RecipeError(f"l1 must be a finite number in [0, 1000], got {l1}")
-    if not (math.isfinite(bound) and 0 < bound <= 1e3):
-        raise RecipeError(f"bound must be a finite number in (0, 1000], got {bound}")
-    if not 0 <= seed < 2**32:  # nevergrad's random state is numpy's
-        raise RecipeError(f"seed must be in 0..2**32-1, got {seed}")
 
 
 def search(
     objective: Objective,
     n_sources: int,
-    budget: int = 40,
-    optimizer: str = "NGOpt",
-    seed: int = 0,
-    l1: float = 0.05,
-    bound: float = 1.5,
-    parallel: int = 1,
+    settings: SearchSettings = SearchSettings(),
+    *,
     on_progress: Callable[[SearchProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> SearchResult:
     """Minimise objective(w) + l1·mean|w| over w in [-bound, bound]^n, seeded through nevergrad's
     own random state. Returns the best candidate evaluated (not a model-based guess)."""
-    check_settings(n_sources, 1, budget, optimizer, parallel, l1, bound, seed)
-    parametrization = ng.p.Array(init=np.zeros(n_sources), lower=-bound, upper=bound)
-    parametrization.random_state = np.random.RandomState(seed)
-    opt = ng.optimizers.registry[optimizer](parametrization=parametrization, budget=budget, num_workers=parallel)
+    check_counts(n_sources, 1)
+    budget, parallel, l1 = settings.budget, settings.parallel, settings.l1
+    parametrization = ng.p.Array(init=np.zeros(n_sources), lower=-settings.bound, upper=settings.bound)
+    parametrization.random_state = np.random.RandomState(settings.seed)
+    opt = ng.optimizers.registry[settings.optimizer](parametrization=parametrization, budget=budget, num_workers=parallel)
     result = SearchResult(weights=[0.0] * n_sources, best_loss=math.inf)
     start = time.perf_counter()
     while len(result.losses) < budget:
@@ -137,11 +145,10 @@ def weighted_objective(nll: NllFunction, prompts: list[list[int]], targets: list
 
 
 def tokenize_examples(runtime: Runtime, examples: Sequence[tuple[str, str]], chat: bool = True) -> tuple[list[list[int]], list[list[int]]]:
-    """Prompt and target ids, once (user messages in the chat template, unless `chat` is off; in a
-    chat, targets end with the end of the assistant's turn: `Runtime.answer_ids`)."""
-    use_chat = chat and not runtime.is_seq2seq
-    prompts = [runtime.chat_ids(x) if use_chat else runtime.text_ids(x) for x, _ in examples]
-    return prompts, [runtime.answer_ids(y, use_chat) for _, y in examples]
+    """Prompt and target ids, once, as every fit learns them (`Encoder.example_ids`: user messages
+    in the chat template unless `chat` is off; in a chat, targets end with the end of the turn)."""
+    pairs = [runtime.encoder.example_ids(x, y, chat) for x, y in examples]
+    return [p for p, _ in pairs], [t for _, t in pairs]
 
 
 def runtime_objective(
@@ -192,9 +199,10 @@ def lorahub_search(
 ) -> SearchResult:
     """Search weights for `adapters` on (input, target) `examples`; the result carries the
     composed adapter (exact weighted sum, or the factor rule it was searched with)."""
-    check_settings(len(adapters), len(examples), budget, optimizer, parallel, l1, bound, seed)
+    check_counts(len(adapters), len(examples))
+    settings = SearchSettings(budget=budget, optimizer=optimizer, seed=seed, l1=l1, bound=bound, parallel=parallel)
     objective = runtime_objective(runtime, adapters, examples, rule, chat)
-    result = search(objective, len(adapters), budget, optimizer, seed, l1, bound, parallel, on_progress, should_stop)
+    result = search(objective, len(adapters), settings, on_progress=on_progress, should_stop=should_stop)
     result.adapter = merge(list(adapters), rule, result.weights, name=name).adapter
     result.adapter.extra["lorahub"] = {"weights": result.weights, "best_loss": result.best_loss, "optimizer": optimizer, "budget": budget, "seed": seed, "l1": l1}
     return result

@@ -12,7 +12,7 @@ import yaml
 from adapter_fusion.adapters import Adapter, load_adapter, save_adapter
 from adapter_fusion.errors import OutputExistsError, RecipeError
 from adapter_fusion.fit_cost import FitBounds
-from adapter_fusion.merge import MergeResult, get_method, merge, parse_parameters
+from adapter_fusion.merge import MergeResult, get_method, merge
 from adapter_fusion.merge.driver import ProgressCallback
 from adapter_fusion.mergekit import to_recipe
 from adapter_fusion.recipe import Example, Recipe, parse_recipe
@@ -93,13 +93,13 @@ def merge_recipe(
             on_example(*last)
 
     if data == "coefficients":
-        from adapter_fusion.coefficient_fit import merge_learned
+        from adapter_fusion.coefficient_fit import learned_settings, merge_learned
 
-        steps = parse_parameters(get_method("learned"), recipe.parameters).steps
+        steps = learned_settings(recipe.parameters).steps
         last[:] = [0, steps, "fitting"]
         return merge_learned(
-            adapters, read_examples(recipe.examples), base, recipe.weights, recipe.parameters, recipe.rank, recipe.seed,
-            name, chat=recipe.chat, device=device, on_module=on_module, on_step=lambda done, total, loss: report(done, total, f"loss {loss:.4f}"),
+            adapters, read_examples(recipe.examples), base, recipe.weights, recipe.parameters, rank=recipe.rank, seed=recipe.seed,
+            name=name, chat=recipe.chat, device=device, on_module=on_module, on_step=lambda done, total, loss: report(done, total, f"loss {loss:.4f}"),
             bounds=bounds, tick=tick,
         )
     if data is not None:
@@ -108,10 +108,10 @@ def merge_recipe(
         examples = [read_examples(s.examples) for s in recipe.sources]
         last[:] = [0, sum(map(len, examples)), recipe.sources[0].adapter]
         return merge_with_data(
-            adapters, recipe.method, examples, base, recipe.weights, recipe.parameters, recipe.rank, recipe.seed, name,
+            adapters, recipe.method, examples, base, recipe.weights, recipe.parameters, rank=recipe.rank, seed=recipe.seed, name=name,
             chat=recipe.chat, device=device, on_module=on_module, on_example=report, bounds=bounds, tick=tick,
         )
-    return merge(adapters, recipe.method, recipe.weights, recipe.parameters, recipe.rank, recipe.seed, name, on_module)
+    return merge(adapters, recipe.method, recipe.weights, recipe.parameters, rank=recipe.rank, seed=recipe.seed, name=name, on_module=on_module)
 
 
 def merge_to_disk(

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from adapter_fusion.adapters import Adapter
 from adapter_fusion.attention import use_decode_attention
-from adapter_fusion.encoding import Encoder
+from adapter_fusion.base_model import load_base
 from adapter_fusion.lora_layers import inject, route, scale_columns
-from adapter_fusion.models import resolve_device, resolve_dtype
+from adapter_fusion.nll import IGNORED, summed_nll
 from adapter_fusion.packed_linear import pack_head
 from adapter_fusion.slots import Route, SlotBank, routes_of
 from adapter_fusion.targets import check_targets
@@ -39,14 +38,10 @@ class Runtime:
         slot_columns: int = 64,
     ) -> None:
         self.base_dir = Path(base_dir)
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.encoder = Encoder(self.base_dir)
+        loaded = load_base(self.base_dir, device, dtype)  # never trained: gradients (learned coefficients) reach only the column scales
+        self.model, self.encoder, self.device, self.dtype = loaded.model, loaded.encoder, loaded.device, loaded.dtype
         self.tokenizer, self.is_seq2seq = self.encoder.tokenizer, self.encoder.is_seq2seq
         self.chat_ids, self.text_ids, self.answer_ids = self.encoder.chat_ids, self.encoder.text_ids, self.encoder.answer_ids
-        model_class = AutoModelForSeq2SeqLM if self.is_seq2seq else AutoModelForCausalLM
-        # never trained: gradients (learned coefficients) reach only the column scales
-        self.model = model_class.from_pretrained(self.base_dir, dtype=self.dtype).to(self.device).eval().requires_grad_(False)
         self.layers = inject(self.model, None if targets is None else list(targets))
         for layer in self.layers.values():
             layer.pack()
@@ -111,7 +106,7 @@ class Runtime:
         seqs = [p + t for p, t in zip(prompts, targets)]
         width = max(map(len, seqs))
         ids, mask = padded(seqs, width, self.pad_id)
-        labels = torch.full((len(seqs), width), -100)
+        labels = torch.full((len(seqs), width), IGNORED)
         for b, (p, t) in enumerate(zip(prompts, targets)):
             labels[b, len(p) : len(p) + len(t)] = torch.tensor(t)
         # logits only where some row predicts a target token: the vocabulary projection of every
@@ -125,21 +120,15 @@ class Runtime:
                 logits_to_keep=predicting.to(self.device),
                 use_cache=False,
             )
-        return _summed_nll(out.logits, labels.to(self.device))
+        return summed_nll(out.logits, labels.to(self.device)).cpu()
 
     def _seq2seq_nll(self, prompts, targets, rows, source_weights) -> Tensor:
         ids, mask = padded(prompts, max(map(len, prompts)), self.pad_id)
-        labels = padded(targets, max(map(len, targets)), -100)[0].to(self.device)
+        labels = padded(targets, max(map(len, targets)), IGNORED)[0].to(self.device)
         decoder_ids = self.model.prepare_decoder_input_ids_from_labels(labels=labels)  # no labels in: no unused loss
         with self.routed(rows, source_weights):
             out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), decoder_input_ids=decoder_ids, use_cache=False)
-        return _summed_nll(out.logits, labels)
-
-
-def _summed_nll(logits: Tensor, labels: Tensor) -> Tensor:  # logits (batch, P, vocab), labels (batch, P) -> (batch,)
-    """Summed cross-entropy of each row's labels, positions labelled -100 skipped; float32, CPU."""
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none")
-    return nll.view(labels.shape).sum(dim=1).cpu()
+        return summed_nll(out.logits, labels).cpu()
 
 
 def padded(seqs: Sequence[list[int]], width: int, pad: int, left: bool = False) -> tuple[Tensor, Tensor]:

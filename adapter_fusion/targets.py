@@ -7,9 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers import AutoConfig
 
 from adapter_fusion.adapters import Adapter
+from adapter_fusion.base_model import model_class
 from adapter_fusion.errors import IncompatibleAdaptersError
 from adapter_fusion.lora_layers import inject
 
@@ -19,9 +20,8 @@ Shapes = dict[str, tuple[int, int]]  # module path -> (out, in)
 def projection_shapes(base_dir: str | Path) -> Shapes:
     """Every projection the builtin engine wraps (`lora_layers.inject`: all but the output head)."""
     config = AutoConfig.from_pretrained(base_dir)
-    model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     with torch.device("meta"):
-        model = model_class.from_config(config)
+        model = model_class(bool(config.is_encoder_decoder)).from_config(config)
     return {path: layer.shape for path, layer in inject(model).items()}
 
 

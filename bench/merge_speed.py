@@ -23,7 +23,7 @@ from torch import nn
 
 from adapter_fusion import load_adapter, merge
 from adapter_fusion.merge import get_method, parse_parameters
-from adapter_fusion.merge.base import ModuleSources
+from adapter_fusion.merge.method_types import ModuleSources
 
 SHAPES = {  # (out, in) of one Llama-7B decoder layer
     "q_proj": (4096, 4096),

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from adapter_fusion.adapters import Adapter
 from adapter_fusion.engines.base import ServingEngine
 from adapter_fusion.errors import AlreadyExistsError, InvalidRequestError, RequestCancelledError
-from adapter_fusion.coefficient_fit import CoefficientFit, learned_adapter
-from adapter_fusion.lorahub import SearchProgress, check_settings, search, weighted_objective
-from adapter_fusion.merge import get_method, merge, parse_parameters
+from adapter_fusion.coefficient_fit import CoefficientFit, learned_adapter, learned_settings
+from adapter_fusion.lorahub import SearchProgress, SearchSettings, check_counts, search, weighted_objective
+from adapter_fusion.merge import merge
 from adapter_fusion.merge.learned import LearnedParams
 from adapter_fusion.entries import AdapterInfo
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
@@ -67,15 +67,15 @@ class Search:
         self.engine, self.writes, self.registry, self.names = engine, writes, writes.registry, names
         self.inputs, self.model, self.limits = inputs, model, limits
 
-    def _lorahub_settings(self, request: pb.SearchWeightsRequest) -> tuple[int, str, int, float, float]:
+    def _lorahub_settings(self, request: pb.SearchWeightsRequest) -> SearchSettings:
         if request.per or request.HasField("lr") or request.batch_size:
             raise InvalidRequestError("per, lr and batch_size are settings of method 'learned'; lorahub takes budget, optimizer, parallel, l1, bound")
         budget = self.limits.under_cap("budget", request.budget or 40, self.limits.max_search_budget)
         optimizer, parallel = request.optimizer or "NGOpt", self.limits.under_cap("parallel", request.parallel or 1, self.limits.max_search_parallel)
         l1 = request.l1 if request.HasField("l1") else 0.05
         bound = request.bound if request.HasField("bound") else 1.5
-        check_settings(len(request.adapters), len(request.examples), budget, optimizer, parallel, l1, bound, request.seed)
-        return budget, optimizer, parallel, l1, bound
+        check_counts(len(request.adapters), len(request.examples))
+        return SearchSettings(budget=budget, optimizer=optimizer, seed=request.seed, l1=l1, bound=bound, parallel=parallel)
 
     def _learned_settings(self, request: pb.SearchWeightsRequest) -> LearnedParams:
         if request.optimizer or request.parallel:
@@ -83,7 +83,7 @@ class Search:
         steps = self.limits.check_learned(len(request.adapters), request.budget or 30, "budget")
         given = {"per": request.per or None, "steps": steps, "batch_size": request.batch_size or None}
         given |= {key: getattr(request, key) for key in ("lr", "l1", "bound") if request.HasField(key)}
-        return parse_parameters(get_method("learned"), {k: v for k, v in given.items() if v is not None})
+        return learned_settings({k: v for k, v in given.items() if v is not None})
 
     async def search(self, request: pb.SearchWeightsRequest, context) -> AsyncIterator[pb.SearchWeightsProgress]:
         name = check_name(request.output_name)
@@ -115,8 +115,7 @@ class Search:
         finally:
             self.registry.unregister(group)
 
-    async def _lorahub(self, request: pb.SearchWeightsRequest, settings, fitting: Fitting) -> AsyncIterator[pb.SearchWeightsProgress | Fitted]:
-        budget, optimizer, parallel, l1, bound = settings
+    async def _lorahub(self, request: pb.SearchWeightsRequest, settings: SearchSettings, fitting: Fitting) -> AsyncIterator[pb.SearchWeightsProgress | Fitted]:
         call = fitting.call  # shared by every evaluation's job: a cancel drops them all at once
 
         def nll(p, t, weights):
@@ -124,7 +123,7 @@ class Search:
 
         def work(report: Callable[[SearchProgress], None]):
             objective = weighted_objective(nll, fitting.prompts, fitting.targets)
-            return search(objective, len(fitting.sources), budget, optimizer, request.seed, l1, bound, parallel, report, call.is_set)
+            return search(objective, len(fitting.sources), settings, on_progress=report, should_stop=call.is_set)
 
         try:
             async for item in reports_of(work):
@@ -143,8 +142,8 @@ class Search:
         limits = self.model.limits
         longest = max(len(a) + len(b) for a, b in zip(fitting.prompts, fitting.targets))
         fit = CoefficientFit(  # each piece within the engine's token budget per job (one example at least)
-            await in_thread(self.engine.job_runtime), fitting.sources, fitting.prompts, fitting.targets, p.per, zeros, p.lr, p.l1, p.bound, p.batch_size,
-            request.seed, chunk_rows=max(1, min(limits.max_batch, limits.max_job_tokens // longest)),
+            await in_thread(self.engine.job_runtime), fitting.sources, fitting.prompts, fitting.targets, p,
+            init=zeros, seed=request.seed, chunk_rows=max(1, min(limits.max_batch, limits.max_job_tokens // longest)),
         )
         call = fitting.call
 

@@ -15,7 +15,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save, save_file
 from transformers import AutoModelForCausalLM
 
-from adapter_fusion import adapters as adapters_module
+from adapter_fusion import adapter_save
 from adapter_fusion import load_adapter, merge, save_adapter
 from adapter_fusion.errors import (
     AdapterFormatError,
@@ -135,7 +135,7 @@ def test_a_save_cut_off_half_way_leaves_no_trace(tiny_adapters: list[Path], tmp_
         cut.append((Path(filename), sorted(p.name for p in Path(filename).parent.iterdir())))
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(adapters_module, "save_file", full_disk)  # fault injection at the write itself
+    monkeypatch.setattr(adapter_save, "save_file", full_disk)  # fault injection at the write itself
     adapter = load_adapter(tiny_adapters[0])
     for target, overwrite in ((tmp_path / "new", False), (old, True)):
         with pytest.raises(OSError, match="No space left"):

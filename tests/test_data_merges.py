@@ -14,10 +14,13 @@ from typer.testing import CliRunner
 
 from adapter_fusion import load_adapter, merge
 from adapter_fusion.cli import app
-from adapter_fusion.data_merge import collect_statistics, encode, load_base, load_examples, merge_with_data, target_nll
+from adapter_fusion.base_model import load_base
+from adapter_fusion.data_merge import collect_statistics, encode, load_examples, merge_with_data
 from adapter_fusion.errors import RecipeError
+from adapter_fusion.lorahub import tokenize_examples
 from adapter_fusion.recipe import parse_recipe
 from adapter_fusion.recipe_run import load_recipe, run_recipe
+from adapter_fusion.runtime import Runtime
 from tests.conftest import write_peft_adapter
 from tests.numerics import EPS32, logits_bound
 from tests.test_merge_methods import FULL, check_against, raw_deltas, relative_difference
@@ -55,7 +58,9 @@ def raw(chat_adapters):
 
 @pytest.fixture(scope="module")
 def base(tiny_chat_base: Path):
-    return load_base(tiny_chat_base)
+    """(model, encoder) as regmean and fisher load them: float32, frozen."""
+    loaded = load_base(tiny_chat_base, dtype="float32")
+    return loaded.model, loaded.encoder
 
 
 def shrink(gram: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -63,9 +68,19 @@ def shrink(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     return alpha * gram + (1 - alpha) * torch.diag(torch.diagonal(gram))
 
 
-def reference_statistics(kind: str, base_dir: Path, adapter_dir: Path, examples, model, tokenizer) -> dict[str, torch.Tensor]:
+def chat_ids(tokenizer, example, end_of_turn: bool = True) -> tuple[list[int], list[int]]:
+    """An example tokenized here by hand as learned and LoraHub fit it: the chat template's user
+    turn, then the target and (unless `end_of_turn` is off) SmolLM2's end of the assistant's turn."""
+    x, y = example
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True, tokenize=False)
+    target = tokenizer(y, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"], target + ([tokenizer.convert_tokens_to_ids("<|im_end|>")] if end_of_turn else [])
+
+
+def reference_statistics(kind: str, base_dir: Path, adapter_dir: Path, examples, tokenizer, end_of_turn: bool = True) -> dict[str, torch.Tensor]:
     """peft merges the adapter into float64 weights; Gram = mean x xᵀ of each Linear's inputs,
-    Fisher = mean over examples of (∂ loss / ∂W)², read from the merged weights' gradients."""
+    Fisher = mean over examples of (∂ loss / ∂W)², read from the merged weights' gradients; the
+    examples tokenized by `chat_ids` and the loss written out here."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -86,13 +101,15 @@ def reference_statistics(kind: str, base_dir: Path, adapter_dir: Path, examples,
     targets = [n for n, m in merged.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     hooks = [merged.get_submodule(n).register_forward_pre_hook(record(n)) for n in targets] if kind == "gram" else []
     for example in examples:
-        batch = encode(model, tokenizer, example, chat=True)
+        prompt, target = chat_ids(tokenizer, example, end_of_turn)
+        ids = torch.tensor([prompt + target])
         if kind == "gram":
             with torch.no_grad():
-                merged(input_ids=batch["input_ids"])
+                merged(input_ids=ids)
         else:
             merged.zero_grad()
-            target_nll(merged, batch).backward()
+            logits = merged(input_ids=ids).logits[0, len(prompt) - 1 : -1]  # (target tokens, vocab): the positions predicting them
+            torch.nn.functional.cross_entropy(logits, torch.tensor(target), reduction="sum").backward()
             for path in paths:
                 sums[path] = sums.get(path, 0) + merged.get_submodule(path).weight.grad.square()
     for h in hooks:
@@ -100,13 +117,35 @@ def reference_statistics(kind: str, base_dir: Path, adapter_dir: Path, examples,
     return {p: s / (tokens[p] if kind == "gram" else len(examples)) for p, s in sums.items()}
 
 
-def test_examples_are_tokenized_as_chat_then_target(base) -> None:
-    model, tokenizer = base
-    batch = encode(model, tokenizer, ("hi there", "HI THERE"), chat=True)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi there"}], add_generation_prompt=True, tokenize=False)
-    expected = tokenizer(prompt, add_special_tokens=False)["input_ids"] + tokenizer("HI THERE", add_special_tokens=False)["input_ids"]
-    assert batch["input_ids"][0].tolist() == expected
-    assert tokenizer.decode(batch["labels"][0][batch["labels"][0] != -100]) == "HI THERE"
+def test_examples_are_the_tokens_learned_and_lorahub_fit(base, tiny_chat_base) -> None:
+    """regmean and fisher see an example as learned and LoraHub do (`tokenize_examples` on the
+    serving runtime): the chat user turn, then the target and the token ending the assistant's
+    turn, which the labels score too; raw text without it."""
+    model, encoder = base
+    runtime = Runtime(tiny_chat_base)
+    for chat in (True, False):
+        (prompt,), (target,) = tokenize_examples(runtime, [("hi there", "HI THERE")], chat=chat)
+        assert (prompt, target) == (chat_ids(encoder.tokenizer, ("hi there", "HI THERE")) if chat else (encoder.text_ids("hi there"), encoder.text_ids("HI THERE")))
+        batch = encode(model, encoder, ("hi there", "HI THERE"), chat=chat)
+        assert batch["input_ids"][0].tolist() == prompt + target
+        assert batch["labels"][0].tolist() == [-100] * len(prompt) + target
+    assert encoder.tokenizer.decode(target) == "HI THERE"
+    assert runtime.end_of_turn == encoder.end_of_turn == encoder.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+@pytest.mark.parametrize("kind", ["gram", "fisher"])
+def test_statistics_follow_the_end_of_turn_target(kind, base, tiny_chat_base, chat_adapters, sources) -> None:
+    """The token ending the turn is an input (regmean's Gram) and a scored target (fisher's
+    gradient): statistics match the reference with it and are far from the reference without."""
+    model, encoder = base
+    ours = collect_statistics(kind, model, encoder, sources[:1], [EXAMPLES[0][:1]])
+    rho = logits_bound(model.config, 0.0)
+    bound = 2 * rho if kind == "gram" else 4 * rho
+    reference = reference_statistics(kind, tiny_chat_base, chat_adapters[0], EXAMPLES[0][:1], encoder.tokenizer)
+    without = reference_statistics(kind, tiny_chat_base, chat_adapters[0], EXAMPLES[0][:1], encoder.tokenizer, end_of_turn=False)
+    for path, expected in reference.items():
+        assert relative_difference(ours[path][0], expected) < bound, path
+        assert relative_difference(ours[path][0], without[path]) > 100 * bound, path
 
 
 @pytest.mark.parametrize("kind", ["gram", "fisher"])
@@ -115,12 +154,12 @@ def test_statistics_match_the_float64_reference(kind, base, tiny_chat_base, chat
     Each layer's inputs then differ by ρ = L·√d·eps32 relative (numerics.logits_bound): a Gram
     matrix (x xᵀ) by 2ρ. A gradient g xᵀ adds the backward pass's own ρ; its square doubles the
     relative error again: 4ρ."""
-    model, tokenizer = base
-    ours = collect_statistics(kind, model, tokenizer, sources[:2], EXAMPLES[:2])
+    model, encoder = base
+    ours = collect_statistics(kind, model, encoder, sources[:2], EXAMPLES[:2])
     rho = logits_bound(model.config, 0.0)
     bound = 2 * rho if kind == "gram" else 4 * rho
     for i in range(2):
-        reference = reference_statistics(kind, tiny_chat_base, chat_adapters[i], EXAMPLES[i], model, tokenizer)
+        reference = reference_statistics(kind, tiny_chat_base, chat_adapters[i], EXAMPLES[i], encoder.tokenizer)
         assert set(reference) <= set(ours)
         for path, expected in reference.items():
             assert relative_difference(ours[path][i], expected) < bound, (path, i)
@@ -175,9 +214,9 @@ def test_regmean_end_to_end_against_the_reference(base, tiny_chat_base, chat_ada
     """The whole pipeline against RegMean on full float64 weights: W* = (Σ W_s G̃_s)(Σ G̃_s)⁻¹, minus W0.
     Grams differ by 2ρ (above); the solve turns that into at most κ(M)·4ρ (perturbation of a linear
     system in both sides), plus the cast of the factors."""
-    model, tokenizer = base
+    model, encoder = base
     result = merge_with_data(sources, "regmean", EXAMPLES, tiny_chat_base, rank=FULL)
-    references = [reference_statistics("gram", tiny_chat_base, d, e, model, tokenizer) for d, e in zip(chat_adapters, EXAMPLES)]
+    references = [reference_statistics("gram", tiny_chat_base, d, e, encoder.tokenizer) for d, e in zip(chat_adapters, EXAMPLES)]
     rho = logits_bound(model.config, 0.0)
     for path, delta in result.adapter.modules.items():
         grams = [shrink(r[path], 0.9) for r in references]
@@ -273,6 +312,15 @@ def test_bad_example_files(text, message, tmp_path: Path) -> None:
 def test_bad_recipes(recipe, message) -> None:
     with pytest.raises(RecipeError, match=message.replace("(", "\\(").replace(")", "\\)")):
         parse_recipe(recipe)
+
+
+def test_base_model_refusals(tiny_chat_base, tmp_path: Path) -> None:
+    """The one loader (the serving runtime's and these merges') says what a directory lacks."""
+    with pytest.raises(RecipeError, match="not a model directory \\(no config.json\\); give a transformers model directory"):
+        load_base(tmp_path)
+    (tmp_path / "config.json").write_text((tiny_chat_base / "config.json").read_text())
+    with pytest.raises(RecipeError, match="no tokenizer; the examples are tokenized with the base model's tokenizer"):
+        load_base(tmp_path)
 
 
 def test_refusals_at_merge_time(tiny_chat_base, sources) -> None:

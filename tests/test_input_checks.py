@@ -12,7 +12,7 @@ import pytest
 
 from adapter_fusion import load_adapter, merge
 from adapter_fusion.errors import AdapterFormatError, RecipeError
-from adapter_fusion.lorahub import check_settings
+from adapter_fusion.lorahub import SearchSettings
 from adapter_fusion.recipe import parse_recipe
 
 BAD_NUMBERS = [float("nan"), float("inf"), float("-inf"), 1e308]
@@ -49,7 +49,7 @@ def test_method_parameters_must_be_finite(method: str, key: str) -> None:
 )
 def test_lorahub_settings_are_checked_before_any_work(settings: dict, message: str) -> None:
     with pytest.raises(RecipeError, match=message):
-        check_settings(**{"n_sources": 2, "n_examples": 1, "budget": 40, "optimizer": "NGOpt", **settings})
+        SearchSettings(**{"budget": 40, "optimizer": "NGOpt", **settings})
 
 
 @pytest.mark.parametrize(

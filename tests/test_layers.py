@@ -94,3 +94,14 @@ def test_no_module_over_the_line_budget() -> None:
 def test_the_server_installs_inside_the_project_namespace(tmp_path: Path) -> None:
     probe = "import importlib.util as u; print(u.find_spec('adapter_fusion.server.app') is not None, u.find_spec('server') is None)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=tmp_path).stdout.split() == ["True", "True"]
+
+
+def test_module_names_are_distinct() -> None:
+    """One name, one module: no two files of the library, the server, the benchmarks, the examples
+    or the tests share a name (a reader looking for `base.py` or `registry.py` finds one)."""
+    where: dict[str, list[str]] = {}
+    for folder in ("adapter_fusion", "server", "bench", "examples", "tests"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path.name not in ("__init__.py", "conftest.py"):
+                where.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    assert {name: paths for name, paths in where.items() if len(paths) > 1} == {}

@@ -9,7 +9,7 @@ import pytest
 
 from adapter_fusion import load_adapter, merge
 from adapter_fusion.errors import IncompatibleAdaptersError, RecipeError
-from adapter_fusion.lorahub import SearchCancelled, lorahub_search, runtime_objective, search
+from adapter_fusion.lorahub import SearchCancelled, SearchSettings, lorahub_search, runtime_objective, search
 from adapter_fusion.models import tiny_t5
 from adapter_fusion.runtime import Runtime
 from tests.conftest import PLANTED, write_peft_adapter
@@ -57,11 +57,11 @@ def test_search_plumbing_on_a_known_objective() -> None:
         return [float(((w - target) ** 2).sum()) for w in W]
 
     seen = []
-    result = search(quadratic, 3, budget=200, optimizer="NGOpt", l1=0.0, on_progress=seen.append)
+    result = search(quadratic, 3, SearchSettings(budget=200, optimizer="NGOpt", l1=0.0), on_progress=seen.append)
     assert np.abs(np.array(result.weights) - target).max() < 0.1
     assert seen[-1].evaluations == 200 and seen[-1].best_loss == result.best_loss
     assert all(-1.5 <= w <= 1.5 for w in result.weights)
-    failing = search(lambda W: [float("nan")] * len(W), 2, budget=5)
+    failing = search(lambda W: [float("nan")] * len(W), 2, SearchSettings(budget=5))
     assert failing.losses == [1e6] * 5  # non-finite losses are reported, not raised
 
 

@@ -40,7 +40,7 @@ def test_the_estimate_bounds_every_output(tiny_adapters: list[Path], method: str
 def test_dense_work_counts_sources_that_lack_a_module(tiny_adapters: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """An elementwise method forms zeros for a source without the module: counted, as the merge does it.
     The values formed are counted from the primitives themselves (every block of rows of every source)."""
-    from adapter_fusion.merge.base import ModuleSources
+    from adapter_fusion.merge.method_types import ModuleSources
 
     full, qv = load_adapter(tiny_adapters[0]), load_adapter(tiny_adapters[3])  # all projections; q and v only
     formed = []

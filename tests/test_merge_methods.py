@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from adapter_fusion import METHODS, load_adapter, merge
 from adapter_fusion.errors import IncompatibleAdaptersError, RecipeError
 from adapter_fusion.merge import driver
-from adapter_fusion.merge.base import ModuleSources
+from adapter_fusion.merge.method_types import ModuleSources
 
 WEIGHTS = [0.6, -0.4, 0.8, 0.5]
 EPS32 = torch.finfo(torch.float32).eps  # 2^-23, twice the unit roundoff u of float32

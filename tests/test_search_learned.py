@@ -51,7 +51,7 @@ def test_learned_over_grpc_is_the_library_fit(served, tiny_chat_base: Path, per:
     # the same float32 computation in the same order on the same inputs: only the summation order
     # of a batched forward could differ, a few ulps of the loss, which Adam's 8 steps of lr 0.05
     # carry into the coefficients at most ~1e-5
-    reference = fit_coefficients(Runtime(tiny_chat_base), [load_adapter(p) for p in paths], EXAMPLES, per, [0.0] * 3, 8, 0.05, seed=3)
+    reference = fit_coefficients(Runtime(tiny_chat_base), [load_adapter(p) for p in paths], EXAMPLES, {"per": per, "steps": 8, "lr": 0.05}, init=[0.0] * 3, seed=3)
     adapter = running.running.engine.registry.get(f"fitted-{per}")
     fitted = adapter.extra["learned"]
     assert fitted["per"] == per and len(fitted["losses"]) == 8

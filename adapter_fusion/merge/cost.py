@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from adapter_fusion.adapters import Adapter
-from adapter_fusion.merge.base import MergeMethod
+from adapter_fusion.merge.method_types import MergeMethod
 
 FLOAT32_BYTES = 4
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from adapter_fusion.adapters import Adapter, check_compatible
 from adapter_fusion.delta import LowRankDelta, Truncation, truncate_all
 from adapter_fusion.errors import RecipeError
-from adapter_fusion.merge.base import MergeMethod, ModuleSources, Params
+from adapter_fusion.merge.method_types import MergeMethod, ModuleSources, Params
 from adapter_fusion.merge.methods import get_method, parse_parameters
 
 

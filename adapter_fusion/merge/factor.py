@@ -12,7 +12,7 @@ from typing import Literal
 
 from adapter_fusion.delta import LowRankDelta
 from adapter_fusion.errors import IncompatibleAdaptersError
-from adapter_fusion.merge.base import MergeMethod, ModuleSources, Params
+from adapter_fusion.merge.method_types import MergeMethod, ModuleSources, Params
 
 
 class FactorLinearParams(Params):

@@ -10,11 +10,14 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from adapter_fusion.delta import LowRankDelta
-from adapter_fusion.merge.base import MergeMethod, ModuleSources, Params
+from adapter_fusion.merge.method_types import MergeMethod, ModuleSources, Params
 from adapter_fusion.merge.linear import weighted_concat
 
 
 class LearnedParams(Params):
+    """A learned fit's settings, checked here only: a recipe's parameters, SearchWeights and
+    `coefficient_fit` (`learned_settings`) all validate through this model."""
+
     per: Literal["source", "layer", "module"] = "source"  # one coefficient per source, per (block, source) or per (module, source)
     steps: Annotated[int, Field(ge=1, le=10_000)] = 30  # Adam steps
     lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.1

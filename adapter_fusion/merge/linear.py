@@ -8,7 +8,7 @@ Negative weights subtract a task (task arithmetic's negation).
 from __future__ import annotations
 
 from adapter_fusion.delta import LowRankDelta
-from adapter_fusion.merge.base import MergeMethod, ModuleSources, Params
+from adapter_fusion.merge.method_types import MergeMethod, ModuleSources, Params
 
 
 class NoParams(Params):

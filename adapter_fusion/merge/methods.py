@@ -6,7 +6,7 @@ from pydantic import ValidationError
 
 from adapter_fusion.errors import RecipeError
 from adapter_fusion.merge import factor, fisher, learned, linear, regmean, slerp, sparse, stock
-from adapter_fusion.merge.base import MergeMethod, Params
+from adapter_fusion.merge.method_types import MergeMethod, Params
 
 METHODS: dict[str, MergeMethod] = {
     m.name: m

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from adapter_fusion.delta import LowRankDelta, inner
 from adapter_fusion.errors import RecipeError
-from adapter_fusion.merge.base import MergeMethod, ModuleSources, Params
+from adapter_fusion.merge.method_types import MergeMethod, ModuleSources, Params
 
 
 class SlerpParams(Params):

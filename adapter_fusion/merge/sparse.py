@@ -31,7 +31,7 @@ from torch import Tensor
 
 from adapter_fusion.errors import RecipeError
 from adapter_fusion.merge import _ops
-from adapter_fusion.merge.base import MergeMethod, ModuleSources, Params
+from adapter_fusion.merge.method_types import MergeMethod, ModuleSources, Params
 
 Density = Annotated[float, Field(gt=0.0, le=1.0, description="fraction of entries kept")]
 SAMPLE_ROWS = 64  # rows per source sampled to bracket a magnitude threshold

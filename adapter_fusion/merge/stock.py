@@ -25,7 +25,7 @@ from torch import Tensor
 
 from adapter_fusion.delta import LowRankDelta
 from adapter_fusion.errors import RecipeError
-from adapter_fusion.merge.base import MergeMethod, ModuleSources, Params
+from adapter_fusion.merge.method_types import MergeMethod, ModuleSources, Params
 
 
 class ModelStockParams(Params):

@@ -152,7 +152,7 @@ def test_the_work_cap_is_checked_on_exact_token_counts(tmp_path: Path, tok_base:
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert f"learned would run {tokens * steps:,} example tokens through the model ({tokens:,} tokens × {steps} steps); this server's cap is {tokens * steps - 1:,}" in message, message
         compose(client, "fits", make_recipe("learned", {"alpha": 0.5, "beta": 0.5}, examples=examples, steps=steps - 1))
-        per_source = {"alpha": examples * 2, "beta": examples * 2}  # no target end-of-turn token here: counted as regmean runs them
+        per_source = {"alpha": examples * 2, "beta": examples * 2}  # counted as regmean runs them (targets as learned fits them)
         regmean = statistics_examples_cost("gram", tok_base, [_load(p) for p in tok_adapters[:2]], list(per_source.values()), True).work_tokens
         assert regmean > tokens * steps - 1 >= regmean // 2  # each source's tokens under N, together over
         code, message, _ = refusal(client, make_recipe("regmean", {"alpha": 1.0, "beta": 1.0}, source_examples=per_source))

@@ -1,6 +1,6 @@
 """LoraHub speed against the original package (quality: bench/composition.py, every method in one table).
 
-    python bench/lorahub.py [--budget 40]           # -> bench/results/lorahub_speed.md
+    python bench/lorahub_speed.py [--budget 40]           # -> bench/results/lorahub_speed.md
 
 Small random T5s (seq2seq, as the original requires) with 20 rank-16 LoRA adapters and the
 same examples; the original `lorahub` package (PyPI lorahub==0.1.0, installed with the project's
@@ -15,7 +15,6 @@ both final weights are scored with one objective (mean target cross-entropy per 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,9 +38,6 @@ def _version(package: str) -> str:
 
 
 def speed(args: argparse.Namespace) -> None:
-    here = Path(__file__).parent.resolve()
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]  # this file is also named lorahub
-    sys.modules.pop("lorahub", None)
     from lorahub import algorithm as original
 
     lines = [

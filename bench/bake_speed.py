@@ -1,6 +1,6 @@
 """Bake: ours vs PEFT (load + merge_and_unload + save_pretrained), wall time and peak RSS.
 
-    python bench/bake.py [--size-gb 2.5] [--skip-synthetic] [--skip-smollm2]
+    python bench/bake_speed.py [--size-gb 2.5] [--skip-synthetic] [--skip-smollm2]
 
 Each path runs in its own subprocess, on the same base and adapter, same shard cap, and reports its
 own peak RSS: VmHWM from /proc/self/status, the high-water mark of the address space that exec
