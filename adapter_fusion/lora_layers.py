@@ -32,6 +32,7 @@ from transformers.pytorch_utils import Conv1D
 from adapter_fusion import packed_linear
 
 
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # Llama-family siblings called with one input
 GROUPED_SLOTS = 1  # a decode step routed to at most this many slots runs slot by slot; measured by bench/serve.py (CPU: dense from 2 slots)
 
 
@@ -77,13 +78,14 @@ class MultiLoraLinear(nn.Module):
         # (end - start,) over the routed span: this layer's own factor per column, on top of the
         # routing's per-row weights (learned per-module coefficients); None: 1. Set by `scale_columns`
         self.column_scale: Tensor | None = None
-        self.packed: Tensor | None = None  # the base weight prepacked for oneDNN (`pack`), used without autograd
+        # the base projection on a oneDNN-packed weight (`pack`, `share_inputs`), used without autograd
+        self.packed: packed_linear.Packed | packed_linear.Sibling | None = None
 
     def pack(self) -> None:
         """Keep a oneDNN-packed copy of the base weight for forwards without autograd, if this CPU
         and dtype allow (`adapter_fusion.packed_linear`)."""
         weight = self.base.weight.T if isinstance(self.base, Conv1D) else self.base.weight  # (out, in)
-        self.packed = packed_linear.pack(weight) if packed_linear.packable(weight) else None
+        self.packed = packed_linear.Packed(weight, self.base.bias) if packed_linear.packable(weight) else None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -94,7 +96,7 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # x (batch, seq, in)
         # a fresh tensor either way: the deltas are added into it in place
-        y = self.base(x) if self.packed is None or torch.is_grad_enabled() else packed_linear.linear(x, self.packed, self.base.bias)
+        y = self.base(x) if self.packed is None or torch.is_grad_enabled() else self.packed(x)
         routing = self.routing
         if routing is None or self.holds.isdisjoint(routing.slots):
             return y
@@ -137,6 +139,26 @@ def inject(model: nn.Module, targets: list[str] | None = None) -> dict[str, Mult
         setattr(model.get_submodule(parent_path) if parent_path else model, leaf, wrapped)
         layers[path] = wrapped
     return layers
+
+
+def share_inputs(layers: dict[str, MultiLoraLinear]) -> None:
+    """Pack each module's siblings that read one input (`SHARED_INPUTS`) as one weight
+    (`packed_linear.SharedInput`), where all of them are packed Linears of one input width."""
+    for names in SHARED_INPUTS:
+        parents: dict[str, dict[str, MultiLoraLinear]] = {}
+        for path, layer in layers.items():
+            parent, _, leaf = path.rpartition(".")
+            if leaf in names:
+                parents.setdefault(parent, {})[leaf] = layer
+        for siblings in parents.values():
+            members = [siblings.get(name) for name in names]
+            if any(m is None or m.packed is None or not isinstance(m.base, nn.Linear) for m in members):
+                continue
+            if len({(m.base.in_features, m.base.weight.dtype) for m in members}) > 1:
+                continue
+            shared = packed_linear.SharedInput([m.base.weight for m in members], [m.base.bias for m in members])
+            for i, member in enumerate(members):
+                member.packed = shared.member(i)
 
 
 @contextmanager

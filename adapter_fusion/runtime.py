@@ -13,7 +13,7 @@ from torch import Tensor
 from adapter_fusion.adapters import Adapter
 from adapter_fusion.attention import use_decode_attention
 from adapter_fusion.base_model import load_base
-from adapter_fusion.lora_layers import inject, route, scale_columns
+from adapter_fusion.lora_layers import inject, route, scale_columns, share_inputs
 from adapter_fusion.nll import IGNORED, summed_nll
 from adapter_fusion.packed_linear import pack_head
 from adapter_fusion.slots import Route, SlotBank, routes_of
@@ -45,6 +45,7 @@ class Runtime:
         self.layers = inject(self.model, None if targets is None else list(targets))
         for layer in self.layers.values():
             layer.pack()
+        share_inputs(self.layers)
         pack_head(self.model)
         use_decode_attention(self.model)
         self.slots = SlotBank(self.layers, self.device, self.dtype, slot_columns)

@@ -14,6 +14,7 @@ from adapter_fusion import load_adapter
 from adapter_fusion.attention import NAME, decode_attention
 from adapter_fusion.runtime import Runtime
 from adapter_fusion.decoding import greedy
+from adapter_fusion.packed_linear import SharedInput, Sibling
 
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}
 
@@ -72,6 +73,8 @@ def test_packed_runtime_decodes_as_the_plain_model(tiny_chat_base: Path, tiny_ad
     assert packed.model.config._attn_implementation == NAME and plain.model.config._attn_implementation == "sdpa"
     if torch.backends.mkldnn.is_available():
         assert all(layer.packed is not None for layer in packed.layers.values())
+        shared = {path.rsplit(".", 1)[-1] for path, layer in packed.layers.items() if isinstance(layer.packed, Sibling)}
+        assert shared == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}  # o_proj and down_proj read inputs of their own
     adapters = [load_adapter(p) for p in tiny_adapters[2:]]  # rank 8 on every target, rank 4 on q and v
     for runtime in (packed, plain):
         runtime.set_slots([[a] for a in adapters])
@@ -84,6 +87,28 @@ def test_packed_runtime_decodes_as_the_plain_model(tiny_chat_base: Path, tiny_ad
     with torch.no_grad(), plain.routed(rows):
         plain_logits = plain.model(ids).logits
     torch.testing.assert_close(packed_logits, plain_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN packing is CPU-only")
+def test_shared_input_siblings_each_get_their_own_projection() -> None:
+    """Whatever the call order, a repeated call, or an input of its own: each sibling's output is
+    its own x Wᵀ + b, and writing into one (as an adapter's delta is added) touches no other."""
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(n, 8, generator=g) for n in (6, 2, 2)]
+    biases = [torch.randn(6, generator=g), None, torch.randn(2, generator=g)]
+    shared = SharedInput(weights, biases)
+    q, k, v = (shared.member(i) for i in range(3))
+    x, other = torch.randn(3, 1, 8, generator=g), torch.randn(3, 1, 8, generator=g)
+
+    def want(i: int, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, weights[i], biases[i])
+
+    got_k = k(x)  # not the first sibling first
+    got_k += 100.0  # an adapter's delta, in place
+    torch.testing.assert_close(q(x), want(0, x))
+    torch.testing.assert_close(k(x), want(1, x))  # called again: computed afresh, not the slice written above
+    torch.testing.assert_close(v(other), want(2, other))  # another input: its own
+    torch.testing.assert_close(v(x), want(2, x))
 
 
 def test_a_differentiable_forward_reads_the_plain_weights(tiny_chat_base: Path, tiny_adapters: list[Path]) -> None:
