@@ -10,7 +10,7 @@ import importlib
 _WHERE = {
     "Adapter": "adapter_fusion.adapters",
     "load_adapter": "adapter_fusion.adapters",
-    "save_adapter": "adapter_fusion.adapters",
+    "save_adapter": "adapter_fusion.adapter_save",
     "LowRankDelta": "adapter_fusion.delta",
     "METHODS": "adapter_fusion.merge",
     "MergeResult": "adapter_fusion.merge",

@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapter_fusion.adapters import Adapter, write_adapter_files
+from adapter_fusion.adapter_save import write_adapter_files
+from adapter_fusion.adapters import Adapter
 from adapter_fusion.atomic import atomic_directory, is_ours
 from adapter_fusion.errors import LimitExceededError
 from adapter_fusion.merge import get_method, merge

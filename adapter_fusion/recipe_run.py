@@ -9,7 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from adapter_fusion.adapters import Adapter, load_adapter, save_adapter
+from adapter_fusion.adapter_save import save_adapter
+from adapter_fusion.adapters import Adapter, load_adapter
 from adapter_fusion.errors import OutputExistsError, RecipeError
 from adapter_fusion.fit_cost import FitBounds
 from adapter_fusion.merge import MergeResult, get_method, merge

@@ -44,8 +44,8 @@ class Inputs:
 
     def example_ids(self, examples, raw: bool, where: str = "", fit: bool = False) -> tuple[list[list[int]], list[list[int]]]:
         """Token ids of each example's input and target, every limit checked; `where` names the
-        set in errors (a recipe has several). For a `fit`, targets are as fits learn them
-        (`Encoder.answer_ids`); Score reads them as given."""
+        set in errors (a recipe has several). For a `fit`, examples are as fits learn them
+        (`Encoder.example_ids`); Score reads targets as given."""
         at = f"{where}: " if where else ""
         if not examples:
             raise InvalidRequestError(f"{at}at least one example is needed")
@@ -57,7 +57,10 @@ class Inputs:
             if not ex.input.strip() or not ex.target:
                 raise InvalidRequestError(f"{at}example {i} needs a non-empty input and target")
             text, target = self.text(ex.input, f"{at}example {i}'s input"), self.text(ex.target, f"{at}example {i}'s target")
-            prompts.append(self.capped(encoder.text_ids(text) if raw else encoder.chat_ids(text), f"{at}example {i}'s input", limits.max_prompt_tokens))
-            target_ids = encoder.answer_ids(target, not raw) if fit else encoder.text_ids(target)
+            if fit:  # the same tokens a fit of the library learns (`Encoder.example_ids`)
+                prompt_ids, target_ids = encoder.example_ids(text, target, not raw)
+            else:
+                prompt_ids, target_ids = encoder.text_ids(text) if raw else encoder.chat_ids(text), encoder.text_ids(target)
+            prompts.append(self.capped(prompt_ids, f"{at}example {i}'s input", limits.max_prompt_tokens))
             targets.append(self.capped(target_ids, f"{at}example {i}'s target", limits.max_target_tokens))
         return prompts, targets

@@ -17,7 +17,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 
-from adapter_fusion.adapters import load_adapter, saved_bytes, write_adapter_files
+from adapter_fusion.adapter_save import saved_bytes, write_adapter_files
+from adapter_fusion.adapters import load_adapter
 from adapter_fusion.atomic import MARKER_BYTES, atomic_directory, tree_bytes
 from adapter_fusion.bake import bake, planned_bytes
 from adapter_fusion.engines.base import ServingEngine

@@ -29,7 +29,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from adapter_fusion.adapters import WEIGHTS_NAME, Adapter, load_adapter, read_config, saved_bytes, write_adapter_files
+from adapter_fusion.adapter_save import saved_bytes, write_adapter_files
+from adapter_fusion.adapters import WEIGHTS_NAME, Adapter, load_adapter, read_config
 from adapter_fusion.atomic import MARKER_BYTES, atomic_directory, fsync_path, remove_tree, sweep_leftovers, tree_bytes
 from adapter_fusion.errors import AdapterFormatError, quoted
 from adapter_fusion.entries import AdapterInfo

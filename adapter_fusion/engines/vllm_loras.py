@@ -26,7 +26,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapter_fusion.adapters import Adapter, write_adapter_files
+from adapter_fusion.adapter_save import write_adapter_files
+from adapter_fusion.adapters import Adapter
 from adapter_fusion.atomic import atomic_directory
 from adapter_fusion.entries import Entry, Hold
 from adapter_fusion.mix_cache import MixCache

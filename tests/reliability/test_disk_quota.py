@@ -10,7 +10,8 @@ from pathlib import Path
 
 import grpc
 
-from adapter_fusion.adapters import load_adapter, saved_bytes
+from adapter_fusion.adapter_save import saved_bytes
+from adapter_fusion.adapters import load_adapter
 from adapter_fusion.atomic import tree_bytes
 from adapter_fusion.client import Client
 from adapter_fusion.v1 import adapter_fusion_pb2 as pb
