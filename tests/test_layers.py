@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
 LIBRARY = ROOT / "adapter_fusion"
-ABOVE_THE_LIBRARY = {LIBRARY / "cli.py", LIBRARY / "cluster"}  # the command and the cluster sit on top of the server
+ABOVE_THE_LIBRARY = {LIBRARY / "cli", LIBRARY / "cluster"}  # the command and the cluster sit on top of the server
 
 
 def test_the_client_imports_no_torch_and_no_server() -> None:
