@@ -82,15 +82,15 @@ class ServingSettings(BaseModel):
     def core_config(self, *, local: bool, **listener) -> ServerConfig:
         """The `ServerConfig` these settings describe, its `base_dir` left empty: set it from
         `base_dir()` after whatever can be refused was checked (finding the default base may
-        convert it, ~25 s). `local`: it serves in this process, so the
-        device and dtype are checked here (before the store or the model) and the dtype is chosen
-        for this machine's CPU; else (a cluster replica, possibly on another node) paths are made
-        absolute and the device is the replica's to check. `listener`: host, port, TLS and
-        connection fields (`ServeSettings`)."""
+        convert it, ~25 s). `local`: it serves in this process, so the device and dtype are
+        checked here (before the store or the model) and the dtype is chosen for this machine's
+        CPU; else (a cluster replica, perhaps on another node) paths are made absolute and the
+        device and dtype are the replica's to resolve. `listener`: the host, port, TLS and
+        connection fields of a standalone server (`ServeSettings`)."""
         # imported here: `adapter-fusion --help` builds its options from this module and loads no torch
-        from adapter_fusion.engines.builtin import Limits
         from adapter_fusion.engines.vllm_setup import VllmSettings
-        from adapter_fusion.models import DEMO_ADAPTERS, cache_dir, default_base, resolve_device, resolve_dtype, serving_dtype
+        from adapter_fusion.limits import Limits
+        from adapter_fusion.models import DEMO_ADAPTERS, cache_dir, resolve_device, resolve_dtype, serving_dtype
         from adapter_fusion.server.app import ServerConfig
         from adapter_fusion.server.served import ServiceLimits
 

@@ -2,6 +2,6 @@
 
 Without Ray: `routing` (the key a client routes by; the client imports it), `catalog` (the store
 shared by every replica), `wire` (what a replica hands the ingress), `proxy_servicers` (what Ray
-Serve's gRPC proxy registers). With Ray: `ingress` and `replica`, the two deployments, and
+Serve's gRPC proxy registers), `settings` (what the command and a Serve config file set). With Ray: `ingress` and `replica`, the two deployments, and
 `launch`, which starts or joins a Ray cluster and deploys them (`adapter-fusion cluster`).
 """
