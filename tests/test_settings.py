@@ -4,6 +4,8 @@ variables still work, and a bad value is refused, naming the flag, before anythi
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import types
 import typing
 from enum import Enum
@@ -59,6 +61,7 @@ def parsed(settings: type[Settings], args: list[str], env: dict[str, str] | None
 def test_the_old_flags_and_environment_variables_still_work() -> None:
     assert options("serve") == SERVE_FLAGS
     assert set(options("cluster")) == (set(SERVE_FLAGS) - {flag(ServeSettings, n) for n in LISTENER}) | {"--port"} | set(CLUSTER_ONLY)
+    assert {k: v for k, v in options("cluster").items() if v} == {k: v for k, v in SERVE_FLAGS.items() if v and k != "--host"}
     settings = parsed(ServeSettings, ["--adapter-root", "a", "--adapter-root", "b", "--engine", "vllm"], env={"ADAPTER_FUSION_PORT": "6000"})
     assert settings.adapter_roots == [Path("a"), Path("b")] and settings.engine.value == "vllm" and settings.port == 6000
     assert parsed(ServeSettings, []) == ServeSettings()  # the defaults are the model's (absent lists: None, not [])
@@ -132,3 +135,8 @@ def test_a_bad_value_is_refused_naming_the_flag_before_anything_starts(command_n
     result = runner.invoke(app, [command_name, "--store", str(tmp_path / "store"), "--base", str(tmp_path / "no-model"), *args])
     assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
     assert not (tmp_path / "store").exists()  # no store opened, no model loaded, no Ray started
+
+
+def test_the_command_shows_its_options_without_loading_torch() -> None:
+    probe = "import sys, adapter_fusion.cli; print(sorted(m for m in ('torch', 'ray', 'grpc') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"
