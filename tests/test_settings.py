@@ -85,6 +85,8 @@ def other_value(name: str, default: Any, annotation: Any, tmp_path: Path) -> Any
         return not default
     if isinstance(default, int | float):
         return default + 1 if isinstance(default, int) else default / 2
+    if isinstance(default, str):
+        return f"{default}-other"
     given = next(a for a in typing.get_args(annotation) if a is not types.NoneType)  # a field defaulting to None
     return {Path: tmp_path / name, list[Path]: [tmp_path / name], int: 3, float: 1.5, str: f"{name}-value"}[given]
 
@@ -94,6 +96,14 @@ def test_every_serving_option_reaches_the_server_config(name: str, tmp_path: Pat
     field = ServingSettings.model_fields[name]
     changed = ServingSettings(**{name: other_value(name, field.default, field.annotation, tmp_path)})
     assert changed.core_config(local=False) != ServingSettings().core_config(local=False), f"{flag(ServingSettings, name)} changes nothing"
+
+
+@pytest.mark.parametrize("name", sorted(LISTENER))
+def test_every_listener_option_reaches_the_server_config(name: str, tmp_path: Path) -> None:
+    field = ServeSettings.model_fields[name]
+    given = {"base": tmp_path, "tls_cert": tmp_path / "cert.pem", "tls_key": tmp_path / "key.pem"}  # the TLS pair goes together
+    changed = ServeSettings(**{**given, name: other_value(name, field.default, field.annotation, tmp_path)})
+    assert changed.server_config() != ServeSettings(**given).server_config(), f"{flag(ServeSettings, name)} changes nothing"
 
 
 def test_a_cluster_option_new_to_the_command_reaches_the_replicas_config(tmp_path: Path) -> None:
