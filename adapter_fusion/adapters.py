@@ -20,17 +20,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from adapter_fusion.adapter_save import save_adapter, saved_bytes, write_adapter_files
 from adapter_fusion.delta import LowRankDelta
 from adapter_fusion.errors import IncompatibleAdaptersError, UnsupportedAdapterError
 from adapter_fusion.peft_format import (
     CONFIG_NAME, DTYPES, KEY_PREFIX, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, check_supported, fail, read_config, scale_fields, target_patterns,
 )
 
-# the format's names and the writer, where callers have always found them
+# the format's names, where callers have always found them
 __all__ = [
     "CONFIG_NAME", "DTYPES", "PICKLE_WEIGHTS_NAME", "WEIGHTS_NAME", "Adapter", "check_compatible", "load_adapter", "read_config",
-    "save_adapter", "saved_bytes", "write_adapter_files",
 ]
 # PEFT names factors "<module>.lora_A.weight"; older files keep the adapter name before ".weight".
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")

@@ -70,3 +70,22 @@ def test_the_kuberay_example_matches_the_code() -> None:
     assert application["import_path"] == "adapter_fusion.cluster.launch:app_builder"
     AppArgs.model_validate(application["args"])
     assert service["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
+
+
+def test_app_builder_takes_every_serving_option_but_the_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its args are `AppArgs` (tests/test_settings.py checks each reaches the replicas' config)."""
+    from pydantic import ValidationError
+    from ray import serve
+
+    from adapter_fusion.cluster.launch import app_builder
+
+    paths = {"base": str(tmp_path / "base"), "store": str(tmp_path / "store")}
+    monkeypatch.setenv("ADAPTER_FUSION_TOKEN", "from-a-secret")
+    with pytest.raises(ValidationError, match=r"token: set \$ADAPTER_FUSION_TOKEN"):
+        app_builder({**paths, "token": "in-the-file"})
+    with pytest.raises(ValidationError, match="tls_cert\n  Extra inputs are not permitted"):
+        app_builder({**paths, "tls_cert": "cert.pem"})
+    with pytest.raises(ValidationError, match="max_batch\n  Input should be greater than or equal to 1"):
+        app_builder({**paths, "max_batch": -3})
+    options = {"max_queue": 7, "max_prompt_tokens": 100, "engine": "vllm", "max_lora_rank": 64, "device": "cpu", "store_quota_mb": 5}
+    assert isinstance(app_builder({**paths, **options}), serve.Application)

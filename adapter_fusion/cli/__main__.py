@@ -1,0 +1,3 @@
+from adapter_fusion.cli import main
+
+main()
