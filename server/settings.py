@@ -7,6 +7,7 @@ The command line is made from these fields (`adapter_fusion.cli.options`), and
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -88,13 +89,15 @@ class ServingSettings(BaseModel):
         device and dtype are the replica's to resolve. `listener`: the host, port, TLS and
         connection fields of a standalone server (`ServeSettings`)."""
         # imported here: `adapter-fusion --help` builds its options from this module and loads no torch
-        from adapter_fusion.engines.vllm_setup import VllmSettings
+        from adapter_fusion.engines.vllm_setup import VllmSettings, device_environment
         from adapter_fusion.limits import Limits
         from adapter_fusion.models import DEMO_ADAPTERS, cache_dir, resolve_device, resolve_dtype, serving_dtype
         from adapter_fusion.server.app import ServerConfig
         from adapter_fusion.server.served import ServiceLimits
 
         dtype = self.dtype
+        if self.engine is EngineName.vllm:  # a device vLLM cannot be placed on, refused before anything loads
+            device_environment(self.device, self.tensor_parallel_size, os.environ if local else {})
         if local:
             dtype = dtype or serving_dtype(self.device)
             resolve_dtype(dtype, resolve_device(self.device))  # a bad --device or --dtype refused before the store and the model load

@@ -147,6 +147,14 @@ def test_a_bad_value_is_refused_naming_the_flag_before_anything_starts(command_n
     assert not (tmp_path / "store").exists()  # no store opened, no model loaded, no Ray started
 
 
+@pytest.mark.parametrize("command_name", ["serve", "cluster"])
+def test_a_device_vllm_cannot_run_on_is_refused_before_anything_starts(command_name: str, tmp_path: Path) -> None:
+    args = ["--engine", "vllm", "--device", "cuda:0", "--tensor-parallel-size", "2", "--token", "t"]
+    result = runner.invoke(app, [command_name, "--store", str(tmp_path / "store"), "--base", str(tmp_path / "no-model"), *args])
+    assert result.exit_code == 2 and "--device cuda:0 names one GPU but --tensor-parallel-size is 2" in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "store").exists()
+
+
 def test_the_command_shows_its_options_without_loading_torch() -> None:
     probe = "import sys, adapter_fusion.cli; print(sorted(m for m in ('torch', 'ray', 'grpc') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"
