@@ -56,10 +56,17 @@ class SharedInput:
     called with an input computes every one's output; each takes its column slice (a view, its
     own columns: adding its adapter into it in place touches no sibling's), and the shared result
     is let go once all have taken theirs. A projection called again, or with another input,
-    computes afresh, so any call order gives each its own x Wᵀ + b."""
+    computes afresh, so any call order gives each its own x Wᵀ + b. Siblings that turn out not to
+    share their input (cross-attention: q reads the decoder, k and v the encoder; layers that reuse
+    another's keys) leave outputs untaken: after `MISSES` of those each is packed alone."""
+
+    MISSES = 3  # a fault between siblings leaves one too: a few are forgiven
 
     def __init__(self, weights: list[Tensor], biases: list[Tensor | None]) -> None:  # weights (out_i, in)
-        self.weight = pack(torch.cat(weights))
+        self.weights, self.biases = weights, biases  # the plain ones: packed alone if these siblings do not share
+        self.weight: Tensor | None = pack(torch.cat(weights))
+        self.alone: list[Packed] | None = None
+        self.misses = 0
         self.bias = None if all(b is None for b in biases) else torch.cat([w.new_zeros(len(w)) if b is None else b for w, b in zip(weights, biases)])
         ends = torch.tensor([len(w) for w in weights]).cumsum(0).tolist()
         self.columns = list(zip([0, *ends[:-1]], ends))
@@ -71,8 +78,15 @@ class SharedInput:
         return Sibling(self, i)
 
     def output(self, i: int, x: Tensor) -> Tensor:  # x (..., in) -> (..., out_i), a view
-        if x is not self._input or i not in self._waiting:
-            self._input, self._output, self._waiting = x, linear(x, self.weight, self.bias), set(range(len(self.columns)))
+        if self.alone is None and (x is not self._input or i not in self._waiting):
+            self.misses += bool(self._waiting)  # the last shared output was not taken by every sibling
+            if self.misses >= self.MISSES:
+                self.alone = [Packed(w, b) for w, b in zip(self.weights, self.biases)]
+                self.weight = self._input = self._output = None
+            else:
+                self._input, self._output, self._waiting = x, linear(x, self.weight, self.bias), set(range(len(self.columns)))
+        if self.alone is not None:
+            return self.alone[i](x)
         start, end = self.columns[i]
         y = self._output[..., start:end]
         self._waiting.discard(i)

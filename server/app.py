@@ -124,7 +124,7 @@ def build_engine(config: ServerConfig, reload: Callable, on_state: Callable[[str
         from adapter_fusion.engines.vllm_engine import VllmEngine
 
         engine = VllmEngine(config.base_dir, config.limits, config.vllm, reload, on_state, config.device, str(dtype).removeprefix("torch."))
-        return engine, ServedModel(config.base_dir, str(device), engine.encoder, config.limits)
+        return engine, ServedModel(config.base_dir, str(resolve_device(engine.device)), engine.encoder, config.limits)  # cuda:N is cuda now
     runtime = Runtime(config.base_dir, device=config.device, dtype=config.dtype, slot_columns=config.slot_columns)
     engine = Engine(runtime, config.limits, reload=reload, on_state=on_state)
     return engine, ServedModel(runtime.base_dir, str(runtime.device), runtime.encoder, config.limits)

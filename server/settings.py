@@ -109,8 +109,8 @@ class ServingSettings(BaseModel):
         return ServerConfig(
             base_dir=Path(),  # set by the caller, after its checks
             store_dir=paths([self.store or cache_dir() / "store"])[0],
-            adapter_roots=paths(self.adapter_roots or [DEMO_ADAPTERS]),
-            output_roots=paths(self.output_roots or [cache_dir() / "exports"]),
+            adapter_roots=paths([DEMO_ADAPTERS] if self.adapter_roots is None else self.adapter_roots),  # []: none
+            output_roots=paths([cache_dir() / "exports"] if self.output_roots is None else self.output_roots),
             preload=paths((demo if self.base is None else []) if self.preload is None else self.preload),  # the demo adapters fit only SmolLM2
             limits=Limits(
                 max_new_tokens=self.max_new_tokens,

@@ -111,6 +111,25 @@ def test_shared_input_siblings_each_get_their_own_projection() -> None:
     torch.testing.assert_close(v(x), want(2, x))
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN packing is CPU-only")
+def test_siblings_that_do_not_share_their_input_are_packed_alone() -> None:
+    """Cross-attention's q reads the decoder, k and v the encoder: after a few outputs left untaken,
+    each projection computes only its own columns and no shared output is held between calls."""
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(n, 8, generator=g) for n in (6, 2, 2)]
+    shared = SharedInput(weights, [None, None, None])
+    q, k, v = (shared.member(i) for i in range(3))
+    for _ in range(SharedInput.MISSES):
+        decoder, encoder = torch.randn(3, 1, 8, generator=g), torch.randn(3, 5, 8, generator=g)
+        torch.testing.assert_close(q(decoder), decoder @ weights[0].T)
+        torch.testing.assert_close(k(encoder), encoder @ weights[1].T)
+        torch.testing.assert_close(v(encoder), encoder @ weights[2].T)
+    out = q(decoder)
+    torch.testing.assert_close(out, decoder @ weights[0].T)
+    assert out.untyped_storage().nbytes() == out.numel() * out.element_size()  # its own 6 columns, not a slice of 10
+    assert shared._output is None
+
+
 def test_a_differentiable_forward_reads_the_plain_weights(tiny_chat_base: Path, tiny_adapters: list[Path]) -> None:
     """The packed copy has no backward: a forward that records gradients must not use it."""
     runtime = Runtime(tiny_chat_base)

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from adapter_fusion.cli import app
 from adapter_fusion.cli.options import Settings, flag, settings_command
 from adapter_fusion.cluster.cluster_settings import AppArgs, ClusterSettings
+from adapter_fusion.models import DEMO_ADAPTERS
 from adapter_fusion.server.settings import ServeSettings, ServingSettings
 
 runner = CliRunner()
@@ -126,6 +127,25 @@ def test_app_builder_args_refuse_the_token_and_what_only_a_standalone_server_has
             AppArgs.model_validate({**paths, key: "1"})
     with pytest.raises(ValidationError, match="base\n  Field required"):
         AppArgs.model_validate({"store": paths["store"]})
+    with pytest.raises(ValidationError, match="max_request_mb: Ray Serve's gRPC proxy reads its cap from RAY_SERVE_GRPC_MAX_MESSAGE_SIZE on every node"):
+        AppArgs.model_validate({**paths, "max_request_mb": 8})  # it would be accepted and do nothing
+
+
+def test_app_builder_opens_no_roots_it_is_not_given(tmp_path: Path) -> None:
+    """A pod reads and writes only where the Serve config says; the commands default to the demo
+    adapters and the cache's exports, an empty list given to them means none too."""
+    args = AppArgs.model_validate({"base": str(tmp_path), "store": str(tmp_path / "store")})
+    server = args.model_copy(update={"token": "t"}).cluster_config().server
+    assert (server.adapter_roots, server.output_roots) == ([], [])
+    local = ServeSettings(base=tmp_path, store=tmp_path / "store", adapter_roots=[], output_roots=[]).server_config()
+    assert (local.adapter_roots, local.output_roots) == ([], [])
+    assert ServeSettings(base=tmp_path, store=tmp_path / "store").server_config().adapter_roots == [DEMO_ADAPTERS]
+
+
+def test_a_request_cap_the_joined_clusters_proxy_would_ignore_is_refused(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["cluster", "--address", "auto", "--max-request-mb", "8", "--token", "t", "--store", str(tmp_path / "store")])
+    assert result.exit_code == 2 and "--max-request-mb" in result.output and "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE on every node" in " ".join(result.output.split())
+    assert parsed(ClusterSettings, ["--address", "auto", "--token", "t"]).address == "auto"  # the default cap: nothing to refuse
 
 
 @pytest.mark.parametrize(

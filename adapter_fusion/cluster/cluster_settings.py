@@ -17,6 +17,8 @@ from pydantic import Field, model_validator
 from adapter_fusion.errors import InvalidRequestError
 from adapter_fusion.server.settings import ServingSettings, envvar
 
+MESSAGE_CAP = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"  # read by Ray Serve's gRPC proxy at start
+
 if TYPE_CHECKING:
     from adapter_fusion.server.app import ServerConfig
 
@@ -85,12 +87,16 @@ class AppArgs(ReplicaSetSettings):
 
     base: Path = Field(description="base model dir every pod reads")
     store: Path = Field(description="the adapter store, on a volume every pod mounts (ReadWriteMany)")
+    adapter_roots: list[Path] = Field(default_factory=list, description="directories LoadAdapter may read from (on a volume every pod mounts); default: none")
+    output_roots: list[Path] = Field(default_factory=list, description="directories ExportAdapter/BakeModel may write into; default: none (both refused)")
 
     @model_validator(mode="before")
     @classmethod
-    def _no_token(cls, args: Any) -> Any:
+    def _not_from_the_file(cls, args: Any) -> Any:
         if isinstance(args, dict) and "token" in args:
             raise ValueError("token: set $ADAPTER_FUSION_TOKEN (from a Secret), never the token in the config file")
+        if isinstance(args, dict) and "max_request_mb" in args:
+            raise ValueError(f"max_request_mb: Ray Serve's gRPC proxy reads its cap from {MESSAGE_CAP} on every node: set it there (in bytes)")
         return args
 
 
@@ -102,6 +108,12 @@ class ClusterSettings(ReplicaSetSettings):
         50051, ge=0, le=65535, description="gRPC port of Ray Serve's proxy, on every node and interface", json_schema_extra=envvar("ADAPTER_FUSION_PORT")
     )
     http_port: int = Field(8000, ge=0, le=65535, description="Ray Serve's HTTP proxy (on 127.0.0.1; unused by adapter-fusion)")
+
+    @model_validator(mode="after")
+    def _cap_reaches_the_proxy(self) -> ClusterSettings:
+        if self.address is not None and self.max_request_mb != type(self).model_fields["max_request_mb"].default:
+            raise ValueError(f"--max-request-mb: a Ray cluster joined with --address has its proxy's cap from {MESSAGE_CAP} on every node: set it there (in bytes)")
+        return self
 
     def proxy(self) -> dict[str, Any]:
         return {"address": self.address, "port": self.port, "http_port": self.http_port}

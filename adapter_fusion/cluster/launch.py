@@ -16,10 +16,9 @@ from ray.serve.config import gRPCOptions
 from adapter_fusion.cluster.ingress import Ingress
 from adapter_fusion.cluster.proxy_servicers import SERVICER_FUNCTIONS
 from adapter_fusion.cluster.replica import Replica
-from adapter_fusion.cluster.cluster_settings import AppArgs, ClusterConfig, check
+from adapter_fusion.cluster.cluster_settings import MESSAGE_CAP, AppArgs, ClusterConfig, check
 
 log = logging.getLogger("adapter_fusion.cluster")
-MESSAGE_CAP = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"  # read by Ray Serve's gRPC proxy at start
 
 
 def build_app(config: ClusterConfig) -> serve.Application:

@@ -62,7 +62,7 @@ class VllmEngine:
         device: str | None = None,
         dtype: str | None = None,
     ) -> None:
-        self.base_dir, self.limits, self.settings, self.device = Path(base_dir), limits, settings, device
+        self.base_dir, self.limits, self.settings = Path(base_dir), limits, settings
         self.encoder = Encoder(self.base_dir)
         self.shapes = projection_shapes(self.base_dir)
         # vLLM holds its LoRA buffers itself (max_loras x max_lora_rank, preallocated): the budget counts our factors
@@ -70,6 +70,8 @@ class VllmEngine:
         self._dir = tempfile.TemporaryDirectory(prefix="adapter-fusion-vllm-")
         self.loras = LoraTable(Path(self._dir.name), settings.max_lora_rank, settings.max_mixes)
         self.llm = start_vllm(self.base_dir, limits, settings, sorted({p.rsplit(".", 1)[-1] for p in self.shapes}), dtype, device)
+        # our own models' device (learned fits, data compositions): cuda:N is now the one GPU left visible
+        self.device = "cuda" if device is not None and device.startswith("cuda:") else device
         self.stats = {"tokens": 0, "requests": 0, "faults": 0, "batch_size": 0}
         self._wake = threading.Condition()
         self.hooks = EngineHooks()
@@ -82,8 +84,7 @@ class VllmEngine:
         self._ids = itertools.count()
         self._scores = ScoreRows(self.llm, self._ids, self._end_job, CANCELLED)  # Score jobs, row by row
         self._prepare = PrepareQueue(2, "vllm-prepare")
-        # learned fits: a private transformers copy, loaded on first use (cuda:N is the one GPU vLLM left visible)
-        self.job_model = JobModel(self.base_dir, "cuda" if device is not None and device.startswith("cuda:") else device)
+        self.job_model = JobModel(self.base_dir, self.device)  # learned fits: a private transformers copy, loaded on first use
 
     # ---- adapters ------------------------------------------------------------------------------
 
