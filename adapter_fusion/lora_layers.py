@@ -152,7 +152,7 @@ def share_inputs(layers: dict[str, MultiLoraLinear]) -> None:
                 parents.setdefault(parent, {})[leaf] = layer
         for siblings in parents.values():
             members = [siblings.get(name) for name in names]
-            if any(m is None or m.packed is None or not isinstance(m.base, nn.Linear) for m in members):
+            if any(m is None or not isinstance(m.base, nn.Linear) or not packed_linear.packable(m.base.weight) for m in members):
                 continue
             if len({(m.base.in_features, m.base.weight.dtype) for m in members}) > 1:
                 continue

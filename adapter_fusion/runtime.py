@@ -43,9 +43,10 @@ class Runtime:
         self.tokenizer, self.is_seq2seq = self.encoder.tokenizer, self.encoder.is_seq2seq
         self.chat_ids, self.text_ids, self.answer_ids = self.encoder.chat_ids, self.encoder.text_ids, self.encoder.answer_ids
         self.layers = inject(self.model, None if targets is None else list(targets))
+        share_inputs(self.layers)  # q/k/v and gate/up packed together; every other projection alone
         for layer in self.layers.values():
-            layer.pack()
-        share_inputs(self.layers)
+            if layer.packed is None:
+                layer.pack()
         pack_head(self.model)
         use_decode_attention(self.model)
         self.slots = SlotBank(self.layers, self.device, self.dtype, slot_columns)
